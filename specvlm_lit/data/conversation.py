@@ -1,0 +1,108 @@
+"""LLaVA-format conversations -> token ids with an assistant-only loss mask.
+
+The text is tokenized piece by piece (user turn, " ASSISTANT:", " answer</s>") so the loss mask is
+exact. Pieces are cut where the byte-level pre-tokenizer cuts anyway (before a space or at a special
+token), so the ids equal those of the chat template's full string; a test checks this.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+IMAGE_PLACEHOLDER = "<image>"
+ROLE_ALIASES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}
+
+
+class ConversationError(ValueError):
+    """A conversation that cannot be trained on (no answer, bad roles, no image placeholder, ...)."""
+
+
+@dataclass
+class EncodedConversation:
+    input_ids: torch.Tensor  # [T] long
+    loss_mask: torch.Tensor  # [T] bool: True where the token is an assistant-answer token to predict
+    truncated: bool
+
+
+def normalise(conversations: list[dict]) -> list[tuple[str, str]]:
+    """Accept LLaVA ``{"from", "value"}`` or chat ``{"role", "content"}`` messages; validate turn order."""
+    turns = []
+    for i, m in enumerate(conversations):
+        role = ROLE_ALIASES.get(m.get("from", m.get("role")))
+        text = m.get("value", m.get("content"))
+        if role is None or not isinstance(text, str):
+            raise ConversationError(f"message {i} is not a human/gpt message with text: {m!r}")
+        turns.append((role, text))
+    if not turns or turns[0][0] != "user":
+        raise ConversationError("a conversation must start with a human message")
+    for i, (role, _) in enumerate(turns):
+        if role != ("user" if i % 2 == 0 else "assistant"):
+            raise ConversationError(f"message {i} breaks the human/gpt alternation")
+    return turns
+
+
+def encode_conversation(
+    conversations: list[dict],
+    tokenizer,
+    num_image_tokens: int,
+    *,
+    max_length: int | None = None,
+    add_generation_prompt: bool = False,
+) -> EncodedConversation:
+    """Encode a conversation; the image placeholder expands to ``num_image_tokens`` image tokens.
+
+    Training (``add_generation_prompt=False``) needs at least one non-empty assistant answer.
+    Inference (``add_generation_prompt=True``) drops a trailing answer-less user turn's missing
+    answer and ends with "ASSISTANT:" so the model continues with the answer.
+    Over-long conversations are truncated at ``max_length`` (``truncated`` reports it); the image
+    tokens are never cut, as a partial image cannot be scattered into.
+    """
+    turns = normalise(conversations)
+    if not add_generation_prompt:
+        if not any(role == "assistant" and text.strip() for role, text in turns):
+            raise ConversationError("conversation has no assistant answer to learn from")
+    image_token = getattr(tokenizer, "image_token", None) or IMAGE_PLACEHOLDER
+    n_placeholders = sum(text.count(IMAGE_PLACEHOLDER) for _, text in turns)
+    if n_placeholders != (1 if num_image_tokens > 0 else 0):
+        raise ConversationError(
+            f"expected exactly one {IMAGE_PLACEHOLDER} placeholder for one image, found {n_placeholders}"
+        )
+
+    ids: list[int] = [tokenizer.bos_token_id]
+    mask: list[bool] = [False]
+
+    def add(text: str, learn: bool) -> None:
+        piece = tokenizer(text, add_special_tokens=False)["input_ids"]
+        ids.extend(piece)
+        mask.extend([learn] * len(piece))
+
+    for role, text in turns:
+        if role == "user":
+            add("USER: " + text.replace(IMAGE_PLACEHOLDER, image_token * num_image_tokens), False)
+            add(" ASSISTANT:", False)
+        else:
+            add(" " + text, True)
+            ids.append(tokenizer.eos_token_id)
+            mask.append(True)
+    input_ids = torch.tensor(ids, dtype=torch.long)
+    loss_mask = torch.tensor(mask, dtype=torch.bool)
+    truncated = False
+    if max_length is not None and len(ids) > max_length:
+        n_image_end = int((input_ids == tokenizer.convert_tokens_to_ids(image_token)).nonzero().max()) + 1 if num_image_tokens else 0
+        if max_length <= n_image_end:
+            raise ConversationError(
+                f"max_length={max_length} cannot hold the {num_image_tokens} image tokens; raise max_length above {n_image_end}"
+            )
+        input_ids, loss_mask, truncated = input_ids[:max_length], loss_mask[:max_length], True
+    return EncodedConversation(input_ids, loss_mask, truncated)
+
+
+def prompt_ids(question: str, tokenizer, num_image_tokens: int) -> torch.Tensor:
+    """Ids of a single-turn prompt "<s>USER: <image>\\n{question} ASSISTANT:" ready for generation."""
+    if not question or not question.strip():
+        raise ConversationError("the prompt is empty: pass a question about the image")
+    text = question if IMAGE_PLACEHOLDER in question else f"{IMAGE_PLACEHOLDER}\n{question}"
+    return encode_conversation([{"from": "human", "value": text}], tokenizer, num_image_tokens,
+                               add_generation_prompt=True).input_ids

@@ -1,0 +1,102 @@
+"""Build the embedded target: ``python -m specvlm_lit.embedded.build [hydra overrides]``."""
+
+from __future__ import annotations
+
+import functools
+import json
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import hydra
+import lightning as L
+import torch
+import webdataset as wds
+from omegaconf import DictConfig, OmegaConf
+
+from ..data.datamodule import ShardDataModule, llava_visual_tokens
+from ..synthetic.generate import CorpusSpec, ensure_corpus
+from .evaluate import evaluate
+from .recipe import TargetPretraining, build_target_config
+from .tokenizer import build_processor, train_tokenizer
+
+CONF_DIR = str(Path(__file__).resolve().parents[2] / "conf")
+
+
+def corpus_texts(corpus_dir: Path):
+    for shard in sorted(corpus_dir.glob("train-*.tar")):
+        for s in wds.WebDataset(str(shard), shardshuffle=False):
+            for m in json.loads(s["json"])["conversations"]:
+                yield m["value"]
+
+
+def save_target(model, processor, out_dir: Path, report: dict) -> None:
+    """Save weights (bf16 on disk, loaded as fp32) + processor atomically: all or nothing."""
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".partial-target-", dir=out_dir.parent))
+    try:
+        # bf16 on disk keeps the committed weights small; config dtype float32 makes
+        # from_pretrained() upcast on load (bf16 matmuls are slow and inexact on CPUs).
+        model.to(torch.bfloat16).save_pretrained(tmp, safe_serialization=True)
+        model.to(torch.float32)
+        cfg_path = tmp / "config.json"
+        cfg = json.loads(cfg_path.read_text())
+        for c in (cfg, cfg["text_config"], cfg["vision_config"]):
+            c["dtype"] = "float32"
+        cfg_path.write_text(json.dumps(cfg, indent=2))
+        processor.save_pretrained(tmp)
+        (tmp / "build_report.json").write_text(json.dumps(report, indent=2))
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        tmp.rename(out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="target_recipe")
+def main(cfg: DictConfig) -> None:
+    L.seed_everything(cfg.seed, workers=True)
+    t0 = time.perf_counter()
+    spec = CorpusSpec(n_train=cfg.corpus.n_train, n_val=cfg.corpus.n_val, n_test=cfg.corpus.n_test,
+                      seed=cfg.corpus.seed, resolutions=tuple(cfg.corpus.resolutions))
+    corpus = ensure_corpus(cfg.corpus.dir, spec)
+    tokenizer = train_tokenizer(corpus_texts(corpus), vocab_size=cfg.tokenizer.vocab_size)
+    patch = cfg.model.vision.patch_size
+    processor = build_processor(tokenizer, patch_size=patch)
+    config = build_target_config(tokenizer, OmegaConf.to_container(cfg.model.vision),
+                                 OmegaConf.to_container(cfg.model.text), cfg.model.vision_feature_layer)
+    module = TargetPretraining(config, **cfg.optim)
+    n_params = sum(p.numel() for p in module.model.parameters())
+    print(f"embedded target: {n_params / 1e6:.2f}M parameters, vocab {len(tokenizer)}")
+    shards = sorted(str(p) for p in corpus.glob("train-*.tar"))
+    datamodule = ShardDataModule(
+        shards, sorted(str(p) for p in corpus.glob("val-*.tar")), tokenizer, processor.image_processor,
+        functools.partial(llava_visual_tokens, patch_size=patch), batch_size=cfg.data.batch_size,
+        max_length=cfg.data.max_length, shuffle_buffer=cfg.data.shuffle_buffer, num_workers=cfg.data.num_workers,
+        seed=cfg.seed,
+    )
+    trainer = hydra.utils.instantiate(cfg.trainer)
+    trainer.fit(module, datamodule=datamodule)
+    train_seconds = time.perf_counter() - t0
+    model = module.model.eval()
+    report = {"parameters": n_params, "train_seconds": round(train_seconds, 1), "steps": trainer.global_step,
+              "recipe": OmegaConf.to_container(cfg, resolve=True)}
+    out_dir = Path(cfg.out_dir)
+    save_target(model, processor, out_dir, report)
+    # Evaluate what was saved (bf16-rounded weights), exactly as users will load it.
+    from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+    saved = LlavaForConditionalGeneration.from_pretrained(out_dir)
+    results = evaluate(saved, AutoProcessor.from_pretrained(out_dir), sorted(str(p) for p in corpus.glob("test-*.tar")),
+                       limit=cfg.evaluate.limit, max_new_tokens=cfg.evaluate.max_new_tokens, log=print)
+    report["heldout_eval"] = results
+    report["total_seconds"] = round(time.perf_counter() - t0, 1)
+    (out_dir / "build_report.json").write_text(json.dumps(report, indent=2))
+    print(json.dumps({k: v for k, v in results.items() if k != "examples"}, indent=2))
+    print(out_dir.resolve())
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,104 @@
+"""Lightning recipe that trains the embedded target VLM from scratch on the synthetic corpus.
+
+The model is a stock ``transformers.LlavaForConditionalGeneration`` (CLIP vision tower + Llama LM),
+trained end to end with next-token cross-entropy on assistant answers. Images keep their own
+resolution; the CLIP tower interpolates its position embeddings for sizes other than its native one.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+from transformers.modeling_outputs import BaseModelOutputWithPooling
+
+
+def build_target_config(tokenizer, vision: dict, text: dict, vision_feature_layer: int = -1) -> LlavaConfig:
+    # Round the vocabulary up to a multiple of 64: room for added tokens, friendlier matmul shapes.
+    vocab_size = int(math.ceil(len(tokenizer) / 64) * 64)
+    return LlavaConfig(
+        vision_config=CLIPVisionConfig(**vision),
+        text_config=LlamaConfig(
+            vocab_size=vocab_size, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=False, **text,
+        ),
+        image_token_id=tokenizer.convert_tokens_to_ids(tokenizer.image_token),
+        vision_feature_layer=vision_feature_layer,
+        vision_feature_select_strategy="default",
+        projector_hidden_act="gelu",
+        tie_word_embeddings=False,
+    )
+
+
+def encode_images_with_grad(model: LlavaForConditionalGeneration, images: Sequence[torch.Tensor]) -> BaseModelOutputWithPooling:
+    """Visual embeddings for images of possibly different sizes, in input order (differentiable).
+
+    Same-size images share one tower call. Wrapped as the ``mm_encoder_outputs["image"]`` object that
+    ``LlavaForConditionalGeneration.forward`` / ``generate`` accept in place of ``pixel_values``.
+    """
+    cfg = model.config
+    features: list[torch.Tensor | None] = [None] * len(images)
+    by_size: dict[tuple[int, int], list[int]] = {}
+    for i, im in enumerate(images):
+        by_size.setdefault(tuple(im.shape[-2:]), []).append(i)
+    for idx in by_size.values():
+        pixels = torch.stack([images[i].reshape(3, *images[i].shape[-2:]) for i in idx]).to(model.device, model.dtype)
+        out = model.model.get_image_features(
+            pixel_values=pixels, vision_feature_layer=cfg.vision_feature_layer,
+            vision_feature_select_strategy=cfg.vision_feature_select_strategy, interpolate_pos_encoding=True,
+        )
+        for i, f in zip(idx, out.pooler_output):
+            features[i] = f
+    return BaseModelOutputWithPooling(pooler_output=features)
+
+
+def answer_loss(logits: torch.Tensor, input_ids: torch.Tensor, loss_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean next-token CE over assistant-answer tokens, and top-1 accuracy on them."""
+    target_mask = loss_mask[:, 1:]
+    pred = logits[:, :-1][target_mask]
+    gold = input_ids[:, 1:][target_mask]
+    return F.cross_entropy(pred.float(), gold), (pred.argmax(-1) == gold).float().mean()
+
+
+class TargetPretraining(L.LightningModule):
+    def __init__(self, config: LlavaConfig, lr: float = 1e-3, weight_decay: float = 0.01, warmup_steps: int = 100,
+                 betas: tuple[float, float] = (0.9, 0.98), min_lr_ratio: float = 0.1):
+        super().__init__()
+        self.save_hyperparameters(ignore=["config"])
+        self.model = LlavaForConditionalGeneration(config)
+
+    def forward(self, batch: dict) -> torch.Tensor:
+        feats = encode_images_with_grad(self.model, batch["pixel_values"])
+        return self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                          mm_encoder_outputs={"image": feats}).logits
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        loss, acc = answer_loss(self(batch), batch["input_ids"], batch["loss_mask"])
+        bs = batch["input_ids"].shape[0]
+        self.log_dict({"train/loss": loss, "train/token_acc": acc}, prog_bar=True, batch_size=bs)
+        return loss
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        loss, acc = answer_loss(self(batch), batch["input_ids"], batch["loss_mask"])
+        self.log_dict({"val/loss": loss, "val/token_acc": acc}, prog_bar=True, batch_size=batch["input_ids"].shape[0])
+
+    def configure_optimizers(self):
+        hp = self.hparams
+        decay = [p for n, p in self.model.named_parameters() if p.ndim >= 2 and "embed" not in n]
+        no_decay = [p for n, p in self.model.named_parameters() if not (p.ndim >= 2 and "embed" not in n)]
+        opt = torch.optim.AdamW([{"params": decay, "weight_decay": hp.weight_decay},
+                                 {"params": no_decay, "weight_decay": 0.0}], lr=hp.lr, betas=tuple(hp.betas))
+        total = max(self.trainer.max_steps, 1)
+
+        def schedule(step: int) -> float:  # linear warm-up, cosine decay to min_lr_ratio
+            if step < hp.warmup_steps:
+                return (step + 1) / hp.warmup_steps
+            t = min(1.0, (step - hp.warmup_steps) / max(1, total - hp.warmup_steps))
+            return hp.min_lr_ratio + (1 - hp.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * t))
+
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
