@@ -1,0 +1,701 @@
+"""Frozen target-model adapter: one narrow interface over Hugging Face VLMs.
+
+Speculative decoding needs more from the target than ``model(**inputs)``:
+
+* **training** a drafter needs the target's final hidden states and logits for every position, plus the
+  target's (frozen) token embedding and LM head, and images at their native *or* other resolutions;
+* **decoding** needs a KV-cached *tree* verification pass (many candidate continuations scored in one forward
+  with a custom attention mask), and afterwards the cache must be compacted so that only the accepted path
+  remains.
+
+:class:`TargetAdapter` provides exactly that on top of a loaded ``LlavaForConditionalGeneration`` and always
+*calls* into transformers (vision tower, projector, decoder layers, attention kernels) rather than re-implementing
+them, so numerics stay identical to the HF model. Other VLM families (LLaVA-NeXT, Qwen2-VL, ...) are meant to be
+added by subclassing and overriding the small ``_``-prefixed hooks; a subclass registers itself for the
+``model_type`` values it lists in :attr:`TargetAdapter.model_types`.
+
+Notes on transformers 5.x behaviour this module relies on (checked against 5.23):
+
+* A **4D** ``attention_mask`` handed to a Llama-style decoder is returned *as is* by
+  ``masking_utils.create_causal_mask`` (``_preprocess_mask_arguments`` early-exits on ``len(mask.shape) == 4``),
+  so a custom tree mask is not replaced by a causal one. Eager attention *adds* the mask to the scores without
+  slicing it, so the mask must be additive (float, 0 / large negative) and exactly ``[B, 1, q_len, past + q_len]``;
+  SDPA accepts the same float mask and disables its ``is_causal`` fast path when a mask is present.
+* ``DynamicCache`` is a list of ``cache.layers[i]`` objects (``DynamicLayer``) exposing ``.keys`` / ``.values``
+  tensors of shape ``[B, kv_heads, seq, head_dim]``. ``Cache.crop`` takes a *negative* number of tokens to remove
+  (positive values raise).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import struct
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import ClassVar, Sequence
+
+import torch
+from torch import nn
+from transformers import DynamicCache, LlavaForConditionalGeneration, PreTrainedModel
+from transformers.cache_utils import Cache
+from transformers.modeling_outputs import BaseModelOutputWithPooling
+
+__all__ = [
+    "TargetAdapter",
+    "TargetLoadError",
+    "TargetOutput",
+    "supported_model_types",
+]
+
+
+class TargetLoadError(ValueError):
+    """A target checkpoint / tokenizer cannot be used. The message names the offending file or value and the fix."""
+
+
+@dataclass
+class TargetOutput:
+    """Result of a target forward pass.
+
+    Attributes:
+        logits: ``[B, T', V]`` next-token logits. ``T' == T`` unless ``logits_to_keep`` was used, in which case
+            they correspond to the kept (last) positions only.
+        hidden: ``[B, T, H]`` the *final-norm* hidden state for every input position, i.e. exactly the tensor the
+            LM head consumes (``lm_head(hidden[:, -T':]) == logits``). This is the feature EAGLE-style drafters
+            regress on.
+        past_key_values: the KV cache (updated in place) when caching was requested, else ``None``.
+    """
+
+    logits: torch.Tensor
+    hidden: torch.Tensor
+    past_key_values: Cache | None = None
+
+
+# model_type -> adapter class. Filled by TargetAdapter.__init_subclass__ and the base class below.
+_ADAPTERS: dict[str, type["TargetAdapter"]] = {}
+
+
+def supported_model_types() -> list[str]:
+    """The ``config.json`` ``model_type`` values that have an adapter."""
+    return sorted(_ADAPTERS)
+
+
+# Weight files that ``PreTrainedModel.from_pretrained`` can read from a local directory, in preference order.
+_WEIGHT_FILES = (
+    "model.safetensors",
+    "model.safetensors.index.json",
+    "pytorch_model.bin",
+    "pytorch_model.bin.index.json",
+)
+
+
+def _check_safetensors_file(path: Path) -> None:
+    """Cheaply validate a ``.safetensors`` file without reading the tensor data.
+
+    The format is ``u64 little-endian header length N`` + ``N bytes JSON header`` + raw tensor bytes, where every
+    tensor's ``data_offsets`` are relative to the end of the header. A truncated download/copy is therefore detected
+    by comparing the file size with the largest end offset. We check this ourselves because the safetensors reader
+    reports it as ``SafetensorError: Error while deserializing header: incomplete metadata``, which does not say
+    which file is broken nor how to fix it.
+    """
+    fix = (
+        f"The file is truncated or corrupt (interrupted download or copy?). Re-download the checkpoint, or "
+        f"re-create it with `model.save_pretrained('{path.parent}')`."
+    )
+    size = path.stat().st_size
+    if size < 8:
+        raise TargetLoadError(f"Weights file {path} is only {size} bytes. {fix}")
+    with open(path, "rb") as f:
+        (header_len,) = struct.unpack("<Q", f.read(8))
+        if header_len > size - 8:
+            raise TargetLoadError(
+                f"Weights file {path} declares a {header_len}-byte header but the file has only {size} bytes. {fix}"
+            )
+        try:
+            header = json.loads(f.read(header_len))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise TargetLoadError(f"Weights file {path} has an unreadable safetensors header ({e}). {fix}") from e
+    if not isinstance(header, dict):
+        raise TargetLoadError(f"Weights file {path} has a malformed safetensors header. {fix}")
+    data_end = 0
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        try:
+            data_end = max(data_end, int(info["data_offsets"][1]))
+        except (TypeError, KeyError, IndexError, ValueError) as e:
+            raise TargetLoadError(f"Weights file {path}: tensor {name!r} has no valid data_offsets. {fix}") from e
+    expected = 8 + header_len + data_end
+    if size < expected:
+        raise TargetLoadError(
+            f"Weights file {path} is {size} bytes but its header describes {expected} bytes. {fix}"
+        )
+
+
+def _check_checkpoint_dir(path: Path) -> dict:
+    """Validate a local checkpoint directory and return its parsed ``config.json``.
+
+    Everything here is checked up front so that the user gets one clear :class:`TargetLoadError` instead of an
+    exception from deep inside transformers (which, for a missing local directory, would even try the Hub).
+    """
+    if not path.exists():
+        raise TargetLoadError(
+            f"Target checkpoint directory {path} does not exist. Pass the local directory that contains "
+            f"config.json and the model weights (download it beforehand; weights are never fetched here)."
+        )
+    if not path.is_dir():
+        raise TargetLoadError(f"Target checkpoint path {path} is not a directory. Pass the checkpoint directory.")
+
+    config_file = path / "config.json"
+    if not config_file.is_file():
+        raise TargetLoadError(
+            f"{config_file} is missing. The target directory must be a Hugging Face checkpoint saved with "
+            f"`save_pretrained` (config.json + model.safetensors)."
+        )
+    try:
+        config = json.loads(config_file.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise TargetLoadError(
+            f"{config_file} is not valid JSON ({e}). Restore it from the original checkpoint."
+        ) from e
+    if not isinstance(config, dict) or "model_type" not in config:
+        raise TargetLoadError(
+            f"{config_file} has no 'model_type' field, so the model family is unknown. Restore it from the original "
+            f"checkpoint."
+        )
+
+    weights = [name for name in _WEIGHT_FILES if (path / name).is_file()]
+    if not weights:
+        raise TargetLoadError(
+            f"No model weights in {path}: expected one of {', '.join(_WEIGHT_FILES)}. Copy the weight files next to "
+            f"config.json (or re-save the model with `save_pretrained`)."
+        )
+    if weights[0] == "model.safetensors":
+        _check_safetensors_file(path / "model.safetensors")
+    elif weights[0] == "model.safetensors.index.json":
+        index_file = path / "model.safetensors.index.json"
+        try:
+            shards = sorted(set(json.loads(index_file.read_text(encoding="utf-8"))["weight_map"].values()))
+        except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, AttributeError) as e:
+            raise TargetLoadError(
+                f"{index_file} is not a valid sharded-weights index ({e}). Restore it from the original checkpoint."
+            ) from e
+        for shard in shards:
+            shard_path = path / shard
+            if not shard_path.is_file():
+                raise TargetLoadError(
+                    f"Weight shard {shard_path} listed in {index_file} is missing. Download all shards."
+                )
+            _check_safetensors_file(shard_path)
+    return config
+
+
+class TargetAdapter:
+    """Frozen target VLM behind the small API used by drafter training and speculative decoding.
+
+    This base class implements LLaVA (``LlavaForConditionalGeneration``: CLIP tower -> 2-layer projector ->
+    Llama-style decoder). Subclasses for other families override :attr:`model_types`, :attr:`model_class`,
+    :attr:`default_image_token` and the ``_``-prefixed hooks (``_language_model``, ``_encode_same_size``,
+    ``_decoder_forward``, ``num_visual_tokens``).
+
+    Everything runs under ``torch.no_grad()`` (not ``inference_mode``: outputs must remain usable as ordinary
+    inputs to the drafter's autograd graph during training).
+    """
+
+    #: ``config.model_type`` values handled by this class; subclasses register theirs automatically.
+    model_types: ClassVar[tuple[str, ...]] = ("llava",)
+    #: HF class used by :meth:`from_pretrained`.
+    model_class: ClassVar[type[PreTrainedModel]] = LlavaForConditionalGeneration
+    #: Token string the family's processor uses as image placeholder (when the tokenizer has no ``image_token``).
+    default_image_token: ClassVar[str] = "<image>"
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        for model_type in cls.__dict__.get("model_types", ()):
+            _ADAPTERS[model_type] = cls
+
+    def __init__(self, model: PreTrainedModel, interpolate_pos_encoding: bool = True):
+        """Wrap an already loaded HF model.
+
+        Args:
+            model: a loaded model of :attr:`model_class`.
+            interpolate_pos_encoding: let the vision tower run on images whose size differs from its native
+                ``vision_config.image_size`` by interpolating its learned position embeddings (otherwise such
+                images raise). This is what lets one target serve variable-resolution inputs.
+        """
+        if not isinstance(model, self.model_class):
+            raise TypeError(
+                f"{type(self).__name__} wraps {self.model_class.__name__}, got {type(model).__name__}. "
+                f"Supported model types: {', '.join(supported_model_types())}."
+            )
+        self.model = model
+        self.interpolate_pos_encoding = interpolate_pos_encoding
+        # The target is frozen: no dropout, no gradients (saves memory and guards against accidental updates
+        # when the drafter's optimizer is built from a parent module).
+        self.model.eval()
+        self.model.requires_grad_(False)
+
+    # ------------------------------------------------------------------------------------------------ loading
+    @classmethod
+    def from_pretrained(
+        cls,
+        path: str | os.PathLike,
+        dtype: torch.dtype = torch.float32,
+        device: str | torch.device = "cpu",
+        attn_implementation: str | None = None,
+        interpolate_pos_encoding: bool = True,
+    ) -> "TargetAdapter":
+        """Load a local HF checkpoint directory and wrap it.
+
+        The directory, ``config.json``, ``model_type`` and weight files are validated first so that every
+        foreseeable problem raises :class:`TargetLoadError` naming the file and the fix. Loading never touches
+        the network (``local_files_only=True``). Weights missing from the checkpoint are an error (transformers
+        would silently random-initialise them, which for a frozen target is a silent disaster).
+
+        Args:
+            path: local checkpoint directory.
+            dtype: parameter dtype (transformers 5 calls this kwarg ``dtype``; ``torch_dtype`` is deprecated).
+            device: device to move the model to.
+            attn_implementation: optional override, e.g. ``"eager"`` or ``"sdpa"`` (default: transformers' choice).
+            interpolate_pos_encoding: see :meth:`__init__`.
+        """
+        path = Path(path).expanduser()
+        config = _check_checkpoint_dir(path)
+        model_type = config["model_type"]
+        adapter_cls = _ADAPTERS.get(model_type)
+        if adapter_cls is None or not issubclass(adapter_cls, cls):
+            raise TargetLoadError(
+                f"{path / 'config.json'} has model_type={model_type!r}, which {cls.__name__} does not support "
+                f"(supported: {', '.join(supported_model_types())}). Use a supported target or add a "
+                f"TargetAdapter subclass for this family."
+            )
+
+        kwargs = {"dtype": dtype, "local_files_only": True, "output_loading_info": True}
+        if attn_implementation is not None:
+            kwargs["attn_implementation"] = attn_implementation
+        try:
+            model, info = adapter_cls.model_class.from_pretrained(str(path), **kwargs)
+        except Exception as e:  # noqa: BLE001 - re-raised with context: any failure here means a bad checkpoint
+            raise TargetLoadError(
+                f"Failed to load target from {path} ({type(e).__name__}: {e}). Check that the checkpoint is "
+                f"complete and was saved by a compatible transformers version."
+            ) from e
+        missing = sorted(info.get("missing_keys") or ())
+        if missing:
+            shown = ", ".join(missing[:5]) + (" ..." if len(missing) > 5 else "")
+            raise TargetLoadError(
+                f"Checkpoint {path} lacks {len(missing)} weight(s) of {adapter_cls.model_class.__name__} ({shown}); "
+                f"they would be randomly initialised. Use the complete checkpoint for this model_type."
+            )
+        model.to(device)
+        return adapter_cls(model, interpolate_pos_encoding=interpolate_pos_encoding)
+
+    def check_tokenizer(self, tokenizer) -> None:
+        """Raise :class:`TargetLoadError` if ``tokenizer`` does not belong to this target.
+
+        Catches the classic mistake of pairing a target with the tokenizer of its base LLM: ids beyond the
+        embedding table would index out of range, and a missing/different image token would leave image
+        placeholders un-replaced (silently feeding garbage to the drafter).
+        """
+        fix = "Use the tokenizer saved with the target checkpoint (AutoTokenizer.from_pretrained(<target dir>))."
+        n_tok, n_emb = len(tokenizer), self.vocab_size
+        if n_tok > n_emb:
+            raise TargetLoadError(
+                f"Tokenizer has {n_tok} tokens but the target's text embedding has only {n_emb} rows, so some "
+                f"token ids would be out of range. {fix}"
+            )
+        image_token = getattr(tokenizer, "image_token", None) or self.default_image_token
+        tok_id = tokenizer.get_vocab().get(image_token)
+        if tok_id is None:
+            raise TargetLoadError(
+                f"Tokenizer lacks the image token {image_token!r} (target config.image_token_id="
+                f"{self.image_token_id}). {fix}"
+            )
+        if tok_id != self.image_token_id:
+            raise TargetLoadError(
+                f"Tokenizer maps image token {image_token!r} to id {tok_id} but the target expects "
+                f"config.image_token_id={self.image_token_id}. {fix}"
+            )
+
+    # --------------------------------------------------------------------------------------------- properties
+    @property
+    def config(self):
+        return self.model.config
+
+    @property
+    def text_config(self):
+        return self.model.config.get_text_config()
+
+    @property
+    def hidden_size(self) -> int:
+        return int(self.text_config.hidden_size)
+
+    @property
+    def vocab_size(self) -> int:
+        """Rows of the text embedding (may exceed ``len(tokenizer)`` because of padding to a multiple)."""
+        return int(self.embed_tokens.weight.shape[0])
+
+    @property
+    def image_token_id(self) -> int:
+        cfg = self.config
+        token_id = getattr(cfg, "image_token_id", None)
+        if token_id is None:  # older configs
+            token_id = getattr(cfg, "image_token_index", None)
+        return int(token_id)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.embed_tokens.weight.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.embed_tokens.weight.device
+
+    @property
+    def embed_tokens(self) -> nn.Embedding:
+        """The frozen input token embedding (drafters typically share it)."""
+        return self.model.get_input_embeddings()
+
+    @property
+    def lm_head(self) -> nn.Module:
+        """The frozen LM head (drafters typically share it)."""
+        return self.model.get_output_embeddings()
+
+    @property
+    def num_layers(self) -> int:
+        return int(self.text_config.num_hidden_layers)
+
+    # ---------------------------------------------------------------------------------------- family hooks
+    def _language_model(self) -> nn.Module:
+        """The text decoder (without LM head)."""
+        return self.model.model.language_model
+
+    def _encode_same_size(self, pixel_values: torch.Tensor) -> list[torch.Tensor]:
+        """Run tower + projector on a batch of equally sized images ``[B, 3, h, w]``; one ``[n, H]`` per image."""
+        vision_cfg = self.config.vision_config
+        h, w = pixel_values.shape[-2:]
+        kwargs = {}
+        if (h, w) != (vision_cfg.image_size, vision_cfg.image_size):
+            if not self.interpolate_pos_encoding:
+                raise ValueError(
+                    f"Image size {h}x{w} differs from the vision tower's native {vision_cfg.image_size}x"
+                    f"{vision_cfg.image_size}; resize it or construct the adapter with interpolate_pos_encoding=True."
+                )
+            # CLIP's position embeddings are a learned table for the native patch grid; for another grid they
+            # must be (bicubically) interpolated, otherwise the tower refuses the input.
+            kwargs["interpolate_pos_encoding"] = True
+        out = self.model.model.get_image_features(
+            pixel_values=pixel_values,
+            # Passed explicitly: the values must be those of *this* target's config, not whatever defaults a
+            # particular transformers version would fill in.
+            vision_feature_layer=self.config.vision_feature_layer,
+            vision_feature_select_strategy=self.config.vision_feature_select_strategy,
+            **kwargs,
+        )
+        return list(out.pooler_output)
+
+    def _decoder_forward(
+        self,
+        inputs_embeds: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        position_ids: torch.Tensor | None,
+        past_key_values: Cache | None,
+        use_cache: bool,
+    ) -> torch.Tensor:
+        """Run the HF multimodal model on ready embeddings; return the final-norm hidden states ``[B, T, H]``."""
+        out = self.model.model(
+            inputs_embeds=inputs_embeds,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=past_key_values,
+            # Explicit: the decoder otherwise defaults to config.use_cache (True).
+            use_cache=use_cache,
+            return_dict=True,
+        )
+        return out.last_hidden_state
+
+    def num_visual_tokens(self, height: int, width: int) -> int:
+        """Number of image-placeholder tokens an image of ``height x width`` pixels expands to.
+
+        One token per ``patch_size`` patch (the patch conv has stride ``patch_size``, so partial patches are
+        dropped), plus the CLS token unless the ``"default"`` select strategy removes it.
+        """
+        patch = int(self.config.vision_config.patch_size)
+        if height < patch or width < patch:
+            raise ValueError(f"Image {height}x{width} is smaller than one {patch}x{patch} patch.")
+        n = (height // patch) * (width // patch)
+        return n if self.config.vision_feature_select_strategy == "default" else n + 1
+
+    # ------------------------------------------------------------------------------------------------ images
+    @torch.no_grad()
+    def encode_images(self, pixel_values: torch.Tensor | Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        """Encode images into LM-space visual embeddings, one ``[n_i, H]`` tensor per image (input order).
+
+        Accepts a ``[B, 3, h, w]`` tensor or a list of ``[3, h, w]`` / ``[k, 3, h, w]`` tensors whose sizes may
+        differ. Images of equal size are batched into a single tower call; sizes other than the tower's native
+        one use position-embedding interpolation (see :meth:`__init__`).
+        """
+        if isinstance(pixel_values, torch.Tensor):
+            images = [pixel_values] if pixel_values.dim() == 3 else list(pixel_values)
+        else:
+            images = []
+            for item in pixel_values:
+                if item.dim() == 3:
+                    images.append(item)
+                elif item.dim() == 4:
+                    images.extend(item)
+                else:
+                    raise ValueError(f"Expected image tensors [3,h,w] or [k,3,h,w], got shape {tuple(item.shape)}.")
+        for img in images:
+            if img.dim() != 3:
+                raise ValueError(f"Expected pixel_values [B,3,h,w], got an image of shape {tuple(img.shape)}.")
+
+        groups: OrderedDict[tuple[int, int], list[int]] = OrderedDict()
+        for i, img in enumerate(images):
+            groups.setdefault(tuple(img.shape[-2:]), []).append(i)
+        features: list[torch.Tensor | None] = [None] * len(images)
+        for indices in groups.values():
+            batch = torch.stack([images[i] for i in indices]).to(device=self.device, dtype=self.dtype)
+            for i, feat in zip(indices, self._encode_same_size(batch)):
+                features[i] = feat
+        return features  # type: ignore[return-value]
+
+    @staticmethod
+    def as_mm_encoder_outputs(image_features: Sequence[torch.Tensor]) -> dict[str, BaseModelOutputWithPooling]:
+        """Package :meth:`encode_images` output for HF ``model(...)`` / ``generate(mm_encoder_outputs=...)``."""
+        return {"image": BaseModelOutputWithPooling(pooler_output=list(image_features))}
+
+    @torch.no_grad()
+    def embed(
+        self, input_ids: torch.Tensor, image_features: Sequence[torch.Tensor] | torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Token embeddings ``[B, T, H]`` with visual features written into the image-placeholder positions.
+
+        Features are consumed in row-major order of the placeholders (all of sample 0, then sample 1, ...), the
+        same convention as HF. Without ``image_features`` the placeholders keep their token embedding (as in HF).
+        """
+        embeds = self.embed_tokens(input_ids.to(self.device))
+        if image_features is None:
+            return embeds
+        if isinstance(image_features, torch.Tensor):
+            image_features = [image_features] if image_features.dim() == 2 else list(image_features)
+        if len(image_features) == 0:
+            feats = embeds.new_zeros((0, embeds.shape[-1]))
+        else:
+            feats = torch.cat(list(image_features), dim=0).to(device=embeds.device, dtype=embeds.dtype)
+        mask = input_ids.to(embeds.device) == self.image_token_id
+        n_tokens = int(mask.sum())
+        if n_tokens != feats.shape[0]:
+            raise ValueError(
+                f"Image tokens and image features do not match: input_ids contain {n_tokens} image tokens "
+                f"(id {self.image_token_id}) but {feats.shape[0]} feature vectors were given. Expand each image "
+                f"placeholder to num_visual_tokens(h, w) tokens."
+            )
+        if feats.shape[-1] != embeds.shape[-1]:
+            raise ValueError(f"Image features have width {feats.shape[-1]}, expected hidden size {embeds.shape[-1]}.")
+        return embeds.masked_scatter(mask.unsqueeze(-1), feats)
+
+    # ----------------------------------------------------------------------------------------------- forward
+    def new_cache(self) -> DynamicCache:
+        """An empty ``DynamicCache`` laid out for this model's decoder (one layer object per decoder layer)."""
+        return DynamicCache(config=self.text_config)
+
+    @torch.no_grad()
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        image_features: Sequence[torch.Tensor] | None = None,
+        pixel_values: torch.Tensor | Sequence[torch.Tensor] | None = None,
+        past_key_values: Cache | None = None,
+        position_ids: torch.Tensor | None = None,
+        use_cache: bool = False,
+        logits_to_keep: int | torch.Tensor = 0,
+    ) -> TargetOutput:
+        """Full target forward over ``input_ids`` ``[B, T]``.
+
+        Images come either pre-encoded (``image_features``, from :meth:`encode_images`) or as ``pixel_values``
+        (encoded here). ``attention_mask`` is the usual 2D ``[B, past + T]`` padding mask (right padding is
+        supported; positions default to ``past .. past + T - 1``). With ``use_cache=True`` a new cache is created
+        when none is given; the given cache is extended in place.
+
+        ``logits_to_keep``: ``0`` = all positions, ``k > 0`` = last ``k`` positions, or a 1D index tensor.
+        ``hidden`` is always returned for every position.
+        """
+        if image_features is not None and pixel_values is not None:
+            raise ValueError("Pass either image_features or pixel_values, not both.")
+        if pixel_values is not None:
+            image_features = self.encode_images(pixel_values)
+        inputs_embeds = self.embed(input_ids, image_features)
+        if use_cache and past_key_values is None:
+            past_key_values = self.new_cache()
+        if attention_mask is not None:
+            attention_mask = attention_mask.to(self.device)
+        if position_ids is not None:
+            position_ids = position_ids.to(self.device)
+        hidden = self._decoder_forward(
+            inputs_embeds,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=past_key_values,
+            use_cache=use_cache,
+        )
+        if isinstance(logits_to_keep, int):
+            kept = hidden[:, -logits_to_keep:] if logits_to_keep > 0 else hidden
+        else:
+            kept = hidden[:, logits_to_keep.to(hidden.device)]
+        logits = self.lm_head(kept)
+        return TargetOutput(logits=logits, hidden=hidden, past_key_values=past_key_values if use_cache else None)
+
+    __call__ = forward
+
+    def tree_mask_4d(self, tree_mask: torch.Tensor, past_len: int) -> torch.Tensor:
+        """Additive attention mask ``[1, 1, n, past_len + n]`` in the model dtype for a tree of ``n`` nodes.
+
+        Every node sees the whole cached prefix and the nodes ``j`` with ``tree_mask[i, j]``. It is *additive*
+        (``0`` = attend, ``finfo(dtype).min`` = blocked) because eager attention adds the mask to the scores;
+        SDPA accepts the same float mask, so one mask serves both implementations. Using ``finfo.min`` rather than
+        ``-inf`` keeps softmax NaN-free in low precision.
+        """
+        n = tree_mask.shape[0]
+        allowed = torch.cat(
+            [torch.ones(n, past_len, dtype=torch.bool, device=tree_mask.device), tree_mask.to(torch.bool)], dim=1
+        )
+        mask = torch.zeros(allowed.shape, dtype=self.dtype, device=self.device)
+        mask.masked_fill_(~allowed.to(self.device), torch.finfo(self.dtype).min)
+        return mask[None, None]
+
+    @torch.no_grad()
+    def tree_forward(
+        self,
+        input_ids: torch.Tensor,
+        position_ids: torch.Tensor,
+        tree_mask: torch.Tensor,
+        past_key_values: Cache,
+    ) -> TargetOutput:
+        """Verify a draft tree in one KV-cached pass.
+
+        Args:
+            input_ids: ``[1, n]`` tree node tokens (any topological order, typically BFS).
+            position_ids: ``[1, n]`` absolute positions (``prefix_len + depth`` of each node).
+            tree_mask: ``[n, n]`` bool ancestor-or-self mask: ``tree_mask[i, j]`` iff node ``j`` is node ``i`` or
+                one of its ancestors.
+            past_key_values: cache holding the accepted prefix; the ``n`` node entries are appended to it (use
+                :meth:`compact_cache` afterwards to keep only the accepted path).
+
+        Returns logits/hidden for every node, i.e. node ``i``'s prediction for the token after it given its
+        root-to-node path.
+        """
+        if input_ids.dim() != 2 or input_ids.shape[0] != 1:
+            raise ValueError(f"tree_forward expects input_ids of shape [1, n], got {tuple(input_ids.shape)}.")
+        n = input_ids.shape[1]
+        if tuple(position_ids.shape) != (1, n):
+            raise ValueError(f"position_ids must have shape [1, {n}], got {tuple(position_ids.shape)}.")
+        if tuple(tree_mask.shape) != (n, n):
+            raise ValueError(f"tree_mask must have shape [{n}, {n}], got {tuple(tree_mask.shape)}.")
+        if not bool(torch.diagonal(tree_mask.to(torch.bool)).all()):
+            raise ValueError("tree_mask must be ancestor-or-self: every node must attend to itself (diagonal True).")
+        if past_key_values is None:
+            raise ValueError("tree_forward needs a cache holding the prefix (use new_cache() + forward(use_cache=True)).")
+        past_len = past_key_values.get_seq_length()
+        mask = self.tree_mask_4d(tree_mask, past_len)
+        # A 4D mask is taken verbatim by transformers' create_causal_mask (no causal mask is built on top).
+        hidden = self._decoder_forward(
+            self.embed_tokens(input_ids.to(self.device)),
+            attention_mask=mask,
+            position_ids=position_ids.to(self.device),
+            past_key_values=past_key_values,
+            use_cache=True,
+        )
+        return TargetOutput(logits=self.lm_head(hidden), hidden=hidden, past_key_values=past_key_values)
+
+    # ------------------------------------------------------------------------------------------------- cache
+    @staticmethod
+    def _attention_layers(past_key_values: Cache):
+        layers = getattr(past_key_values, "layers", None)
+        if layers is None:
+            raise TypeError(f"Expected a transformers Cache with per-layer storage, got {type(past_key_values).__name__}.")
+        for idx, layer in enumerate(layers):
+            if getattr(layer, "is_sliding", False) or not hasattr(layer, "keys"):
+                raise NotImplementedError(
+                    f"Cache layer {idx} ({type(layer).__name__}) is not a plain full-attention layer; "
+                    f"compaction is only implemented for DynamicLayer."
+                )
+            yield layer
+
+    @classmethod
+    def compact_cache(cls, past_key_values: Cache, prefix_len: int, keep: torch.Tensor) -> Cache:
+        """Keep the prefix plus the tree entries at relative indices ``keep`` (in that order); drop the rest.
+
+        After :meth:`tree_forward` appended ``n`` node entries after ``prefix_len`` cached tokens, the accepted
+        root-to-leaf path is ``keep``; its K/V are moved right after the prefix so the cache again looks like a
+        plain forward over ``prefix + path`` (RoPE was applied with the nodes' explicit positions, which are
+        exactly the positions the path tokens have in that sequence). Works in place on every layer.
+        """
+        keep = torch.as_tensor(keep, dtype=torch.long).flatten().cpu()
+        for layer in cls._attention_layers(past_key_values):
+            if not getattr(layer, "is_initialized", True) or layer.keys is None or layer.keys.numel() == 0:
+                continue
+            total = layer.keys.shape[-2]
+            n = total - prefix_len
+            if n < 0 or (keep.numel() and (int(keep.min()) < 0 or int(keep.max()) >= n)):
+                raise IndexError(
+                    f"compact_cache: keep={keep.tolist()} out of range for {n} tree entries after a prefix of "
+                    f"{prefix_len} (cache length {total})."
+                )
+            index = torch.cat([torch.arange(prefix_len), prefix_len + keep]).to(layer.keys.device)
+            layer.keys = layer.keys.index_select(-2, index)
+            layer.values = layer.values.index_select(-2, index)
+        return past_key_values
+
+    @classmethod
+    def crop_cache(cls, past_key_values: Cache, length: int) -> Cache:
+        """Truncate the cache to its first ``length`` tokens, in place (e.g. to roll back a rejected chain)."""
+        current = past_key_values.get_seq_length()
+        if length < 0 or length > current:
+            raise ValueError(f"crop_cache: cannot crop a cache of length {current} to {length}.")
+        if length < current:
+            # transformers 5: Cache.crop takes the (negative) number of tokens to remove.
+            past_key_values.crop(length - current)
+        return past_key_values
+
+    # ------------------------------------------------------------------------------------------- fingerprint
+    @torch.no_grad()
+    def fingerprint(self) -> str:
+        """Short stable id of this target, stored with drafters so a drafter is never paired with another target.
+
+        Hashes the architecture facts a drafter depends on (model_type, hidden size, vocab size, layers, image
+        token id) and the embedding / LM-head weights it shares. Weights are hashed as bfloat16 on CPU so the id is
+        the same whether the target is loaded in fp32 or bf16 and on any device; for large vocabularies an evenly
+        spaced subset of <= 4096 rows is hashed, which keeps this fast while still changing for any real
+        retraining. Weights not shared with the drafter (decoder layers, vision tower) are not covered.
+        """
+        h = hashlib.sha256()
+        meta = {
+            "model_type": self.config.model_type,
+            "hidden_size": self.hidden_size,
+            "vocab_size": self.vocab_size,
+            "num_layers": self.num_layers,
+            "image_token_id": self.image_token_id,
+        }
+        h.update(json.dumps(meta, sort_keys=True).encode())
+        for weight in (self.embed_tokens.weight, self.lm_head.weight):
+            h.update(str(tuple(weight.shape)).encode())
+            rows = weight.shape[0]
+            if rows > 4096:
+                idx = torch.linspace(0, rows - 1, 4096, device=weight.device).round().long()
+                weight = weight.index_select(0, idx)
+            h.update(weight.detach().to("cpu", torch.bfloat16).contiguous().view(torch.int16).numpy().tobytes())
+        return h.hexdigest()[:16]
+
+    def __repr__(self) -> str:
+        return (
+            f"{type(self).__name__}(model_type={self.config.model_type!r}, hidden_size={self.hidden_size}, "
+            f"vocab_size={self.vocab_size}, num_layers={self.num_layers}, dtype={self.dtype}, device={self.device})"
+        )
+
+
+for _model_type in TargetAdapter.model_types:
+    _ADAPTERS[_model_type] = TargetAdapter
