@@ -55,8 +55,8 @@ def save_target(model, processor, out_dir: Path, report: dict) -> None:
         raise
 
 
-@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="target_recipe")
-def main(cfg: DictConfig) -> None:
+def run_build(cfg: DictConfig) -> dict:
+    """Corpus -> tokenizer -> trained target -> saved + evaluated. Returns the build report."""
     L.seed_everything(cfg.seed, workers=True)
     t0 = time.perf_counter()
     spec = CorpusSpec(n_train=cfg.corpus.n_train, n_val=cfg.corpus.n_val, n_test=cfg.corpus.n_test,
@@ -95,7 +95,13 @@ def main(cfg: DictConfig) -> None:
     report["total_seconds"] = round(time.perf_counter() - t0, 1)
     (out_dir / "build_report.json").write_text(json.dumps(report, indent=2))
     print(json.dumps({k: v for k, v in results.items() if k != "examples"}, indent=2))
-    print(out_dir.resolve())
+    return report
+
+
+@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="target_recipe")
+def main(cfg: DictConfig) -> None:
+    run_build(cfg)
+    print(Path(cfg.out_dir).resolve())
 
 
 if __name__ == "__main__":

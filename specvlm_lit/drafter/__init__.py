@@ -1,0 +1,1 @@
+"""EagleVLM drafter, elastic visual compressor and the draft-sequence contract."""

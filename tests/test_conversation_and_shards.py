@@ -1,0 +1,108 @@
+import functools
+import io
+import json
+import tarfile
+
+import pytest
+import torch
+
+from specvlm_lit.data.conversation import ConversationError, encode_conversation, prompt_ids
+from specvlm_lit.data.datamodule import ShardDataModule, llava_visual_tokens
+from specvlm_lit.data.shards import BadSampleMonitor, TooManyBadSamples
+from specvlm_lit.embedded.tokenizer import build_processor
+
+CONV = [
+    {"from": "human", "value": "<image>\nWhat color is the circle?"},
+    {"from": "gpt", "value": "The circle is red. It is a small shape on the left."},
+    {"from": "human", "value": "How many shapes are there in total?"},
+    {"from": "gpt", "value": "There are two shapes: a red circle and a blue square."},
+]
+
+
+def test_ids_equal_chat_template_and_mask_covers_answers_only(corpus_tokenizer):
+    tok = corpus_tokenizer
+    enc = encode_conversation(CONV, tok, num_image_tokens=5)
+    messages = [{"role": "user" if m["from"] == "human" else "assistant", "content": m["value"]} for m in CONV]
+    text = tok.apply_chat_template(messages, tokenize=False).replace("<image>", "<image>" * 5)
+    assert enc.input_ids.tolist() == tok(text, add_special_tokens=False)["input_ids"]
+    learned = tok.decode(enc.input_ids[enc.loss_mask])
+    assert learned == " " + CONV[1]["value"] + "</s> " + CONV[3]["value"] + "</s>"
+    assert (enc.input_ids == tok.convert_tokens_to_ids("<image>")).sum() == 5
+
+
+def test_prompt_matches_generation_prompt(corpus_tokenizer):
+    tok = corpus_tokenizer
+    ids = prompt_ids("What color is the circle?", tok, 3)
+    text = tok.apply_chat_template([{"role": "user", "content": "<image>\nWhat color is the circle?"}],
+                                   tokenize=False, add_generation_prompt=True).replace("<image>", "<image>" * 3)
+    assert ids.tolist() == tok(text, add_special_tokens=False)["input_ids"]
+    with pytest.raises(ConversationError, match="empty"):
+        prompt_ids("   ", tok, 3)
+
+
+@pytest.mark.parametrize("conv, message", [
+    ([{"from": "human", "value": "<image>\nHi?"}], "no assistant answer"),
+    ([{"from": "human", "value": "<image>\nHi?"}, {"from": "gpt", "value": "  "}], "no assistant answer"),
+    ([{"from": "gpt", "value": "x"}], "start with a human"),
+    ([{"from": "human", "value": "Hi?"}, {"from": "gpt", "value": "x"}], "placeholder"),
+    ([{"from": "robot", "value": "x"}], "not a human/gpt"),
+])
+def test_bad_conversations(conv, message, corpus_tokenizer):
+    with pytest.raises(ConversationError, match=message):
+        encode_conversation(conv, corpus_tokenizer, num_image_tokens=4)
+
+
+def test_truncation_keeps_image_and_reports(corpus_tokenizer):
+    enc = encode_conversation(CONV, corpus_tokenizer, num_image_tokens=5, max_length=20)
+    assert enc.truncated and len(enc.input_ids) == 20
+    with pytest.raises(ConversationError, match="image tokens"):
+        encode_conversation(CONV, corpus_tokenizer, num_image_tokens=50, max_length=20)
+
+
+def _write_shard(path, samples):
+    with tarfile.open(path, "w") as tf:
+        for key, members in samples:
+            for ext, data in members.items():
+                info = tarfile.TarInfo(f"{key}.{ext}")
+                info.size = len(data)
+                tf.addfile(info, io.BytesIO(data))
+
+
+def test_bad_samples_are_skipped_and_counted(tmp_path, small_corpus, corpus_tokenizer):
+    good = [s for s in __import__("webdataset").WebDataset(str(small_corpus / "val-000000.tar"), shardshuffle=False)][:4]
+    no_answer = json.dumps({"conversations": [{"from": "human", "value": "<image>\nHi?"}]}).encode()
+    samples = [(g["__key__"], {"png": g["png"], "json": g["json"]}) for g in good]
+    samples += [("bad-img", {"png": b"not a png", "json": good[0]["json"]}),
+                ("bad-json", {"png": good[0]["png"], "json": b"{oops"}),
+                ("no-ans", {"png": good[0]["png"], "json": no_answer}),
+                ("no-img", {"json": good[0]["json"]})]
+    shard = tmp_path / "mixed-000000.tar"
+    _write_shard(shard, samples)
+    processor = build_processor(corpus_tokenizer, patch_size=8)
+    dm = ShardDataModule([str(shard)], [str(shard)], corpus_tokenizer, processor.image_processor,
+                         functools.partial(llava_visual_tokens, patch_size=8), batch_size=2, num_workers=0)
+    batches = list(dm.val_dataloader())
+    assert sum(b["input_ids"].shape[0] for b in batches) == 4
+    stats = {}
+    for b in batches:
+        for k, v in b["stats"].items():
+            stats[k] = stats.get(k, 0) + v
+    assert stats["seen"] == 8
+    assert stats["corrupt_image"] == 1 and stats["bad_json"] == 1 and stats["no_answer"] == 1
+    assert stats["missing_image"] == 1
+    for b in batches:  # bucketed: one image size per batch, visual tokens == image tokens in ids
+        sizes = {tuple(p.shape[-2:]) for p in b["pixel_values"]}
+        assert len(sizes) == 1
+        h, w = sizes.pop()
+        n_img = (b["input_ids"] == corpus_tokenizer.convert_tokens_to_ids("<image>")).sum(1)
+        assert (n_img == llava_visual_tokens(h, w, 8)).all()
+        assert not b["loss_mask"][b["attention_mask"] == 0].any()
+
+
+def test_bad_sample_monitor_stops_past_the_limit():
+    m = BadSampleMonitor(max_bad_fraction=0.1, min_seen=10)
+    m.update({"seen": 10, "corrupt_image": 1})
+    with pytest.raises(TooManyBadSamples, match="corrupt_image"):
+        m.update({"seen": 10, "corrupt_image": 2})
+    with pytest.raises(ValueError):
+        BadSampleMonitor(max_bad_fraction=2)

@@ -1,0 +1,107 @@
+import io
+import json
+import random
+import tarfile
+
+import pytest
+import webdataset as wds
+from PIL import Image
+
+from specvlm_lit.synthetic import HELD_OUT_PAIRS, TASKS, CorpusSpec, generate_corpus, make_sample, sample_scene
+from specvlm_lit.synthetic.generate import corpus_is_current
+from specvlm_lit.synthetic.scenes import validate_scene_args
+
+
+def test_samples_are_deterministic():
+    spec = CorpusSpec()
+    assert make_sample(spec, "train", 7) == make_sample(spec, "train", 7)
+    assert make_sample(spec, "train", 7)["png"] != make_sample(spec, "train", 8)["png"]
+
+
+def test_held_out_pairs_only_in_test_split():
+    spec = CorpusSpec()
+    for split in ("train", "val", "test"):
+        for i in range(150):
+            pairs = {(o["colour"], o["shape"]) for o in make_sample(spec, split, i)["json"]["scene"]["objects"]}
+            if split == "test":
+                assert pairs & HELD_OUT_PAIRS, f"test sample {i} has no held-out pair"
+            else:
+                assert not pairs & HELD_OUT_PAIRS, f"{split} sample {i} leaks a held-out pair"
+
+
+def test_resolutions_tasks_and_llava_format():
+    spec = CorpusSpec()
+    samples = [make_sample(spec, "train", i)["json"] for i in range(300)]
+    assert {s["scene"]["resolution"] for s in samples} == {64, 96, 128}
+    assert {t for s in samples for t in s["tasks"]} == set(TASKS)
+    for s in samples:
+        conv = s["conversations"]
+        assert [m["from"] for m in conv] == ["human", "gpt"] * (len(conv) // 2)
+        assert conv[0]["value"].startswith("<image>\n") and all("<image>" not in m["value"] for m in conv[1:])
+        assert len(s["checks"]) == len(s["tasks"]) == len(conv) // 2
+
+
+def test_images_match_declared_resolution():
+    x = make_sample(CorpusSpec(), "val", 3)
+    img = Image.open(io.BytesIO(x["png"]))
+    assert img.size == (x["json"]["scene"]["resolution"],) * 2 and img.mode == "RGB"
+
+
+def test_detailed_descriptions_are_long(corpus_tokenizer):
+    spec = CorpusSpec()
+    lengths = []
+    for i in range(400):
+        rec = make_sample(spec, "train", i)["json"]
+        for task, (q, a) in zip(rec["tasks"], zip(rec["conversations"][::2], rec["conversations"][1::2])):
+            if task == "describe":
+                lengths.append(len(corpus_tokenizer(a["value"], add_special_tokens=False)["input_ids"]))
+    assert lengths and min(lengths) >= 40
+
+
+def test_answers_vary_in_phrasing():
+    spec = CorpusSpec()
+    openings = {make_sample(spec, "train", i)["json"]["conversations"][1]["value"].split()[0] for i in range(200)}
+    assert len(openings) >= 5
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(resolutions=(60,)), "multiple of the patch size"),
+    (dict(resolutions=(16,)), "out of range"),
+    (dict(resolutions=()), "at least one"),
+    (dict(max_objects=0), "max_objects"),
+    (dict(max_objects=12), "max_objects"),
+    (dict(n_train=-1), "n_train"),
+    (dict(n_train=0, n_val=0, n_test=0), "empty"),
+    (dict(samples_per_shard=0), "samples_per_shard"),
+])
+def test_invalid_generator_arguments(kwargs, message, tmp_path):
+    with pytest.raises(ValueError, match=message):
+        generate_corpus(tmp_path / "c", CorpusSpec(**kwargs), log=lambda *_: None)
+    assert not (tmp_path / "c").exists()
+
+
+def test_cli_reports_bad_arguments(capsys):
+    from specvlm_lit.synthetic.generate import main
+
+    with pytest.raises(SystemExit):
+        main(["--resolutions", "60"])
+    assert "multiple of the patch size" in capsys.readouterr().err
+
+
+def test_scene_sampler_rejects_bad_mode():
+    with pytest.raises(ValueError, match="held_out"):
+        sample_scene(random.Random(0), held_out="maybe")
+    validate_scene_args((64, 96), 5)
+
+
+def test_corpus_shards_and_manifest(small_corpus):
+    assert corpus_is_current(small_corpus, CorpusSpec(n_train=120, n_val=16, n_test=32, samples_per_shard=50))
+    assert not corpus_is_current(small_corpus, CorpusSpec())
+    assert len(list(small_corpus.glob("train-*.tar"))) == 3
+    keys = [s["__key__"] for s in wds.WebDataset(str(small_corpus / "test-000000.tar"), shardshuffle=False)]
+    assert len(keys) == 32 and len(set(keys)) == 32
+    with tarfile.open(small_corpus / "val-000000.tar") as tf:
+        names = tf.getnames()
+    assert {n.rsplit(".", 1)[1] for n in names} == {"png", "json"}
+    manifest = json.loads((small_corpus / "manifest.json").read_text())
+    assert manifest["counts"] == {"train": 120, "val": 16, "test": 32}
