@@ -428,6 +428,14 @@ class TargetAdapter:
         n = (height // patch) * (width // patch)
         return n if self.config.vision_feature_select_strategy == "default" else n + 1
 
+    def visual_grid(self, height: int, width: int) -> tuple[int, int] | None:
+        """(rows, cols) of the patch grid the visual tokens are laid out on, row-major; ``None`` when the
+        tokens are not a plain grid (a CLS token is kept), so grid-based compressors must not assume one."""
+        patch = int(self.config.vision_config.patch_size)
+        if self.config.vision_feature_select_strategy != "default":
+            return None
+        return height // patch, width // patch
+
     # ------------------------------------------------------------------------------------------------ images
     @torch.no_grad()
     def encode_images(self, pixel_values: torch.Tensor | Sequence[torch.Tensor]) -> list[torch.Tensor]:

@@ -78,19 +78,25 @@ def build_draft_sequence(
     compressor: VisualCompressor | None = None,
     grid: tuple[int, int] | None = None,
     length: int | None = None,
+    question_end: int | None = None,
 ) -> DraftSequence:
     """Pair and (optionally) compress one sample.
 
     input_embeds: [T, H] target input embeddings (visual embeddings already scattered in);
     target_features: [T, H]; input_ids: [T]; ``length`` = number of real (unpadded) tokens.
     Rows cover t = 0..length-2 (the last token has no successor to pair with).
+    ``question_end``: end (exclusive) of the prompt text the gate may look at. Training passes the
+    first answer position so the gate never sees the answer it is about to help draft; at decoding
+    time the sequence *is* the prompt, so the default (``length``) is the same span.
     """
     T = int(length if length is not None else input_ids.shape[0])
     ids = input_ids[:T]
     e_next, f = input_embeds[1:T], target_features[: T - 1]
     source = torch.arange(T - 1, device=input_ids.device)
+    if compressor is None:  # EagleVLM: every row kept, any number/placement of images is fine
+        return DraftSequence(e_next, f, source, 0)
     s, n = image_span(ids, image_token_id)
-    if compressor is None or n == 0:
+    if n == 0:
         return DraftSequence(e_next, f, source, 0)
     # Pairs t = s-1 .. s+n-2 carry visual tokens on the embedding side.
     lo, hi = s - 1, s - 1 + n
@@ -99,7 +105,7 @@ def build_draft_sequence(
         if side * side != n:
             raise ValueError(f"{n} visual tokens are not a square grid: pass grid=(rows, cols)")
         grid = (side, side)
-    question = target_features[s + n: T]
+    question = target_features[s + n: T if question_end is None else min(int(question_end), T)]
     comp = compressor(e_next[lo:hi], f[lo:hi], grid, question)
     m = comp.embeds.shape[0]
     embeds = torch.cat([e_next[:lo], comp.embeds, e_next[hi:]])

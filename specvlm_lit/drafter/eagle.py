@@ -1,0 +1,603 @@
+"""EagleVLM drafter: one Llama decoder layer over ``fc([norm_e(e_{t+1}), norm_f(f_t)])``.
+
+The drafter is a ``PreTrainedModel`` (``save_pretrained`` / ``from_pretrained`` with safetensors) that *wraps*
+transformers' own Llama building blocks (``LlamaDecoderLayer``, ``LlamaRotaryEmbedding``, ``LlamaRMSNorm``, the
+attention interface and ``masking_utils.create_causal_mask``) instead of re-implementing them, so attention kernels,
+RoPE variants and cache handling behave exactly as in the target family.
+
+What it does NOT contain: the token embedding and the LM head. They belong to the frozen target and are shared
+(SpecVLM / EAGLE): the caller embeds tokens with ``TargetAdapter.embed_tokens`` (or passes visual embeddings), and
+turns the drafter's ``hidden`` into logits with ``TargetAdapter.lm_head``. Keeping them out of the drafter keeps the
+checkpoint small and makes it impossible to train or save a stale copy of them; :meth:`EagleVLMDrafter.check_target`
+(and the target fingerprint stored in the config) guards against pairing a drafter with the wrong target.
+
+Row semantics follow :mod:`specvlm_lit.drafter.sequence`: row t consumes (e_{t+1}, f_t) and ``hidden[t]`` predicts
+the target's final feature f_{t+1}; ``lm_head(hidden[t])`` is the draft distribution of x_{t+2}.
+
+Notes on transformers 5.23 this module relies on (checked in the installed sources):
+
+* ``LlamaDecoderLayer.forward(hidden, attention_mask, position_ids, past_key_values, use_cache,
+  position_embeddings)`` takes the rotary ``(cos, sin)`` precomputed by ``LlamaRotaryEmbedding(x, position_ids)``
+  (there is no ``cache_position`` any more); its attention writes K/V to ``past_key_values`` at the layer index it
+  was built with, so the layer is built with ``layer_idx=0`` and the draft cache is a one-layer ``DynamicCache``.
+* ``create_causal_mask`` returns a 4D mask unchanged, and builds a causal (+ 2D padding) mask sized from the cache
+  otherwise. We never hand it ``position_ids``: without a cache and mask it would use them to detect "packed
+  sequences" (position resets) and silently block attention across them; our causality is by row index.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import AutoConfig, AutoModel, DynamicCache, LlamaConfig, PreTrainedConfig, PreTrainedModel
+from transformers.cache_utils import Cache
+from transformers.masking_utils import create_causal_mask
+from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRMSNorm, LlamaRotaryEmbedding
+
+from ..target import TargetAdapter, TargetLoadError, _check_safetensors_file
+from .compressor import Compressor, build_compressor, normalize_compressor_config
+
+__all__ = [
+    "DrafterLoadError",
+    "DrafterMismatchError",
+    "DrafterOutput",
+    "EagleVLMConfig",
+    "EagleVLMDrafter",
+    "save_atomically",
+]
+
+
+class DrafterMismatchError(ValueError):
+    """The drafter was trained for a different target (hidden size, vocabulary or fingerprint differ)."""
+
+
+class DrafterLoadError(ValueError):
+    """A drafter directory cannot be loaded; the message names the offending file and the fix."""
+
+
+# Fields copied from the target's text config by EagleVLMConfig.from_target.
+_ARCH_KEYS = (
+    "hidden_size",
+    "intermediate_size",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "head_dim",
+    "hidden_act",
+    "rms_norm_eps",
+    "rope_parameters",
+    "max_position_embeddings",
+    "initializer_range",
+    "vocab_size",
+)
+
+
+class EagleVLMConfig(PreTrainedConfig):
+    """Configuration of :class:`EagleVLMDrafter`.
+
+    Sizes of the single decoder layer follow the target LM (:meth:`from_target`); ``hidden_size`` MUST equal the
+    target's (the drafter consumes target features and its output feeds the target's LM head). ``vocab_size`` is
+    the target's vocabulary, only used by :meth:`EagleVLMDrafter.check_target`. RoPE is given as transformers 5
+    ``rope_parameters`` (``{"rope_type": "default", "rope_theta": 10000.0}``); a legacy ``rope_theta=`` keyword is
+    converted by the base class.
+
+    ``compressor`` is the visual compressor's plain-dict config (see
+    :func:`specvlm_lit.drafter.compressor.build_compressor`; ``None`` = EagleVLM baseline, all visual rows). It is
+    validated and canonicalised here, so a bad config fails when the config is created, not mid-training.
+
+    ``final_norm``: apply an RMSNorm to the layer output. The regression target f_{t+1} is the target's *final-norm*
+    feature (what the LM head consumes), so ending with a (learnable) RMSNorm puts the prediction on the same
+    normalised scale; EAGLE-1 has no such norm, EAGLE-3 does.
+    """
+
+    model_type = "eagle_vlm"
+
+    hidden_size: int = 4096
+    intermediate_size: int = 11008
+    num_attention_heads: int = 32
+    num_key_value_heads: int | None = None
+    head_dim: int | None = None
+    hidden_act: str = "silu"
+    rms_norm_eps: float = 1e-6
+    rope_parameters: dict | None = None
+    max_position_embeddings: int = 4096
+    initializer_range: float = 0.02
+    attention_dropout: float = 0.0
+    vocab_size: int | None = None
+    final_norm: bool = True
+    target_fingerprint: str | None = None
+    target_name_or_path: str | None = None
+    compressor: dict | None = None
+
+    def __post_init__(self, **kwargs):
+        if self.num_key_value_heads is None:
+            self.num_key_value_heads = self.num_attention_heads
+        if self.head_dim is None:
+            self.head_dim = self.hidden_size // self.num_attention_heads
+        super().__post_init__(**kwargs)  # also turns a legacy rope_theta / rope_scaling kwarg into rope_parameters
+        self.compressor = normalize_compressor_config(self.compressor, self.hidden_size)
+
+    # ------------------------------------------------------------------------------------------------------
+    @classmethod
+    def from_target(cls, source: Any, **overrides) -> "EagleVLMConfig":
+        """Config whose decoder layer has the target LM's sizes.
+
+        ``source`` is a :class:`~specvlm_lit.target.TargetAdapter` (also records its vocabulary size, fingerprint
+        and checkpoint path) or a (text or multimodal) HF config. ``overrides`` set any field (e.g.
+        ``compressor={...}``, ``intermediate_size=...``); an override of an architecture field with value ``None``
+        means "keep the target's" (so a Hydra ``intermediate_size: null`` works). ``hidden_size`` cannot differ from
+        the target's.
+        """
+        fingerprint = name = None
+        if isinstance(source, TargetAdapter) or (hasattr(source, "text_config") and hasattr(source, "fingerprint")):
+            text_config = source.text_config
+            vocab_size = int(source.vocab_size)
+            fingerprint = source.fingerprint()
+            name = getattr(source.config, "_name_or_path", None) or None
+        elif isinstance(source, PreTrainedConfig):
+            text_config = source.get_text_config(decoder=True)
+            vocab_size = getattr(text_config, "vocab_size", None)
+            name = getattr(source, "_name_or_path", None) or None
+        else:
+            raise TypeError(
+                f"from_target expects a TargetAdapter or a transformers config, got {type(source).__name__}"
+            )
+
+        tc = text_config
+        kwargs: dict[str, Any] = {
+            "hidden_size": int(tc.hidden_size),
+            "intermediate_size": int(tc.intermediate_size),
+            "num_attention_heads": int(tc.num_attention_heads),
+            "num_key_value_heads": int(getattr(tc, "num_key_value_heads", None) or tc.num_attention_heads),
+            "head_dim": int(getattr(tc, "head_dim", None) or tc.hidden_size // tc.num_attention_heads),
+            "hidden_act": getattr(tc, "hidden_act", "silu"),
+            "rms_norm_eps": float(getattr(tc, "rms_norm_eps", 1e-6)),
+            "rope_parameters": _global_rope_parameters(getattr(tc, "rope_parameters", None)),
+            "max_position_embeddings": int(getattr(tc, "max_position_embeddings", 4096)),
+            "initializer_range": float(getattr(tc, "initializer_range", 0.02)),
+            "vocab_size": vocab_size,
+            "target_fingerprint": fingerprint,
+            "target_name_or_path": name,
+        }
+        for key, value in overrides.items():
+            if key in _ARCH_KEYS and value is None:
+                continue
+            if key == "hidden_size" and value != kwargs["hidden_size"]:
+                raise ValueError(
+                    f"the drafter's hidden size must equal the target's ({kwargs['hidden_size']}), got {value}: it "
+                    f"consumes the target's features and its output feeds the target's LM head"
+                )
+            kwargs[key] = value
+        if kwargs["rope_parameters"] is None:
+            kwargs.pop("rope_parameters")
+        return cls(**kwargs)
+
+    def to_llama_config(self) -> LlamaConfig:
+        """The one-layer ``LlamaConfig`` the wrapped ``LlamaDecoderLayer`` / rotary embedding / cache are built from."""
+        cfg = LlamaConfig(
+            hidden_size=self.hidden_size,
+            intermediate_size=self.intermediate_size,
+            num_hidden_layers=1,
+            num_attention_heads=self.num_attention_heads,
+            num_key_value_heads=self.num_key_value_heads,
+            head_dim=self.head_dim,
+            hidden_act=self.hidden_act,
+            rms_norm_eps=self.rms_norm_eps,
+            rope_parameters=copy.deepcopy(self.rope_parameters),
+            max_position_embeddings=self.max_position_embeddings,
+            initializer_range=self.initializer_range,
+            attention_dropout=self.attention_dropout,
+            vocab_size=self.vocab_size or 1,  # unused: the drafter has no embedding table
+            attention_bias=False,
+            mlp_bias=False,
+        )
+        cfg._attn_implementation = self._attn_implementation
+        return cfg
+
+
+def _global_rope_parameters(rope: dict | None) -> dict | None:
+    """The target's RoPE parameters for full-attention layers (flat dict), or None."""
+    if not rope:
+        return None
+    if "rope_type" in rope or "rope_theta" in rope:
+        return copy.deepcopy(dict(rope))
+    nested = rope.get("full_attention") or next((v for v in rope.values() if isinstance(v, dict)), None)
+    return copy.deepcopy(dict(nested)) if nested else None
+
+
+@dataclass
+class DrafterOutput:
+    """``hidden``: ``[B, T, H]`` predicted next target feature per row (logits = target ``lm_head(hidden)``).
+    ``past_key_values``: the draft KV cache (updated in place) when one was used, else ``None``."""
+
+    hidden: torch.Tensor
+    past_key_values: Cache | None = None
+
+
+class EagleVLMDrafter(PreTrainedModel):
+    """EAGLE-style single-layer drafter for VLMs (SpecVLM's EagleVLM), optionally with a visual compressor.
+
+    Per row: ``x = fc([norm_e(e), norm_f(f)])`` -> ``LlamaDecoderLayer`` (pre-norm attention + SwiGLU MLP, both
+    with residuals) -> optional final RMSNorm -> ``hidden``.
+
+    Input normalisation (SpecVLM adds "an input layer normalization" without saying where): two *separate*
+    RMSNorms, one per half, before ``fc``. Token embeddings (std ~0.02 for text tokens; projector outputs for visual
+    tokens, often 10-100x larger) and final-norm target features (RMS ~ the final norm's weights) live on very
+    different scales; one norm over the concatenation would let the larger half dominate ``fc`` and the gradient,
+    while per-half, per-row normalisation gives both halves unit RMS (learnable gains keep the balance trainable)
+    and also equalises text vs. visual embedding rows. The decoder layer's own ``input_layernorm`` then normalises
+    ``fc``'s output before attention (EAGLE-1 had dropped that norm for its single layer; we keep the HF layer as is).
+
+    ``self.compressor`` (built from ``config.compressor``) is a submodule so one ``save_pretrained`` directory holds
+    drafter + compressor; it is *called by* :func:`~specvlm_lit.drafter.sequence.build_draft_sequence`, not by
+    :meth:`forward`, which sees already-assembled rows.
+    """
+
+    config_class = EagleVLMConfig
+    config: EagleVLMConfig
+    main_input_name = "token_embeds"
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["LlamaDecoderLayer"]
+    _supports_sdpa = True
+    _supports_flash_attn = False  # tree verification needs arbitrary 4D float masks
+    _supports_flex_attn = False
+    _supports_attention_backend = True
+
+    def __init__(self, config: EagleVLMConfig):
+        super().__init__(config)
+        h, eps = config.hidden_size, config.rms_norm_eps
+        self.norm_embeds = LlamaRMSNorm(h, eps=eps)
+        self.norm_features = LlamaRMSNorm(h, eps=eps)
+        self.fc = nn.Linear(2 * h, h, bias=True)
+        self._llama_config = config.to_llama_config()
+        self.layer = LlamaDecoderLayer(self._llama_config, layer_idx=0)
+        self.rotary_emb = LlamaRotaryEmbedding(config=self._llama_config)
+        self.norm = LlamaRMSNorm(h, eps=eps) if config.final_norm else None
+        self.compressor: Compressor | None = build_compressor(config.compressor, h)
+        self.post_init()
+
+    # ----------------------------------------------------------------------------------------------- weights
+    @torch.no_grad()
+    def initialize_weights(self) -> None:
+        """transformers' generic init, then the compressors' own init (conv = average pooling, zero residuals).
+
+        Done here rather than in ``_init_weights``: for custom-code models transformers skips modules without
+        parameters of their own (e.g. ``ConvCompressor``, whose weights live in a child ``Conv2d``), so a per-module
+        hook would never run for them. The hooks use ``transformers.initialization``, which leaves tensors loaded from
+        a checkpoint untouched, so this is also correct inside ``from_pretrained``.
+        """
+        super().initialize_weights()
+        for module in self.modules():
+            reset = getattr(module, "_reset_compressor_parameters", None)
+            if callable(reset):
+                reset()
+
+    # ------------------------------------------------------------------------------------------------ forward
+    def new_cache(self) -> DynamicCache:
+        """An empty one-layer ``DynamicCache`` for the draft KV cache."""
+        return DynamicCache(config=self._llama_config)
+
+    @staticmethod
+    def crop_cache(past_key_values: Cache, length: int) -> Cache:
+        """Truncate the draft cache to ``length`` rows in place (same semantics as :meth:`TargetAdapter.crop_cache`)."""
+        return TargetAdapter.crop_cache(past_key_values, length)
+
+    @staticmethod
+    def compact_cache(past_key_values: Cache, prefix_len: int, keep: torch.Tensor) -> Cache:
+        """Keep the prefix + the tree entries ``keep`` (same semantics as :meth:`TargetAdapter.compact_cache`)."""
+        return TargetAdapter.compact_cache(past_key_values, prefix_len, keep)
+
+    def num_visual_tokens(self, grid: tuple[int, int]) -> int:
+        """Visual rows this drafter sees for a ``rows x cols`` patch grid (all of them without a compressor)."""
+        if self.compressor is None:
+            return int(grid[0]) * int(grid[1])
+        return self.compressor.num_output_tokens(grid)
+
+    def forward(
+        self,
+        token_embeds: torch.Tensor,
+        features: torch.Tensor,
+        position_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        past_key_values: Cache | None = None,
+        use_cache: bool = False,
+    ) -> DrafterOutput:
+        """Draft forward over ``T`` new rows.
+
+        Args:
+            token_embeds: ``[B, T, H]`` e_{t+1} (target input embeddings, visual embeddings for image rows).
+            features: ``[B, T, H]`` f_t (target final features, or the drafter's own predictions when unrolling).
+            position_ids: ``[B, T]`` RoPE positions; default ``past_len + arange(T)``.
+            attention_mask: ``None`` = causal over cache + new rows; 2D ``[B, past + T]`` padding mask (1 = real)
+                combined with causality; or a 4D ``[B or 1, 1, T, past + T]`` mask used as is: additive float
+                (0 allowed, ``finfo.min`` blocked, as :meth:`TargetAdapter.tree_mask_4d`) or bool (True = allowed).
+            past_key_values: draft cache (from :meth:`new_cache`); it is extended in place with the T rows.
+            use_cache: create a new cache when none is given (a given cache is always extended).
+        """
+        if token_embeds.dim() != 3 or token_embeds.shape != features.shape:
+            raise ValueError(
+                f"token_embeds and features must both be [B, T, H], got {tuple(token_embeds.shape)} and "
+                f"{tuple(features.shape)}"
+            )
+        b, t, h = token_embeds.shape
+        if h != self.config.hidden_size:
+            raise ValueError(f"rows have width {h} but the drafter's hidden size is {self.config.hidden_size}")
+        # Keep the wrapped layer's config in sync after set_attn_implementation() on the drafter.
+        if self._llama_config._attn_implementation != self.config._attn_implementation:
+            self._llama_config._attn_implementation = self.config._attn_implementation
+
+        dtype = self.fc.weight.dtype
+        e = self.norm_embeds(token_embeds.to(dtype))
+        f = self.norm_features(features.to(dtype))
+        hidden = self.fc(torch.cat([e, f], dim=-1))
+
+        if past_key_values is None and use_cache:
+            past_key_values = self.new_cache()
+        past_len = past_key_values.get_seq_length() if past_key_values is not None else 0
+        if position_ids is None:
+            position_ids = torch.arange(past_len, past_len + t, device=hidden.device).expand(b, t)
+        elif tuple(position_ids.shape) not in ((b, t), (1, t)):
+            raise ValueError(f"position_ids must be [{b}, {t}], got {tuple(position_ids.shape)}")
+        position_ids = position_ids.to(hidden.device)
+
+        mask = self._prepare_mask(attention_mask, hidden, past_key_values, past_len)
+        position_embeddings = self.rotary_emb(hidden, position_ids=position_ids)
+        hidden = self.layer(
+            hidden,
+            attention_mask=mask,
+            position_ids=position_ids,
+            past_key_values=past_key_values,
+            use_cache=past_key_values is not None,
+            position_embeddings=position_embeddings,
+        )
+        if self.norm is not None:
+            hidden = self.norm(hidden)
+        return DrafterOutput(hidden=hidden, past_key_values=past_key_values)
+
+    def _prepare_mask(self, attention_mask, hidden, past_key_values, past_len):
+        b, t = hidden.shape[:2]
+        kv = past_len + t
+        if attention_mask is not None and attention_mask.dim() == 4:
+            if attention_mask.shape[0] not in (1, b) or tuple(attention_mask.shape[1:]) != (1, t, kv):
+                raise ValueError(
+                    f"4D attention_mask must be [{b} or 1, 1, {t}, {kv}] (past {past_len} + {t} new), got "
+                    f"{tuple(attention_mask.shape)}"
+                )
+            mask = attention_mask.to(hidden.device)
+            if mask.dtype == torch.bool:
+                additive = torch.zeros(mask.shape, dtype=hidden.dtype, device=hidden.device)
+                return additive.masked_fill_(~mask, torch.finfo(hidden.dtype).min)
+            if not mask.is_floating_point():
+                raise ValueError("4D attention_mask must be additive float (0 / finfo.min) or bool (True = attend)")
+            # Casting an fp32 finfo.min mask to bf16/fp16 can round it to -inf; clamp back to the finite minimum.
+            return mask.to(hidden.dtype).clamp(min=torch.finfo(hidden.dtype).min)
+        if attention_mask is not None:
+            if tuple(attention_mask.shape) != (b, kv):
+                raise ValueError(
+                    f"2D attention_mask must be [{b}, {kv}] (past {past_len} + {t} new), "
+                    f"got {tuple(attention_mask.shape)}"
+                )
+            attention_mask = attention_mask.to(hidden.device)
+        # position_ids deliberately not passed: see the module docstring (packed-sequence detection).
+        return create_causal_mask(
+            config=self._llama_config,
+            inputs_embeds=hidden,
+            attention_mask=attention_mask,
+            past_key_values=past_key_values,
+        )
+
+    # ---------------------------------------------------------------------------------------------- targets
+    def check_target(self, target: TargetAdapter) -> None:
+        """Raise :class:`DrafterMismatchError` unless this drafter was trained for ``target``.
+
+        Checks hidden size and vocabulary (hard requirements: shared embedding / LM head) and, when the config stores
+        one, the target fingerprint (same embedding / LM-head weights; catches a drafter trained for another
+        checkpoint of the same architecture, which would run but accept almost nothing).
+        """
+        cfg = self.config
+        fix = (
+            "train a drafter for this target with EagleVLMConfig.from_target(target) (the drafter training recipe "
+            "does this), or load the drafter exported for this target"
+        )
+        trained_for = f" (trained for {cfg.target_name_or_path})" if cfg.target_name_or_path else ""
+        if int(target.hidden_size) != int(cfg.hidden_size):
+            raise DrafterMismatchError(
+                f"drafter has hidden size {cfg.hidden_size}{trained_for} but the target has {target.hidden_size}: {fix}"
+            )
+        if cfg.vocab_size is not None and int(target.vocab_size) != int(cfg.vocab_size):
+            raise DrafterMismatchError(
+                f"drafter has vocabulary size {cfg.vocab_size}{trained_for} but the target has "
+                f"{target.vocab_size}: {fix}"
+            )
+        if cfg.target_fingerprint:
+            actual = target.fingerprint()
+            if actual != cfg.target_fingerprint:
+                raise DrafterMismatchError(
+                    f"drafter was trained for target fingerprint {cfg.target_fingerprint}{trained_for} but this "
+                    f"target's fingerprint is {actual} (different embedding / LM-head weights): {fix}"
+                )
+
+    @classmethod
+    def for_target(cls, target: TargetAdapter, **config_overrides) -> "EagleVLMDrafter":
+        """A freshly initialised drafter for ``target`` (``EagleVLMConfig.from_target`` + overrides).
+
+        With ``final_norm`` the final RMSNorm's gain starts as a copy of the target's final-norm weight when the
+        target exposes one: the drafter regresses onto that norm's outputs, so this is the natural starting scale.
+        """
+        model = cls(EagleVLMConfig.from_target(target, **config_overrides))
+        norm_weight = _target_final_norm_weight(target)
+        if model.norm is not None and norm_weight is not None and norm_weight.shape == model.norm.weight.shape:
+            with torch.no_grad():
+                model.norm.weight.copy_(norm_weight.to(model.norm.weight))
+        return model
+
+    # ------------------------------------------------------------------------------------------------ loading
+    @classmethod
+    def load(
+        cls,
+        path: str | os.PathLike,
+        target: TargetAdapter | None = None,
+        dtype: torch.dtype | None = None,
+        device: str | torch.device | None = None,
+    ) -> "EagleVLMDrafter":
+        """Load an exported drafter directory (local only) and, with ``target``, :meth:`check_target` it.
+
+        The directory is validated first (missing / half-written exports, truncated safetensors) so every such
+        problem raises :class:`DrafterLoadError` naming the file; weights missing from or unexpected in the file are
+        an error too (they would be silently random-initialised / ignored).
+        """
+        path = Path(path).expanduser()
+        _check_drafter_dir(path)
+        kwargs: dict[str, Any] = {"local_files_only": True, "output_loading_info": True}
+        if dtype is not None:
+            kwargs["dtype"] = dtype
+        try:
+            model, info = cls.from_pretrained(str(path), **kwargs)
+        except Exception as e:  # noqa: BLE001 - re-raised with context
+            raise DrafterLoadError(
+                f"failed to load the drafter from {path} ({type(e).__name__}: {e}). Re-export it with "
+                f"save_atomically(drafter, '{path}')."
+            ) from e
+        missing = sorted(info.get("missing_keys") or ())
+        unexpected = sorted(info.get("unexpected_keys") or ())
+        if missing or unexpected:
+            raise DrafterLoadError(
+                f"{path / 'model.safetensors'} does not match {path / 'config.json'}: missing {missing[:5]}, "
+                f"unexpected {unexpected[:5]} (was config.json's compressor edited?). Re-export the drafter."
+            )
+        if device is not None:
+            model.to(device)
+        if target is not None:
+            model.check_target(target)
+        return model.eval()
+
+
+def _target_final_norm_weight(target: TargetAdapter) -> torch.Tensor | None:
+    try:
+        norm = target._language_model().norm
+    except AttributeError:
+        return None
+    return getattr(norm, "weight", None)
+
+
+# ------------------------------------------------------------------------------------------- files on disk
+_WEIGHTS = "model.safetensors"
+
+
+def _check_drafter_dir(path: Path) -> dict:
+    """Validate an exported drafter directory; return its parsed config.json. Raises :class:`DrafterLoadError`."""
+    fix = f"Re-export it with save_atomically(drafter, '{path}')."
+    if not path.is_dir():
+        hint = ""
+        leftovers = sorted(path.parent.glob(f".{path.name}.tmp-*")) if path.parent.is_dir() else []
+        if leftovers:
+            hint = f" (found {leftovers[0].name}: an interrupted export; it is incomplete and was never published)"
+        raise DrafterLoadError(f"drafter directory {path} does not exist{hint}. {fix}")
+    config_file = path / "config.json"
+    if not config_file.is_file():
+        raise DrafterLoadError(
+            f"{config_file} is missing, so {path} is not a complete drafter export (half-written or wrong directory). "
+            f"{fix}"
+        )
+    try:
+        config = json.loads(config_file.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise DrafterLoadError(f"{config_file} is not valid JSON ({e}). {fix}") from e
+    if not isinstance(config, dict) or config.get("model_type") != EagleVLMConfig.model_type:
+        got = config.get("model_type") if isinstance(config, dict) else None
+        raise DrafterLoadError(
+            f"{config_file} has model_type={got!r}, expected {EagleVLMConfig.model_type!r}: {path} is not an "
+            f"EagleVLM drafter export."
+        )
+    weights = path / _WEIGHTS
+    if not weights.is_file():
+        raise DrafterLoadError(f"{weights} is missing (half-written export?). {fix}")
+    try:
+        _check_safetensors_file(weights)
+    except TargetLoadError as e:
+        raise DrafterLoadError(str(e)) from e
+    return config
+
+
+def _fsync_tree(root: Path) -> None:
+    for p in sorted(root.rglob("*")):
+        if p.is_file():
+            with open(p, "rb") as fh:
+                os.fsync(fh.fileno())
+    _fsync_dir(root)
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:  # e.g. platforms without directory fds
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def save_atomically(drafter: EagleVLMDrafter, path: str | os.PathLike, **save_kwargs) -> Path:
+    """Export ``drafter`` to ``path`` so that ``path`` is either the old export or the complete new one.
+
+    ``save_pretrained`` writes into a hidden temp dir next to ``path`` (same filesystem, so renames are atomic); the
+    files are fsynced and validated, then the temp dir is renamed to ``path``. An interrupted export leaves only a
+    ``.<name>.tmp-*`` directory, never a ``path`` that loads. An existing ``path`` is replaced only if it is a
+    drafter export (or empty): it is first renamed aside, so a crash between the two renames leaves the previous
+    export in ``.<name>.old-*`` rather than a half-written one in ``path``.
+    """
+    path = Path(path).expanduser().absolute()
+    parent = path.parent
+    parent.mkdir(parents=True, exist_ok=True)
+    if path.exists():
+        if not path.is_dir():
+            raise FileExistsError(f"{path} exists and is not a directory; refusing to replace it with a drafter export")
+        config_file = path / "config.json"
+        is_export = config_file.is_file() and _reads_model_type(config_file) == EagleVLMConfig.model_type
+        if not is_export and any(path.iterdir()):
+            raise FileExistsError(
+                f"{path} exists and is not a drafter export; refusing to replace it (choose another path)"
+            )
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=parent))
+    old: Path | None = None
+    try:
+        drafter.save_pretrained(str(tmp), **save_kwargs)
+        _check_drafter_dir(tmp)
+        _fsync_tree(tmp)
+        if path.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{path.name}.old-", dir=parent))
+            os.rmdir(old)
+            os.rename(path, old)
+        os.rename(tmp, path)
+        _fsync_dir(parent)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if old is not None and old.exists() and not path.exists():
+            os.rename(old, path)  # put the previous export back
+        raise
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+    return path
+
+
+def _reads_model_type(config_file: Path) -> str | None:
+    try:
+        return json.loads(config_file.read_text(encoding="utf-8")).get("model_type")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+# Let AutoConfig / AutoModel resolve exported drafters by model_type.
+AutoConfig.register(EagleVLMConfig.model_type, EagleVLMConfig, exist_ok=True)
+AutoModel.register(EagleVLMConfig, EagleVLMDrafter, exist_ok=True)
