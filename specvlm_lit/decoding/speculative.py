@@ -1,0 +1,658 @@
+"""Lossless speculative decoding with EAGLE-2 dynamic draft trees (batch size 1).
+
+The loop (SPECVLM.md section 5) ties together the frozen target (:class:`~specvlm_lit.target.TargetAdapter`), an
+EAGLE-style drafter, the tree bookkeeping of :mod:`.tree` and the acceptance rules of :mod:`.acceptance`::
+
+    target prefill over the prompt            -> first new token x_T (root of round 1)
+    draft prefill (rows of the prompt + root)  -> draft hidden predicting f_T
+    repeat:
+        draft a tree below the root            (1 batched drafter forward per depth >= 2)
+        verify it with ONE target forward      (tree mask, positions = prefix + depth)
+        accept (greedy / speculative sampling), compact the target KV to the accepted path
+        extend the draft KV with the accepted tokens paired with the TARGET's true features;
+        the same forward yields the next root's draft hidden
+
+Output equals Hugging Face ``generate()`` token for token at temperature 0 and is distributed exactly like
+``generate(do_sample=True)`` otherwise, whatever the drafter predicts (the drafter only affects speed).
+
+Draft-row bookkeeping (the invariant that holds at the start of every round)
+---------------------------------------------------------------------------
+Let the accepted sequence be ``x_0 .. x_{S-1}`` followed by the root ``r = x_S`` (the last token the target emitted,
+not yet fed to the target). Then
+
+* the **target** KV cache holds exactly ``x_0 .. x_{S-1}`` (length ``S``); the root is node 0 of the next tree, at
+  target position ``S`` (tree nodes at ``S + depth``);
+* the **draft** KV cache holds exactly one row per pair ``(e_{t+1}, f_t)`` for ``t = 0 .. S-1`` (embedding of the
+  next token, target final feature), i.e. the prompt rows of :func:`~specvlm_lit.drafter.sequence.build_draft_sequence`
+  (visual rows possibly compressed: ``N`` visual pairs replaced by ``M``) followed by one row per later token. Its
+  length is ``L = S + position_offset`` (``position_offset = M - N``, 0 without compressor), and the drafter position
+  of every row is its row index, so the last row ``(e_r, f_{S-1})`` sits at position ``L - 1``;
+* ``h_root`` = the drafter's output at that last row: its prediction of ``f_S``; ``lm_head(h_root)`` is the draft
+  distribution of the first token after the root (tree depth 1).
+
+Tree drafting: a depth-``d`` node ``y`` with parent ``p`` is fed as the row ``(e_y, h_p)`` (``h_p`` = the drafter's
+output for ``p``; ``h_root`` for depth 1) at drafter position ``L - 1 + d``, with a 4D mask "all ``L`` cached rows +
+own ancestors among the tree rows" (:attr:`~.tree.Frontier.draft_mask`). Tree rows are appended to the draft cache
+while the tree grows and cropped back to ``L`` afterwards, so the draft cache only ever keeps accepted tokens.
+
+After verification accepts the nodes ``root = n_0, n_1, .., n_a`` and emits ``y_1 .. y_a, y_{a+1}`` (``y_j`` = token
+of ``n_j``; ``y_{a+1}`` the bonus token, the next root), the rows ``(e_{y_{j+1}}, F(n_j))`` for ``j = 0..a`` are
+appended, where ``F(n_j)`` is the target's final feature of node ``n_j`` from the verification forward (its true
+feature: the target saw the exact accepted path). That is ``a + 1`` rows at positions ``L .. L + a``; the output of
+the last one is the next round's ``h_root``. The prefill works the same way: the prompt gives the rows
+``t = 0 .. T-2`` and the root ``x_T`` adds ``(e_{x_T}, f_{T-1})``.
+
+Sigma convention
+----------------
+``SpecStats.sigma = new_tokens / rounds`` where ``rounds`` counts every target forward that emitted tokens: the
+prefill (which emits the first token; think of it as verifying an empty draft) plus every tree verification
+(``verify_rounds``). It is therefore ``>= 1`` (exactly 1 for plain autoregressive decoding), ``<= depth + 1``, and
+equals "autoregressive target forwards / speculative target forwards" for the same output, the ideal speedup.
+``SpecStats.accept_length`` is the EAGLE-style average over verification rounds only
+(``(new_tokens - 1) / verify_rounds``).
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable, Sequence, Union
+
+import torch
+from torch import Tensor
+
+from ..drafter.sequence import build_draft_sequence
+from .acceptance import WarpConfig, accept_greedy, accept_sampling, truncate_at_eos, warp_logits
+from .tree import DraftTree, TreeBuilder
+
+__all__ = [
+    "DEFAULT_TOTAL_TOKENS_CANDIDATES",
+    "SpecResult",
+    "SpecStats",
+    "SpeculativeDecoder",
+    "TreeConfig",
+    "choose_total_tokens",
+    "default_expected_tokens",
+]
+
+DEFAULT_TOTAL_TOKENS_CANDIDATES = (8, 16, 24, 32, 48, 60, 80, 100)
+
+DebugHook = Callable[[str, dict], None]
+
+
+# ---------------------------------------------------------------------------------------------------- config
+@dataclass(frozen=True)
+class TreeConfig:
+    """Draft-tree shape (SpecVLM / EAGLE-2 defaults).
+
+    Attributes:
+        top_k: children proposed per expanded node and frontier width (``>= 1``; ``1`` = a chain).
+        depth: draft levels below the root (``>= 1``); at most ``depth + 1`` tokens per round.
+        total_tokens: tree size including the root (``>= 2``), or ``"auto"``: chosen once per decoder by
+            :func:`choose_total_tokens`, which times the target's verification on the current device.
+        clip_to_budget: draft no deeper than the remaining ``max_new_tokens`` can use (``depth <= remaining - 1``).
+            Pure savings: it never changes the output (or its distribution), only skips drafting tokens that would be
+            cut anyway. ``False`` drafts full trees (tests use it to exercise budget truncation inside a tree).
+    """
+
+    top_k: int = 10
+    depth: int = 7
+    total_tokens: Union[int, str] = 60
+    clip_to_budget: bool = True
+
+    def __post_init__(self):
+        for name, minimum in (("top_k", 1), ("depth", 1)):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < minimum:
+                raise ValueError(f"TreeConfig.{name} must be an int >= {minimum}, got {v!r}")
+        t = self.total_tokens
+        if isinstance(t, str):
+            if t != "auto":
+                raise ValueError(f"TreeConfig.total_tokens must be an int >= 2 or 'auto', got {t!r}")
+        elif isinstance(t, bool) or not isinstance(t, int) or t < 2:
+            raise ValueError(f"TreeConfig.total_tokens must be an int >= 2 (root included) or 'auto', got {t!r}")
+        if not isinstance(self.clip_to_budget, bool):
+            raise ValueError(f"TreeConfig.clip_to_budget must be a bool, got {self.clip_to_budget!r}")
+
+    @property
+    def auto(self) -> bool:
+        return self.total_tokens == "auto"
+
+
+# ----------------------------------------------------------------------------------------------------- stats
+@dataclass
+class SpecStats:
+    """Counters and timings of one :meth:`SpeculativeDecoder.generate` call (see the module doc for sigma).
+
+    Times are wall-clock seconds (CUDA is synchronised at phase boundaries): ``time_prefill`` = image encoding (when
+    ``pixel_values`` were given) + target prefill + first token; ``time_draft`` = draft prefill, tree drafting and the
+    draft-cache extension; ``time_verify`` = target tree forward + acceptance + KV compaction; ``time_other`` = the
+    rest (validation, bookkeeping).
+    """
+
+    new_tokens: int = 0
+    verify_rounds: int = 0
+    accepted_drafts: list[int] = field(default_factory=list)  # per verification round, before EOS/budget cut
+    emitted_per_round: list[int] = field(default_factory=list)  # per verification round, after the cut
+    tree_sizes: list[int] = field(default_factory=list)  # per verification round, nodes incl. the root
+    tree_depths: list[int] = field(default_factory=list)  # per verification round, deepest node
+    draft_kv_lens: list[int] = field(default_factory=list)  # draft cache length after each round's extension
+    prompt_len: int = 0
+    target_visual_tokens: int = 0
+    draft_visual_tokens: int = 0
+    draft_prompt_rows: int = 0
+    draft_kv_len: int = 0  # final draft cache length (accepted rows)
+    target_kv_len: int = 0  # final target cache length
+    total_tokens: int = 0  # tree budget used (resolved when the config says "auto")
+    finished_by_eos: bool = False
+    time_prefill: float = 0.0
+    time_draft: float = 0.0
+    time_verify: float = 0.0
+    time_other: float = 0.0
+    time_total: float = 0.0
+
+    @property
+    def rounds(self) -> int:
+        """Target forwards that emitted tokens: the prefill + every verification round."""
+        return self.verify_rounds + (1 if self.new_tokens > 0 else 0)
+
+    @property
+    def sigma(self) -> float:
+        """Generated tokens per target round (prefill counted as a round), ``>= 1``."""
+        return self.new_tokens / self.rounds if self.rounds else 0.0
+
+    @property
+    def accept_length(self) -> float:
+        """EAGLE-style mean tokens emitted per verification round (prefill token excluded); nan without rounds."""
+        return (self.new_tokens - 1) / self.verify_rounds if self.verify_rounds else float("nan")
+
+    def as_dict(self) -> dict[str, Any]:
+        d = {k: getattr(self, k) for k in self.__dataclass_fields__}
+        d.update(rounds=self.rounds, sigma=self.sigma, accept_length=self.accept_length)
+        return d
+
+
+@dataclass
+class SpecResult:
+    tokens: Tensor  # LongTensor [n] new tokens (prompt excluded), on CPU
+    stats: SpecStats
+
+
+# ------------------------------------------------------------------------------------------------- helpers
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _module_dtype_device(module, fallback_dtype, fallback_device) -> tuple[torch.dtype, torch.device]:
+    params = getattr(module, "parameters", None)
+    if callable(params):
+        for p in params():
+            if p.is_floating_point():
+                return p.dtype, p.device
+            break
+    return fallback_dtype, fallback_device
+
+
+def _additive(allowed: Tensor, dtype: torch.dtype) -> Tensor:
+    """Bool ``[q, k]`` -> additive float ``[1, 1, q, k]`` (0 = attend, ``finfo.min`` = blocked)."""
+    mask = torch.zeros(allowed.shape, dtype=dtype, device=allowed.device)
+    mask.masked_fill_(~allowed, torch.finfo(dtype).min)
+    return mask[None, None]
+
+
+def _causal_mask(q: int, past: int, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """Additive causal mask ``[1, 1, q, past + q]`` for ``q`` new rows after ``past`` cached rows."""
+    cols = torch.arange(past + q, device=device)
+    rows = torch.arange(q, device=device) + past
+    return _additive(cols[None, :] <= rows[:, None], dtype)
+
+
+def _crop(cache, length: int) -> None:
+    """Truncate a transformers Cache to ``length`` entries (transformers 5: ``crop`` takes a negative count)."""
+    current = cache.get_seq_length()
+    if length < current:
+        cache.crop(length - current)
+    elif length > current:  # pragma: no cover - internal invariant
+        raise RuntimeError(f"internal error: cannot crop a cache of length {current} to {length}")
+
+
+def _eos_list(eos_token_id) -> list[int]:
+    if eos_token_id is None:
+        return []
+    if isinstance(eos_token_id, Tensor):
+        eos_token_id = eos_token_id.flatten().tolist()
+    if isinstance(eos_token_id, bool):
+        raise ValueError(f"eos_token_id must be an int, a list of ints or None, got {eos_token_id!r}")
+    if isinstance(eos_token_id, int):
+        return [eos_token_id]
+    try:
+        ids = list(eos_token_id)
+    except TypeError:
+        raise ValueError(f"eos_token_id must be an int, a list of ints or None, got {eos_token_id!r}") from None
+    for i in ids:
+        if isinstance(i, bool) or not isinstance(i, int):
+            raise ValueError(f"eos_token_id must be an int, a list of ints or None, got {eos_token_id!r}")
+    return ids
+
+
+def _infer_grid(adapter, pixel_values, n_visual: int) -> tuple[int, int] | None:
+    """Patch grid of a single image given as pixels, when the target's patching makes it unambiguous."""
+    if pixel_values is None:
+        return None
+    if isinstance(pixel_values, Tensor):
+        images = [pixel_values] if pixel_values.dim() == 3 else list(pixel_values)
+    else:
+        images = [im for item in pixel_values for im in (item if item.dim() == 4 else [item])]
+    if len(images) != 1:
+        return None
+    patch = getattr(getattr(adapter.config, "vision_config", None), "patch_size", None)
+    if not patch:
+        return None
+    h, w = images[0].shape[-2:]
+    grid = (int(h) // int(patch), int(w) // int(patch))
+    return grid if grid[0] * grid[1] == n_visual else None
+
+
+# ------------------------------------------------------------------------------------------ auto tree budget
+def default_expected_tokens(depth: int) -> Callable[[int], float]:
+    """Simple acceptance model: tokens per round grow ~logarithmically with the tree size, capped by depth + 1.
+
+    ``E(n) = min(depth + 1, 1 + 0.6 * log2(n))`` (n = tree size incl. root): about 4.5 at n = 60, which is the
+    regime EAGLE-2 reports for well-trained drafters. Pass your own model (e.g. fitted on measured acceptance) to
+    :func:`choose_total_tokens` when you have one.
+    """
+
+    def expected(n: int) -> float:
+        return min(depth + 1.0, 1.0 + 0.6 * math.log2(max(n, 1)))
+
+    return expected
+
+
+@torch.no_grad()
+def choose_total_tokens(
+    adapter,
+    prefix_len: int,
+    candidates: Sequence[int] = DEFAULT_TOTAL_TOKENS_CANDIDATES,
+    *,
+    depth: int = 7,
+    top_k: int = 10,
+    expected_tokens: Callable[[int], float] | None = None,
+    draft_time: float = 0.0,
+    repeats: int = 3,
+) -> int:
+    """Pick the tree size that maximises expected tokens per second on the current device.
+
+    Times :meth:`TargetAdapter.tree_forward` for every candidate size after a dummy prefix of ``prefix_len`` text
+    tokens (median of ``repeats`` runs after one warm-up), then returns
+    ``argmax_n expected_tokens(n) / (t_verify(n) + draft_time)``. ``draft_time`` is the (size-independent) drafting
+    cost per round in seconds, if known. Sizes are clipped to what a ``top_k``/``depth`` tree can hold.
+    """
+    if isinstance(prefix_len, bool) or not isinstance(prefix_len, int) or prefix_len < 1:
+        raise ValueError(f"prefix_len must be an int >= 1, got {prefix_len!r}")
+    max_nodes = 1 + top_k + (depth - 1) * top_k * top_k  # root + every pool node a top_k/depth tree can create
+    sizes = sorted({min(int(c), max_nodes) for c in candidates if not isinstance(c, bool) and int(c) >= 2})
+    if not sizes:
+        raise ValueError(f"candidates must contain sizes >= 2, got {list(candidates)!r}")
+    if len(sizes) == 1:
+        return sizes[0]
+    expected = expected_tokens or default_expected_tokens(depth)
+    device = adapter.device
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, adapter.vocab_size, (1, prefix_len), generator=g)
+    ids[ids == adapter.image_token_id] = 0
+    cache = adapter.new_cache()
+    adapter.forward(ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
+    best, best_score = sizes[0], -1.0
+    for n in sizes:
+        parents = [-1] + [(i - 1) // top_k for i in range(1, n)]  # a valid topologically ordered tree of n nodes
+        tree = DraftTree.from_parents(torch.randint(0, adapter.vocab_size, (n,), generator=g), parents)
+        times = []
+        for rep in range(repeats + 1):
+            _sync(device)
+            t0 = time.perf_counter()
+            adapter.tree_forward(tree.tokens[None], tree.position_ids(prefix_len), tree.mask, cache)
+            _sync(device)
+            if rep > 0:
+                times.append(time.perf_counter() - t0)
+            adapter.crop_cache(cache, prefix_len)
+        score = expected(n) / (statistics.median(times) + max(float(draft_time), 0.0))
+        if score > best_score:
+            best, best_score = n, score
+    return best
+
+
+# ------------------------------------------------------------------------------------------------ decoder
+class SpeculativeDecoder:
+    """EAGLE-2 dynamic-tree speculative decoding of a :class:`~specvlm_lit.target.TargetAdapter` (batch size 1).
+
+    Args:
+        adapter: the frozen target.
+        drafter: an EAGLE-style drafter: ``drafter(token_embeds [1,T,H], features [1,T,H], position_ids [1,T],
+            attention_mask=None | 4D additive [1,1,T,past+T], past_key_values=cache, use_cache=True)`` returning an
+            object with ``.hidden`` ``[1,T,H]`` (predicted next features) and ``.past_key_values``; plus
+            ``drafter.new_cache()``, ``drafter.compressor`` (``None`` or a visual compressor) and optionally
+            ``drafter.check_target(adapter)`` (called once here). Token embedding and LM head are the target's.
+        tree: draft-tree shape.
+        warp: sampling configuration (``temperature == 0``: greedy).
+        debug_hook: optional ``hook(event, info)`` for tests / debugging, called with ``"prefill"`` (after the
+            draft prefill), ``"tree"`` (after a tree is built, before verification) and ``"round"`` (after a
+            round's draft-cache extension). ``info`` holds live objects (caches, tree, ...): read, don't modify.
+    """
+
+    def __init__(
+        self,
+        adapter,
+        drafter,
+        tree: TreeConfig | None = None,
+        warp: WarpConfig | None = None,
+        *,
+        debug_hook: DebugHook | None = None,
+    ):
+        tree = TreeConfig() if tree is None else tree
+        warp = WarpConfig() if warp is None else warp
+        if not isinstance(tree, TreeConfig):
+            raise ValueError(f"tree must be a TreeConfig, got {type(tree).__name__}")
+        if not isinstance(warp, WarpConfig):
+            raise ValueError(f"warp must be a WarpConfig, got {type(warp).__name__}")
+        for attr in ("new_cache",):
+            if not callable(getattr(drafter, attr, None)):
+                raise ValueError(f"drafter {type(drafter).__name__} has no {attr}() method")
+        check = getattr(drafter, "check_target", None)
+        if callable(check):
+            try:
+                check(adapter)
+            except ValueError:
+                raise
+            except Exception as e:  # noqa: BLE001 - normalise to the documented error type
+                raise ValueError(f"drafter does not match this target: {e}") from e
+        self.adapter = adapter
+        self.drafter = drafter
+        self.tree = tree
+        self.warp = warp
+        self.debug_hook = debug_hook
+        self._auto_total: int | None = None
+        self._draft_dtype, self._draft_device = _module_dtype_device(drafter, adapter.dtype, adapter.device)
+
+    # ------------------------------------------------------------------------------------------ validation
+    def _validate(self, input_ids, image_features, pixel_values, max_new_tokens, eos_token_id, generator):
+        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens <= 0:
+            raise ValueError(f"max_new_tokens must be an int >= 1, got {max_new_tokens!r}")
+        if not isinstance(input_ids, Tensor):
+            raise ValueError(f"input_ids must be a LongTensor of shape [1, T], got {type(input_ids).__name__}")
+        if input_ids.dtype.is_floating_point or input_ids.dtype.is_complex or input_ids.dtype == torch.bool:
+            raise ValueError(f"input_ids must be an integer tensor, got dtype {input_ids.dtype}")
+        if input_ids.dim() != 2 or input_ids.shape[0] != 1:
+            raise ValueError(
+                f"input_ids must have shape [1, T] (batch size 1, no padding), got {tuple(input_ids.shape)}"
+            )
+        if input_ids.shape[1] == 0:
+            raise ValueError("input_ids is empty: the prompt needs at least one token")
+        vocab = self.adapter.vocab_size
+        lo, hi = int(input_ids.min()), int(input_ids.max())
+        if lo < 0 or hi >= vocab:
+            raise ValueError(f"input_ids contain ids outside [0, {vocab}) (min {lo}, max {hi})")
+        eos = _eos_list(eos_token_id)
+        if image_features is not None and pixel_values is not None:
+            raise ValueError("Pass either image_features or pixel_values, not both.")
+        if image_features is not None:
+            if isinstance(image_features, Tensor):
+                image_features = [image_features] if image_features.dim() == 2 else list(image_features)
+            n_feat = sum(int(f.shape[0]) for f in image_features)
+            n_tok = int((input_ids == self.adapter.image_token_id).sum())
+            if n_feat != n_tok:
+                raise ValueError(
+                    f"input_ids contain {n_tok} image tokens but image_features hold {n_feat} vectors; expand each "
+                    f"image placeholder to its number of visual tokens."
+                )
+        if generator is not None and not isinstance(generator, torch.Generator):
+            raise ValueError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
+        return eos, image_features
+
+    # --------------------------------------------------------------------------------------------- drafter
+    def _draft(self, embeds: Tensor, features: Tensor, positions: Tensor, mask: Tensor | None, cache) -> Tensor:
+        """One drafter forward over ``T`` rows (no batch dim); returns ``hidden [T, H]`` in the drafter dtype."""
+        out = self.drafter(
+            embeds.to(self._draft_device, self._draft_dtype)[None],
+            features.to(self._draft_device, self._draft_dtype)[None],
+            positions.to(self._draft_device)[None],
+            attention_mask=mask,
+            past_key_values=cache,
+            use_cache=True,
+        )
+        return out.hidden[0]
+
+    def _logprobs(self, hidden: Tensor) -> Tensor:
+        """Draft log-probs ``[..., V]`` (float32) from predicted features via the target's LM head."""
+        ad = self.adapter
+        logits = ad.lm_head(hidden.to(ad.device, ad.dtype))
+        return torch.log_softmax(logits.float(), dim=-1)
+
+    def _draft_tree(self, root: int, h_root: Tensor, cache, draft_len: int, depth: int, total: int) -> DraftTree:
+        """Grow the dynamic tree below ``root``; the draft cache is restored to ``draft_len`` rows afterwards."""
+        builder = TreeBuilder(self.tree.top_k, depth, total)
+        frontier = builder.start(root, self._logprobs(h_root))
+        prev_hidden = h_root[None]  # outputs of the previous batched forward; the root's "row" is h_root
+        root_pos = draft_len - 1
+        embed = self.adapter.embed_tokens
+        while frontier is not None:
+            m = frontier.size
+            parent_rows = frontier.parent_rows.to(prev_hidden.device)
+            if bool((parent_rows < 0).all()):
+                feats = h_root[None].expand(m, -1)
+            else:
+                feats = prev_hidden[parent_rows.clamp(min=0)]
+                feats = torch.where((parent_rows < 0)[:, None], h_root[None], feats)
+            dm = frontier.draft_mask.to(self._draft_device)
+            allowed = torch.cat([torch.ones(m, draft_len, dtype=torch.bool, device=dm.device), dm], dim=1)
+            past = cache.get_seq_length()
+            if past + m != allowed.shape[1]:  # pragma: no cover - internal invariant
+                raise RuntimeError(f"internal error: draft cache has {past} rows, mask expects {allowed.shape[1] - m}")
+            hidden = self._draft(
+                embed(frontier.tokens.to(self.adapter.device)),
+                feats,
+                frontier.position_ids(root_pos)[0],
+                _additive(allowed, self._draft_dtype),
+                cache,
+            )
+            prev_hidden = hidden
+            frontier = builder.expand(self._logprobs(hidden))
+        _crop(cache, draft_len)
+        return builder.build()
+
+    # -------------------------------------------------------------------------------------------- generate
+    def _hook(self, event: str, **info) -> None:
+        if self.debug_hook is not None:
+            self.debug_hook(event, info)
+
+    @staticmethod
+    def _sequence(ids: Tensor, out_tokens: list[int]) -> Tensor:
+        """Prompt + emitted tokens (CPU); the last one is the current root, not yet in either KV cache."""
+        return torch.cat([ids[0].cpu(), torch.tensor(out_tokens, dtype=torch.long)])
+
+    def _total_tokens(self, prefix_len: int) -> int:
+        if not self.tree.auto:
+            return int(self.tree.total_tokens)
+        if self._auto_total is None:
+            self._auto_total = choose_total_tokens(
+                self.adapter, prefix_len, depth=self.tree.depth, top_k=self.tree.top_k
+            )
+        return self._auto_total
+
+    def _pick(self, logits: Tensor, generator: torch.Generator | None) -> int:
+        """The token ``generate()`` would emit from next-token ``logits [V]`` (argmax, or a warped sample)."""
+        if self.warp.greedy:
+            return int(logits.argmax(-1))
+        probs = warp_logits(logits, self.warp)
+        if generator is not None:
+            probs = probs.to(generator.device)
+        return int(torch.multinomial(probs, 1, generator=generator))
+
+    @torch.no_grad()
+    def generate(
+        self,
+        input_ids: Tensor,
+        image_features: Sequence[Tensor] | None = None,
+        pixel_values: Tensor | Sequence[Tensor] | None = None,
+        *,
+        max_new_tokens: int,
+        eos_token_id: int | Iterable[int] | None = None,
+        generator: torch.Generator | None = None,
+        image_grid: tuple[int, int] | None = None,
+    ) -> SpecResult:
+        """Generate up to ``max_new_tokens`` tokens after ``input_ids`` ``[1, T]``.
+
+        Images come pre-encoded (``image_features``, from ``adapter.encode_images``) or as ``pixel_values``. Stops
+        right after the first EOS (kept) or at ``max_new_tokens``, exactly like HF ``generate()``. ``generator``
+        drives all sampling randomness (``None`` = torch's global RNG). ``image_grid`` = ``(rows, cols)`` patch grid
+        for the drafter's visual compressor (inferred from a single image's pixels, or assumed square).
+        """
+        t_start = time.perf_counter()
+        eos, image_features = self._validate(
+            input_ids, image_features, pixel_values, max_new_tokens, eos_token_id, generator
+        )
+        drafter = self.drafter
+        was_training = bool(getattr(drafter, "training", False))
+        if was_training:
+            drafter.eval()
+        try:
+            return self._generate(input_ids, image_features, pixel_values, max_new_tokens, eos, generator,
+                                  image_grid, t_start)
+        finally:
+            if was_training:
+                drafter.train()
+
+    def _generate(self, input_ids, image_features, pixel_values, max_new_tokens, eos, generator, image_grid,
+                  t_start) -> SpecResult:
+        ad = self.adapter
+        dev = ad.device
+        stats = SpecStats(prompt_len=int(input_ids.shape[1]))
+        ids = input_ids.to(dev, torch.long)
+        T = ids.shape[1]
+        n_visual = int((ids == ad.image_token_id).sum())
+        stats.target_visual_tokens = n_visual
+        out_tokens: list[int] = []
+
+        def finish() -> SpecResult:
+            _sync(dev)
+            stats.new_tokens = len(out_tokens)
+            stats.time_total = time.perf_counter() - t_start
+            stats.time_other = max(
+                0.0, stats.time_total - stats.time_prefill - stats.time_draft - stats.time_verify
+            )
+            stats.target_kv_len = tcache.get_seq_length()
+            return SpecResult(torch.tensor(out_tokens, dtype=torch.long), stats)
+
+        # 1. Target prefill -> first token.
+        _sync(dev)
+        t0 = time.perf_counter()
+        if pixel_values is not None:
+            grid_hint = _infer_grid(ad, pixel_values, n_visual)
+            image_features = ad.encode_images(pixel_values)
+        else:
+            grid_hint = None
+        tcache = ad.new_cache()
+        tout = ad.forward(ids, image_features=image_features, past_key_values=tcache, use_cache=True,
+                          logits_to_keep=1)
+        first = self._pick(tout.logits[0, -1], generator)
+        kept, finished = truncate_at_eos([first], eos, max_new_tokens)
+        out_tokens += kept.tolist()
+        stats.finished_by_eos = bool(finished and eos and out_tokens[-1] in eos)
+        _sync(dev)
+        stats.time_prefill = time.perf_counter() - t0
+        total = self._total_tokens(T)
+        stats.total_tokens = total
+        if finished:
+            return finish()
+
+        # 2. Draft prefill: prompt rows (t = 0..T-2, visual rows possibly compressed) + the root row.
+        t0 = time.perf_counter()
+        compressor = getattr(self.drafter, "compressor", None)
+        embeds = ad.embed(ids, image_features)[0]
+        hidden = tout.hidden[0]
+        # Without a compressor the pairing is plain (t -> (e_{t+1}, f_t)) whatever the images look like; we pass an
+        # impossible image id so that build_draft_sequence's single-image checks do not reject multi-image prompts.
+        seq = build_draft_sequence(
+            embeds, hidden, ids[0], ad.image_token_id if compressor is not None else -1,
+            compressor=compressor, grid=image_grid or grid_hint,
+        )
+        stats.draft_visual_tokens = n_visual + (seq.position_offset if compressor is not None else 0)
+        stats.draft_prompt_rows = seq.length
+        root = out_tokens[-1]
+        root_embed = ad.embed_tokens(torch.tensor([root], device=dev))
+        d_embeds = torch.cat([seq.embeds.to(root_embed.dtype), root_embed])
+        d_feats = torch.cat([seq.features, hidden[-1:]])
+        draft_len = d_embeds.shape[0]
+        dcache = self.drafter.new_cache()
+        dh = self._draft(d_embeds, d_feats, torch.arange(draft_len, device=dev), None, dcache)
+        h_root = dh[-1]
+        _sync(dev)
+        stats.time_draft += time.perf_counter() - t0
+        if self.debug_hook is not None:
+            self._hook("prefill", draft_cache=dcache, draft_len=draft_len, target_cache=tcache,
+                       sequence=self._sequence(ids, out_tokens), draft_sequence=seq)
+
+        while True:
+            remaining = max_new_tokens - len(out_tokens)
+            depth = min(self.tree.depth, remaining - 1) if self.tree.clip_to_budget else self.tree.depth
+            prefix_len = tcache.get_seq_length()
+
+            # 3. Draft a tree below the root (or just the root when the budget has room for one token only).
+            t0 = time.perf_counter()
+            if depth >= 1:
+                tree = self._draft_tree(root, h_root, dcache, draft_len, depth, total)
+            else:
+                tree = DraftTree.from_parents(torch.tensor([root], device=dev), [-1])
+            _sync(dev)
+            stats.time_draft += time.perf_counter() - t0
+            if self.debug_hook is not None:
+                self._hook("tree", tree=tree, root=root, h_root=h_root, draft_cache=dcache, draft_len=draft_len,
+                           sequence=self._sequence(ids, out_tokens))
+
+            # 4. Verify with one target forward, accept, compact the target KV.
+            t0 = time.perf_counter()
+            vout = ad.tree_forward(tree.tokens[None].to(dev), tree.position_ids(prefix_len).to(dev),
+                                   tree.mask, tcache)
+            logits = vout.logits[0]
+            if self.warp.greedy:
+                acc = accept_greedy(tree, logits)
+            else:
+                acc = accept_sampling(tree, logits, self.warp, generator)
+            accepted = acc.accepted.to(dev)
+            ad.compact_cache(tcache, prefix_len, accepted)
+            _sync(dev)
+            stats.time_verify += time.perf_counter() - t0
+
+            stats.verify_rounds += 1
+            stats.accepted_drafts.append(acc.num_accepted_drafts)
+            stats.tree_sizes.append(tree.size)
+            stats.tree_depths.append(tree.max_depth)
+            kept, finished = truncate_at_eos(acc.tokens.cpu(), eos, remaining)
+            stats.emitted_per_round.append(int(kept.numel()))
+            out_tokens += kept.tolist()
+            if finished:
+                stats.finished_by_eos = bool(eos and out_tokens and out_tokens[-1] in eos)
+                stats.draft_kv_len = draft_len
+                stats.draft_kv_lens.append(draft_len)
+                return finish()
+
+            # 5. Extend the draft cache: rows (e_{y_{j+1}}, F(n_j)) for the accepted nodes n_0 = root .. n_a.
+            t0 = time.perf_counter()
+            new_tokens = acc.tokens.to(dev)
+            k = new_tokens.numel()
+            rows_e = ad.embed_tokens(new_tokens)
+            rows_f = vout.hidden[0].index_select(0, accepted)
+            mask = _causal_mask(k, draft_len, self._draft_dtype, self._draft_device)
+            dh = self._draft(rows_e, rows_f, torch.arange(draft_len, draft_len + k, device=dev), mask, dcache)
+            draft_len += k
+            h_root = dh[-1]
+            root = int(new_tokens[-1])
+            _sync(dev)
+            stats.time_draft += time.perf_counter() - t0
+            stats.draft_kv_lens.append(draft_len)
+            stats.draft_kv_len = draft_len
+            if self.debug_hook is not None:
+                self._hook("round", acceptance=acc, draft_cache=dcache, draft_len=draft_len, target_cache=tcache,
+                           sequence=self._sequence(ids, out_tokens))
