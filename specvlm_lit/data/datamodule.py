@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import functools
+import itertools
+import math
+import random
 
 import lightning as L
+import webdataset as wds
 from torch.utils.data import DataLoader
 
-from .shards import SampleEncoder, batched_by_size, collate, shard_pipeline
+from .shards import SampleEncoder, batched_by_size, collate, encode_stage, count_tar_errors, shard_pipeline
 
 
 def llava_visual_tokens(height: int, width: int, patch_size: int) -> int:
@@ -15,29 +19,97 @@ def llava_visual_tokens(height: int, width: int, patch_size: int) -> int:
     return (height // patch_size) * (width // patch_size)
 
 
+def _epoch_shards(urls, seed: int, epoch: int):
+    """Shard list shuffled by (seed, epoch): identical on every rank, so split_by_node stays disjoint."""
+    shards = list(wds.shardlists.expand_urls(urls)) if isinstance(urls, str) else list(urls)
+
+    def stage(_=None):
+        order = shards[:]
+        random.Random(f"{seed}/{epoch}").shuffle(order)
+        for url in order:
+            yield {"url": url}
+    return stage
+
+
+def _skip(n: int):
+    def stage(items):
+        return itertools.islice(items, n, None)
+    return stage
+
+
 class ShardDataModule(L.LightningDataModule):
+    """Streams shards into image-size-bucketed, padded batches.
+
+    Two modes for training data:
+    - ``samples_per_epoch=None`` with ``resample_train=True``: an endless stream (step-based recipes);
+    - ``samples_per_epoch=N``: epochs of N samples (over all ranks). Each epoch the shard order is
+      reshuffled by (seed, epoch), shards are split disjointly over DDP ranks and loader workers, and
+      every rank yields the same number of batches (DDP needs equal step counts). Use with
+      ``reload_dataloaders_every_n_epochs=1`` so each epoch's loader is built for that epoch; a resumed
+      run skips the batches its checkpoint had already consumed (exact data position).
+    """
+
     def __init__(self, train_urls, val_urls, tokenizer, image_processor, num_visual_tokens, *, batch_size: int = 16,
                  max_length: int = 1024, shuffle_buffer: int = 1000, num_workers: int = 1, seed: int = 0,
-                 resample_train: bool = True):
+                 resample_train: bool = True, samples_per_epoch: int | None = None):
         super().__init__()
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if samples_per_epoch is not None and samples_per_epoch < batch_size:
+            raise ValueError(f"samples_per_epoch ({samples_per_epoch}) must be at least batch_size ({batch_size})")
         self.train_urls, self.val_urls = train_urls, val_urls
         self.encoder = SampleEncoder(tokenizer, image_processor, num_visual_tokens, max_length)
         self.collate = functools.partial(collate, pad_id=tokenizer.pad_token_id)
         self.batch_size, self.shuffle_buffer, self.num_workers, self.seed = batch_size, shuffle_buffer, num_workers, seed
-        self.resample_train = resample_train
+        self.resample_train, self.samples_per_epoch = resample_train, samples_per_epoch
+        self._resume = None  # (epoch, batches already consumed in it)
 
-    def _loader(self, urls, train: bool) -> DataLoader:
-        pipe = shard_pipeline(urls, self.encoder, shuffle_buffer=self.shuffle_buffer if train else 0,
-                              seed=self.seed, resample=train and self.resample_train)
-        # Batches are formed inside the pipeline (bucketed by image size), so the loader does not batch.
-        pipe.append(batched_by_size(self.batch_size, self.collate))
-        return DataLoader(pipe, batch_size=None, num_workers=self.num_workers,
-                          persistent_workers=self.num_workers > 0 and train)
+    # Lightning stores this in checkpoints: the data position for exact resume.
+    def state_dict(self) -> dict:
+        trainer = getattr(self, "trainer", None)
+        if trainer is None or self.samples_per_epoch is None:
+            return {}
+        loop = trainer.fit_loop
+        return {"epoch": trainer.current_epoch, "batches_done": loop.epoch_loop.batch_progress.current.completed}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state:
+            self._resume = (state["epoch"], state["batches_done"])
+
+    def batches_per_rank(self, world_size: int) -> int:
+        return max(1, self.samples_per_epoch // (self.batch_size * world_size))
 
     def train_dataloader(self) -> DataLoader:
-        return self._loader(self.train_urls, train=True)
+        if self.samples_per_epoch is None:
+            pipe = shard_pipeline(self.train_urls, self.encoder, shuffle_buffer=self.shuffle_buffer,
+                                  seed=self.seed, resample=self.resample_train)
+            pipe.append(batched_by_size(self.batch_size, self.collate))
+            return self._loader(pipe, persistent=True)
+        trainer = getattr(self, "trainer", None)
+        epoch = trainer.current_epoch if trainer is not None else 0
+        world = trainer.world_size if trainer is not None else 1
+        per_rank = self.batches_per_rank(world)
+        workers = max(1, self.num_workers)
+        per_worker = math.ceil(per_rank / workers)
+        stages = [_epoch_shards(self.train_urls, self.seed, epoch), wds.split_by_node, wds.split_by_worker,
+                  wds.tarfile_to_samples(handler=count_tar_errors)]
+        if self.shuffle_buffer:
+            stages.append(wds.shuffle(self.shuffle_buffer, initial=min(self.shuffle_buffer, 256), seed=self.seed + epoch))
+        stages += [encode_stage(self.encoder), batched_by_size(self.batch_size, self.collate, flush_partial=False)]
+        pipe = wds.DataPipeline(*stages).with_epoch(per_worker)
+        if self._resume is not None and self._resume[0] == epoch and self._resume[1] > 0:
+            pipe.append(_skip(math.ceil(self._resume[1] / workers)))
+        self._resume = None
+        return self._loader(pipe, persistent=False, length=per_rank)
 
     def val_dataloader(self) -> DataLoader:
-        return self._loader(self.val_urls, train=False)
+        pipe = shard_pipeline(self.val_urls, self.encoder, shuffle_buffer=0, seed=self.seed)
+        pipe.append(batched_by_size(self.batch_size, self.collate))
+        return self._loader(pipe, persistent=False)
+
+    def _loader(self, pipe, persistent: bool, length: int | None = None) -> DataLoader:
+        if length is not None:
+            pipe = pipe.with_length(length)
+        # Batches are formed inside the pipeline (bucketed by image size), so the loader does not batch.
+        return DataLoader(pipe, batch_size=None, num_workers=self.num_workers,
+                          persistent_workers=persistent and self.num_workers > 0)

@@ -1,0 +1,1 @@
+"""Online-logit distillation of SpecVLM drafters (Lightning)."""
