@@ -37,3 +37,34 @@ def embedded_processor():
     from transformers import AutoProcessor
 
     return AutoProcessor.from_pretrained(EMBEDDED_TARGET)
+
+
+TINY_TARGET_OVERRIDES = [
+    "model.vision.hidden_size=32", "model.vision.intermediate_size=64", "model.vision.num_hidden_layers=1",
+    "model.vision.num_attention_heads=2", "model.text.hidden_size=32", "model.text.intermediate_size=64",
+    "model.text.num_hidden_layers=2", "model.text.num_attention_heads=2", "model.text.num_key_value_heads=2",
+    "data.batch_size=4", "data.num_workers=0", "data.shuffle_buffer=8", "trainer.max_steps=3",
+    "trainer.val_check_interval=3", "trainer.limit_val_batches=1", "trainer.logger=false",
+    "+trainer.enable_progress_bar=false", "+trainer.enable_model_summary=false",
+    "evaluate.limit=2", "evaluate.max_new_tokens=8",
+]
+
+
+def build_tiny_target(corpus: Path, out: Path) -> dict:
+    """The real target recipe at toy size (seconds): a loadable LLaVA dir with processor."""
+    from hydra import compose, initialize_config_dir
+
+    from specvlm_lit.embedded.build import CONF_DIR, run_build
+
+    overrides = [f"out_dir={out}", f"corpus.dir={corpus}", "corpus.n_train=120", "corpus.n_val=16",
+                 "corpus.n_test=32", "corpus.samples_per_shard=50"] + TINY_TARGET_OVERRIDES
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        cfg = compose(config_name="target_recipe", overrides=overrides)
+    return run_build(cfg)
+
+
+@pytest.fixture(scope="session")
+def tiny_target(small_corpus, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("tiny_target") / "target"
+    build_tiny_target(small_corpus, out)
+    return out

@@ -3,32 +3,18 @@
 import json
 
 import pytest
-from hydra import compose, initialize_config_dir
 from transformers import AutoProcessor, AutoTokenizer, LlavaForConditionalGeneration
 
-from specvlm_lit.embedded.build import CONF_DIR, run_build
 from specvlm_lit.embedded.evaluate import answer_is_correct
 from specvlm_lit.target import TargetAdapter
+from tests.conftest import build_tiny_target
 
 
 @pytest.fixture(scope="module")
 def tiny_build(small_corpus, tmp_path_factory):
-    out = tmp_path_factory.mktemp("target") / "tiny_target"
-    overrides = [
-        f"out_dir={out}", f"corpus.dir={small_corpus}", "corpus.n_train=120", "corpus.n_val=16", "corpus.n_test=32",
-        "model.vision.hidden_size=32", "model.vision.intermediate_size=64", "model.vision.num_hidden_layers=1",
-        "model.vision.num_attention_heads=2", "model.text.hidden_size=32", "model.text.intermediate_size=64",
-        "model.text.num_hidden_layers=2", "model.text.num_attention_heads=2", "model.text.num_key_value_heads=2",
-        "data.batch_size=4", "data.num_workers=0", "data.shuffle_buffer=8", "trainer.max_steps=3",
-        "trainer.val_check_interval=3", "trainer.limit_val_batches=1", "trainer.logger=false",
-        "+trainer.enable_progress_bar=false", "+trainer.enable_model_summary=false",
-        "evaluate.limit=2", "evaluate.max_new_tokens=8",
-    ]
-    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-        cfg = compose(config_name="target_recipe", overrides=overrides)
     # small_corpus was generated with samples_per_shard=50; the recipe must reuse, not regenerate, it.
-    report = run_build(cfg)
-    return out, report
+    out = tmp_path_factory.mktemp("target") / "tiny_target"
+    return out, build_tiny_target(small_corpus, out)
 
 
 def test_recipe_builds_a_loadable_target(tiny_build):

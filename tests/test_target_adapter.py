@@ -105,7 +105,18 @@ def _tiny_llava_case() -> TargetCase:
     return TargetCase(TargetAdapter(build_tiny_llava()), make_vlm_inputs, native_size=(32, 32))
 
 
-TARGET_BUILDERS: dict[str, Callable[[], TargetCase]] = {"tiny_llava": _tiny_llava_case}
+def _embedded_case() -> TargetCase:
+    """The project's committed embedded target: the same parity checks must hold on it."""
+    from tests.conftest import EMBEDDED_TARGET
+
+    if not (EMBEDDED_TARGET / "config.json").is_file():
+        pytest.skip("embedded target not built: python -m specvlm_lit.embedded.build")
+    adapter = TargetAdapter.from_pretrained(EMBEDDED_TARGET)
+    size = adapter.config.vision_config.image_size
+    return TargetCase(adapter, make_vlm_inputs, native_size=(size, size))
+
+
+TARGET_BUILDERS: dict[str, Callable[[], TargetCase]] = {"tiny_llava": _tiny_llava_case, "embedded": _embedded_case}
 
 
 @pytest.fixture(params=sorted(TARGET_BUILDERS))

@@ -19,15 +19,23 @@ def llava_visual_tokens(height: int, width: int, patch_size: int) -> int:
     return (height // patch_size) * (width // patch_size)
 
 
-def _epoch_shards(urls, seed: int, epoch: int):
-    """Shard list shuffled by (seed, epoch): identical on every rank, so split_by_node stays disjoint."""
-    shards = list(wds.shardlists.expand_urls(urls)) if isinstance(urls, str) else list(urls)
+def expand_shards(urls) -> list[str]:
+    return list(wds.shardlists.expand_urls(urls)) if isinstance(urls, str) else [u for x in urls for u in wds.shardlists.expand_urls(x)]
 
+
+def _epoch_shards(shards: list[str], seed: int, epoch: int):
+    """Endless shard stream for one epoch: passes over the list, each shuffled by (seed, epoch, pass).
+
+    The order is identical on every rank, so split_by_node hands ranks disjoint shards within a pass;
+    being endless, every rank can always fill its fixed batch count (a rank running dry would leave
+    the others waiting forever in DDP's all-reduce).
+    """
     def stage(_=None):
-        order = shards[:]
-        random.Random(f"{seed}/{epoch}").shuffle(order)
-        for url in order:
-            yield {"url": url}
+        for p in itertools.count():
+            order = shards[:]
+            random.Random(f"{seed}/{epoch}/{p}").shuffle(order)
+            for url in order:
+                yield {"url": url}
     return stage
 
 
@@ -91,7 +99,13 @@ class ShardDataModule(L.LightningDataModule):
         per_rank = self.batches_per_rank(world)
         workers = max(1, self.num_workers)
         per_worker = math.ceil(per_rank / workers)
-        stages = [_epoch_shards(self.train_urls, self.seed, epoch), wds.split_by_node, wds.split_by_worker,
+        shards = expand_shards(self.train_urls)
+        if len(shards) < world * workers:
+            raise ValueError(
+                f"{len(shards)} training shard(s) cannot be split disjointly over {world} rank(s) x {workers} "
+                f"loader worker(s): write more shards (python -m specvlm_lit.synthetic --samples-per-shard ...) "
+                f"or use fewer devices / data.num_workers")
+        stages = [_epoch_shards(shards, self.seed, epoch), wds.split_by_node, wds.split_by_worker,
                   wds.tarfile_to_samples(handler=count_tar_errors)]
         if self.shuffle_buffer:
             stages.append(wds.shuffle(self.shuffle_buffer, initial=min(self.shuffle_buffer, 256), seed=self.seed + epoch))

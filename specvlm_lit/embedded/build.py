@@ -60,7 +60,8 @@ def run_build(cfg: DictConfig) -> dict:
     L.seed_everything(cfg.seed, workers=True)
     t0 = time.perf_counter()
     spec = CorpusSpec(n_train=cfg.corpus.n_train, n_val=cfg.corpus.n_val, n_test=cfg.corpus.n_test,
-                      seed=cfg.corpus.seed, resolutions=tuple(cfg.corpus.resolutions))
+                      seed=cfg.corpus.seed, resolutions=tuple(cfg.corpus.resolutions),
+                      samples_per_shard=cfg.corpus.samples_per_shard)
     corpus = ensure_corpus(cfg.corpus.dir, spec)
     tokenizer = train_tokenizer(corpus_texts(corpus), vocab_size=cfg.tokenizer.vocab_size)
     patch = cfg.model.vision.patch_size

@@ -1,0 +1,153 @@
+"""train.py end to end on a tiny target: smoke run, export, strict configs, resume, real 2-process DDP."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+from omegaconf import open_dict
+
+import train as train_script
+from specvlm_lit.drafter.eagle import DrafterMismatchError, EagleVLMDrafter
+from specvlm_lit.target import TargetAdapter
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def train_cfg(tiny_target, small_corpus, out, *overrides):
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+        cfg = compose(config_name="train", return_hydra_config=False, overrides=[
+            f"target.path={tiny_target}", f"data.corpus_dir={small_corpus}", "data.generate_if_missing=false",
+            f"data.train_urls='{small_corpus}/train-{{000000..000002}}.tar'", f"data.val_urls={small_corpus}/val-000000.tar",
+            "data.batch_size=4", "data.num_workers=0", "data.shuffle_buffer=8", "data.samples_per_epoch=16",
+            "logger=csv", "callbacks.rich_progress_bar=null", f"paths.output_dir={out}", f"paths.root_dir={REPO}",
+            "+trainer.enable_progress_bar=false", "trainer.limit_val_batches=1", *overrides])
+    return cfg
+
+
+@pytest.mark.parametrize("compressor", ["none", "select", "resampler"])
+def test_one_epoch_trains_and_exports_a_loadable_drafter(tiny_target, small_corpus, tmp_path, compressor):
+    cfg = train_cfg(tiny_target, small_corpus, tmp_path, f"compressor={compressor}")
+    result = train_script.run(cfg)
+    assert result["global_step"] == 4  # 16 samples / batch 4
+    assert "val/top1_step1" in result["metrics"] and "val/loss" in result["metrics"]
+    target = TargetAdapter.from_pretrained(tiny_target)
+    drafter = EagleVLMDrafter.load(result["export_dir"], target=target)
+    assert (drafter.compressor is None) == (compressor == "none")
+    assert drafter.config.target_fingerprint == target.fingerprint()
+    assert (tmp_path / "checkpoints" / "last.ckpt").is_file()
+    assert list((tmp_path / "csv").rglob("metrics.csv"))
+
+
+def test_resume_continues_from_the_checkpoint(tiny_target, small_corpus, tmp_path):
+    first = train_script.run(train_cfg(tiny_target, small_corpus, tmp_path / "a", "compressor=none"))
+    ckpt = tmp_path / "a" / "checkpoints" / "last.ckpt"
+    state = torch.load(ckpt, weights_only=False)
+    assert state["epoch"] == 0 and state["global_step"] == first["global_step"]
+    second = train_script.run(train_cfg(tiny_target, small_corpus, tmp_path / "b", "compressor=none",
+                                        "trainer.max_epochs=2", f"+ckpt_path={ckpt}"))
+    assert second["global_step"] == 2 * first["global_step"]
+
+
+def test_resume_with_another_compressor_is_refused(tiny_target, small_corpus, tmp_path):
+    train_script.run(train_cfg(tiny_target, small_corpus, tmp_path / "a", "compressor=none"))
+    ckpt = tmp_path / "a" / "checkpoints" / "last.ckpt"
+    with pytest.raises(Exception, match="compressor"):
+        train_script.run(train_cfg(tiny_target, small_corpus, tmp_path / "b", "compressor=pool",
+                                   "trainer.max_epochs=2", f"+ckpt_path={ckpt}"))
+
+
+def test_bad_compressor_values_fail_at_startup(tiny_target, small_corpus, tmp_path):
+    cfg = train_cfg(tiny_target, small_corpus, tmp_path, "compressor=prune")
+    with open_dict(cfg):
+        cfg.compressor.compressor.ratio = 0
+    with pytest.raises(train_script.StartupError, match="ratio"):
+        train_script.run(cfg)
+    with open_dict(cfg):
+        cfg.compressor.compressor = {"type": "zoom"}
+    with pytest.raises(train_script.StartupError, match="valid types"):
+        train_script.run(cfg)
+
+
+def test_unknown_config_choice_lists_the_valid_ones():
+    out = subprocess.run([sys.executable, "train.py", "compressor=zoom", "--cfg", "job"], cwd=REPO,
+                         capture_output=True, text=True)
+    assert out.returncode != 0
+    assert "Available options" in out.stderr and "resampler" in out.stderr and "select" in out.stderr
+
+
+def test_too_many_devices_fail_at_startup(tiny_target, small_corpus, tmp_path):
+    cfg = train_cfg(tiny_target, small_corpus, tmp_path, "trainer.devices=4096")
+    with pytest.raises(train_script.StartupError, match="cores"):
+        train_script.run(cfg)
+    cfg = train_cfg(tiny_target, small_corpus, tmp_path, "trainer=gpu", "trainer.devices=2")
+    if torch.cuda.device_count() < 2:
+        with pytest.raises(train_script.StartupError, match="GPUs requested"):
+            train_script.run(cfg)
+
+
+def test_drafter_for_another_target_is_rejected(tiny_target, small_corpus, tmp_path, tiny_llava_for_mismatch):
+    result = train_script.run(train_cfg(tiny_target, small_corpus, tmp_path, "compressor=none"))
+    with pytest.raises(DrafterMismatchError):
+        EagleVLMDrafter.load(result["export_dir"], target=tiny_llava_for_mismatch)
+
+
+@pytest.fixture
+def tiny_llava_for_mismatch():
+    from tests.test_target_adapter import build_tiny_llava
+
+    return TargetAdapter(build_tiny_llava())
+
+
+def test_ddp_two_processes_disjoint_data_identical_weights(tiny_target, small_corpus, tmp_path):
+    """A real 2-rank DDP run on CPU (gloo): ranks read disjoint shards and end with identical drafters."""
+    script = tmp_path / "ddp_probe.py"
+    script.write_text(DDP_PROBE)
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    out = subprocess.run([sys.executable, str(script), str(tiny_target), str(small_corpus), str(tmp_path)],
+                         cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    keys = [set((tmp_path / f"keys_rank{r}.txt").read_text().split()) for r in (0, 1)]
+    assert keys[0] and keys[1] and not keys[0] & keys[1], "ranks saw overlapping samples"
+    w0, w1 = (torch.load(tmp_path / f"weights_rank{r}.pt") for r in (0, 1))
+    assert w0.keys() == w1.keys()
+    assert all(torch.equal(w0[k], w1[k]) for k in w0)
+
+
+DDP_PROBE = r'''
+import sys, torch, lightning as L
+from pathlib import Path
+from hydra import compose, initialize_config_dir
+sys.path.insert(0, ".")
+import train as T
+from specvlm_lit.training.distill import OnlineDistillation
+
+target, corpus, out = sys.argv[1:4]
+with initialize_config_dir(config_dir=str(Path("conf").resolve()), version_base="1.3"):
+    cfg = compose(config_name="train", overrides=[
+        f"target.path={target}", f"data.train_urls='{corpus}/train-{{000000..000002}}.tar'",
+        f"data.val_urls={corpus}/val-000000.tar", "data.generate_if_missing=false", "data.batch_size=2",
+        "data.num_workers=0", "data.shuffle_buffer=0", "data.samples_per_epoch=16", "compressor=pool",
+        f"paths.output_dir={out}", f"paths.root_dir={Path('.').resolve()}"])
+
+class Probe(L.Callback):
+    def __init__(self):
+        self.keys = []
+    def on_train_batch_start(self, trainer, module, batch, batch_idx):
+        self.keys += batch["keys"]
+    def on_train_end(self, trainer, module):
+        r = trainer.global_rank
+        Path(out, f"keys_rank{r}.txt").write_text("\n".join(self.keys))
+        torch.save({k: v.detach().cpu() for k, v in module.drafter.state_dict().items()}, Path(out, f"weights_rank{r}.pt"))
+
+dm = T.build_datamodule(cfg, cfg.target.path)
+module = OnlineDistillation(target_path=target, compressor={"type": "pool", "ratio": 4})
+trainer = L.Trainer(accelerator="cpu", devices=2, strategy="ddp", max_epochs=1, logger=False, enable_checkpointing=False,
+                    enable_progress_bar=False, limit_val_batches=0, reload_dataloaders_every_n_epochs=1, callbacks=[Probe()])
+trainer.fit(module, datamodule=dm)
+'''
