@@ -105,3 +105,27 @@ def test_corpus_shards_and_manifest(small_corpus):
     assert {n.rsplit(".", 1)[1] for n in names} == {"png", "json"}
     manifest = json.loads((small_corpus / "manifest.json").read_text())
     assert manifest["counts"] == {"train": 120, "val": 16, "test": 32}
+
+
+def test_interrupted_generation_keeps_the_previous_corpus(tmp_path, monkeypatch):
+    import specvlm_lit.synthetic.generate as gen
+
+    out = tmp_path / "c"
+    spec = CorpusSpec(n_train=5, n_val=1, n_test=1)
+    generate_corpus(out, spec, log=lambda *_: None)
+    before = sorted(p.name for p in out.iterdir())
+    calls = {"n": 0}
+    real = gen.make_sample
+
+    def failing(*a, **k):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    monkeypatch.setattr(gen, "make_sample", failing)
+    with pytest.raises(KeyboardInterrupt):
+        generate_corpus(out, CorpusSpec(n_train=9, n_val=1, n_test=1), log=lambda *_: None)
+    assert sorted(p.name for p in out.iterdir()) == before
+    assert corpus_is_current(out, spec)
+    assert [p.name for p in tmp_path.iterdir()] == ["c"]  # no half-written directory left behind

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import functools
 import json
-import shutil
-import tempfile
 import time
 from pathlib import Path
 
@@ -17,6 +15,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from ..data.datamodule import ShardDataModule, llava_visual_tokens
 from ..synthetic.generate import CorpusSpec, ensure_corpus
+from ..utils.atomic import atomic_directory
 from .evaluate import evaluate
 from .recipe import TargetPretraining, build_target_config
 from .tokenizer import build_processor, train_tokenizer
@@ -33,9 +32,7 @@ def corpus_texts(corpus_dir: Path):
 
 def save_target(model, processor, out_dir: Path, report: dict) -> None:
     """Save weights (bf16 on disk, loaded as fp32) + processor atomically: all or nothing."""
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".partial-target-", dir=out_dir.parent))
-    try:
+    with atomic_directory(out_dir, "target") as tmp:
         # bf16 on disk keeps the committed weights small; config dtype float32 makes
         # from_pretrained() upcast on load (bf16 matmuls are slow and inexact on CPUs).
         model.to(torch.bfloat16).save_pretrained(tmp, safe_serialization=True)
@@ -47,12 +44,6 @@ def save_target(model, processor, out_dir: Path, report: dict) -> None:
         cfg_path.write_text(json.dumps(cfg, indent=2))
         processor.save_pretrained(tmp)
         (tmp / "build_report.json").write_text(json.dumps(report, indent=2))
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        tmp.rename(out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def run_build(cfg: DictConfig) -> dict:

@@ -20,8 +20,6 @@ import io
 import json
 import os
 import random
-import shutil
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -29,6 +27,7 @@ from pathlib import Path
 import webdataset as wds
 
 from .scenes import DEFAULT_RESOLUTIONS, MAX_OBJECTS, render, sample_scene, validate_scene_args
+from ..utils.atomic import atomic_directory
 from .tasks import TASKS, make_turn, to_llava_conversation
 
 MANIFEST = "manifest.json"
@@ -96,11 +95,9 @@ def generate_corpus(out_dir: str | os.PathLike, spec: CorpusSpec | None = None, 
     spec = spec or CorpusSpec()
     spec.validate()
     out = Path(out_dir)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".partial-", dir=out.parent))
     t0 = time.perf_counter()
-    try:
-        counts = {}
+    counts = {}
+    with atomic_directory(out, "corpus") as tmp:
         for split, n in (("train", spec.n_train), ("val", spec.n_val), ("test", spec.n_test)):
             if n == 0:
                 continue
@@ -112,12 +109,6 @@ def generate_corpus(out_dir: str | os.PathLike, spec: CorpusSpec | None = None, 
         seconds = time.perf_counter() - t0
         manifest = {"spec": asdict(spec), "counts": counts, "generation_seconds": round(seconds, 2)}
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     log(f"wrote {sum(counts.values())} samples ({counts}) to {out} in {seconds:.1f}s")
     return out
 
