@@ -107,6 +107,7 @@ def run(cfg: DictConfig) -> dict:
         intermediate_size=dr.intermediate_size, lambda_logit=dr.lambda_logit, lambda_feat=dr.lambda_feat,
         optimizer=OmegaConf.to_container(dr.optimizer), warmup_steps=dr.warmup_steps, feature_noise=dr.feature_noise,
         unroll_steps=dr.unroll_steps, unroll_decay=dr.unroll_decay, max_bad_fraction=cfg.data.max_bad_fraction,
+        val_decode_samples=cfg.val_decode_samples,
     )
     callbacks = [hydra.utils.instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None]
     loggers = [hydra.utils.instantiate(c) for c in (cfg.get("logger") or {}).values() if c is not None]

@@ -36,6 +36,7 @@ def test_one_epoch_trains_and_exports_a_loadable_drafter(tiny_target, small_corp
     result = train_script.run(cfg)
     assert result["global_step"] == 4  # 16 samples / batch 4
     assert "val/top1_step1" in result["metrics"] and "val/loss" in result["metrics"]
+    assert result["metrics"]["val/sigma"] >= 1.0  # real tree decoding of validation prompts
     target = TargetAdapter.from_pretrained(tiny_target)
     drafter = EagleVLMDrafter.load(result["export_dir"], target=target)
     assert (drafter.compressor is None) == (compressor == "none")

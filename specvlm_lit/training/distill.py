@@ -56,7 +56,8 @@ class OnlineDistillation(L.LightningModule):
     def __init__(self, target_path: str, target_dtype: str = "float32", compressor: dict | None = None,
                  intermediate_size: int | None = None, lambda_logit: float = 0.1, lambda_feat: float = 1.0,
                  optimizer: dict | None = None, warmup_steps: int = 0, feature_noise: float = 0.0,
-                 unroll_steps: int = 1, unroll_decay: float = 0.8, max_bad_fraction: float = 0.05):
+                 unroll_steps: int = 1, unroll_decay: float = 0.8, max_bad_fraction: float = 0.05,
+                 val_decode_samples: int = 0, val_decode_max_new_tokens: int = 48):
         super().__init__()
         if unroll_steps < 1:
             raise ValueError(f"unroll_steps must be >= 1 (1 = no unrolling), got {unroll_steps}")
@@ -83,6 +84,7 @@ class OnlineDistillation(L.LightningModule):
         self.visual_rows = MeanMetric()
         self.bad_samples = BadSampleMonitor(max_bad_fraction)
         self._step_start = None
+        self._val_prompts: list[tuple[torch.Tensor, torch.Tensor, tuple]] = []
 
     # ----------------------------------------------------------------------------------------- plumbing
     @property
@@ -227,6 +229,36 @@ class OnlineDistillation(L.LightningModule):
         db = self.draft_batch(batch)
         _, logs = self._losses(db, "val")
         self._log_common(db, logs, "val", batch["input_ids"].shape[0])
+        self._keep_val_prompts(batch)
+
+    def _keep_val_prompts(self, batch: dict) -> None:
+        """Remember a few validation prompts (question up to "ASSISTANT:") for the sigma measurement."""
+        for i in range(batch["input_ids"].shape[0]):
+            if len(self._val_prompts) >= self.hparams.val_decode_samples:
+                return
+            answer = batch["loss_mask"][i].nonzero()
+            if answer.numel():
+                ids = batch["input_ids"][i, : int(answer[0])].unsqueeze(0)
+                self._val_prompts.append((ids, batch["pixel_values"][i], tuple(batch["pixel_values"][i].shape[-2:])))
+
+    def on_validation_epoch_end(self) -> None:
+        """Real average accepted length (sigma) of greedy tree decoding with the current drafter."""
+        prompts, self._val_prompts = self._val_prompts, []
+        if not prompts or self.trainer.sanity_checking:
+            return
+        from ..decoding.acceptance import WarpConfig
+        from ..decoding.speculative import SpeculativeDecoder, TreeConfig
+
+        decoder = SpeculativeDecoder(self.target, self.drafter, TreeConfig(), WarpConfig())
+        tokens = rounds = 0
+        for ids, pixels, (h, w) in prompts:
+            feats = self.target.encode_images([pixels])
+            out = decoder.generate(ids.to(self.device), image_features=feats, image_grid=self.target.visual_grid(h, w),
+                                   max_new_tokens=self.hparams.val_decode_max_new_tokens,
+                                   eos_token_id=self.target.text_config.eos_token_id)
+            tokens += out.stats.new_tokens
+            rounds += out.stats.rounds
+        self.log("val/sigma", tokens / max(rounds, 1), prog_bar=True, sync_dist=True)
 
     def configure_optimizers(self):
         hp = self.hparams
