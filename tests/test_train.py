@@ -152,3 +152,13 @@ trainer = L.Trainer(accelerator="cpu", devices=2, strategy="ddp", max_epochs=1, 
                     enable_progress_bar=False, limit_val_batches=0, reload_dataloaders_every_n_epochs=1, callbacks=[Probe()])
 trainer.fit(module, datamodule=dm)
 '''
+
+
+def test_throughput_tool_measures_both_loops(tiny_target, small_corpus):
+    from specvlm_lit.training.throughput import measure
+
+    out = measure([f"target.path={tiny_target}", f"data.train_urls='{small_corpus}/train-{{000000..000002}}.tar'",
+                   "data.generate_if_missing=false", "data.batch_size=4", "data.num_workers=0",
+                   "data.shuffle_buffer=0", "compressor=pool"], batches=2, warmup=1)
+    assert set(out["samples_per_s"]) == {"teacher_forward", "train_step"}
+    assert all(v > 0 for v in out["samples_per_s"].values()) and out["train_over_teacher"] > 0
