@@ -66,11 +66,14 @@ class TargetOutput:
             LM head consumes (``lm_head(hidden[:, -T':]) == logits``). This is the feature EAGLE-style drafters
             regress on.
         past_key_values: the KV cache (updated in place) when caching was requested, else ``None``.
+        inputs_embeds: ``[B, T, H]`` the LM inputs the forward used (token embeddings with the visual
+            embeddings scattered in), so callers such as drafter training need not embed a second time.
     """
 
     logits: torch.Tensor
     hidden: torch.Tensor
     past_key_values: Cache | None = None
+    inputs_embeds: torch.Tensor | None = None
 
 
 # model_type -> adapter class. Filled by TargetAdapter.__init_subclass__ and the base class below.
@@ -555,7 +558,8 @@ class TargetAdapter:
         else:
             kept = hidden[:, logits_to_keep.to(hidden.device)]
         logits = self.lm_head(kept)
-        return TargetOutput(logits=logits, hidden=hidden, past_key_values=past_key_values if use_cache else None)
+        return TargetOutput(logits=logits, hidden=hidden, past_key_values=past_key_values if use_cache else None,
+                            inputs_embeds=inputs_embeds)
 
     __call__ = forward
 
@@ -653,9 +657,14 @@ class TargetAdapter:
                     f"compact_cache: keep={keep.tolist()} out of range for {n} tree entries after a prefix of "
                     f"{prefix_len} (cache length {total})."
                 )
-            index = torch.cat([torch.arange(prefix_len), prefix_len + keep]).to(layer.keys.device)
-            layer.keys = layer.keys.index_select(-2, index)
-            layer.values = layer.values.index_select(-2, index)
+            # Move only the kept tree entries (a few rows) right after the prefix and cut the tail:
+            # copying the whole prefix every decode round would make compaction O(context).
+            src = (prefix_len + keep).to(layer.keys.device)
+            end = prefix_len + keep.numel()
+            layer.keys[..., prefix_len:end, :] = layer.keys.index_select(-2, src)
+            layer.values[..., prefix_len:end, :] = layer.values.index_select(-2, src)
+            layer.keys = layer.keys[..., :end, :]
+            layer.values = layer.values[..., :end, :]
         return past_key_values
 
     @classmethod

@@ -529,3 +529,11 @@ def test_fingerprint_stability_and_difference(tiny_llava_dir):
     assert a.fingerprint() != fp
     other_token = TargetAdapter(LlavaForConditionalGeneration(tiny_llava_config(image_token_id=101)))
     assert other_token.fingerprint() != fp
+
+
+def test_forward_returns_the_inputs_embeds_it_used(case):
+    adapter = case.adapter
+    input_ids, images = case.inputs()
+    feats = adapter.encode_images(images)
+    out = adapter.forward(input_ids, image_features=feats)
+    torch.testing.assert_close(out.inputs_embeds, adapter.embed(input_ids, feats))

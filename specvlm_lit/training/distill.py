@@ -118,8 +118,7 @@ class OnlineDistillation(L.LightningModule):
         t = self.target
         feats = t.encode_images(batch["pixel_values"])
         out = t.forward(batch["input_ids"], attention_mask=batch["attention_mask"], image_features=feats)
-        embeds = t.embed(batch["input_ids"], feats)
-        return feats, embeds, out
+        return feats, out.inputs_embeds, out
 
     def draft_batch(self, batch: dict) -> DraftBatch:
         feats, embeds, out = self.teacher(batch)
