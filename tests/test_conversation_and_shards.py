@@ -106,3 +106,20 @@ def test_bad_sample_monitor_stops_past_the_limit():
         m.update({"seen": 10, "corrupt_image": 2})
     with pytest.raises(ValueError):
         BadSampleMonitor(max_bad_fraction=2)
+
+
+def test_corrupt_tar_is_skipped_and_counted(tmp_path, small_corpus, corpus_tokenizer):
+    src = (small_corpus / "val-000000.tar").read_bytes()
+    broken = tmp_path / "broken-000000.tar"
+    broken.write_bytes(src[: len(src) // 2 + 100])  # cut mid-member: tarfile raises part-way through
+    processor = build_processor(corpus_tokenizer, patch_size=8)
+    dm = ShardDataModule([str(broken)], [str(small_corpus / "val-000000.tar"), str(broken)], corpus_tokenizer,
+                         processor.image_processor, functools.partial(llava_visual_tokens, patch_size=8),
+                         batch_size=2, num_workers=0)
+    batches = list(dm.val_dataloader())
+    stats = {}
+    for b in batches:
+        for k, v in b["stats"].items():
+            stats[k] = stats.get(k, 0) + v
+    assert stats.get("corrupt_tar", 0) >= 1
+    assert sum(b["input_ids"].shape[0] for b in batches) >= 16  # the intact shard still flows

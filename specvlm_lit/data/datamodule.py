@@ -11,7 +11,7 @@ import lightning as L
 import webdataset as wds
 from torch.utils.data import DataLoader
 
-from .shards import SampleEncoder, batched_by_size, collate, encode_stage, count_tar_errors, shard_pipeline
+from .shards import SampleEncoder, batched_by_size, collate, encode_stage, shard_pipeline
 
 
 def llava_visual_tokens(height: int, width: int, patch_size: int) -> int:
@@ -106,7 +106,7 @@ class ShardDataModule(L.LightningDataModule):
                 f"loader worker(s): write more shards (python -m specvlm_lit.synthetic --samples-per-shard ...) "
                 f"or use fewer devices / data.num_workers")
         stages = [_epoch_shards(shards, self.seed, epoch), wds.split_by_node, wds.split_by_worker,
-                  wds.tarfile_to_samples(handler=count_tar_errors)]
+                  wds.tarfile_to_samples(handler=self.encoder.tar_error)]
         if self.shuffle_buffer:
             stages.append(wds.shuffle(self.shuffle_buffer, initial=min(self.shuffle_buffer, 256), seed=self.seed + epoch))
         stages += [encode_stage(self.encoder), batched_by_size(self.batch_size, self.collate, flush_partial=False)]

@@ -36,6 +36,15 @@ class SampleEncoder:
         self.max_length = max_length
         self.skipped: Counter = Counter()  # since the last emitted sample (this worker)
 
+    def tar_error(self, exn: Exception) -> bool:
+        """webdataset handler: a corrupt tar member or unreadable shard is skipped and counted, not fatal.
+
+        Counted in the same per-worker counter as bad samples, so it reaches the training process
+        inside the next batch (or the end-of-stream marker)."""
+        wds.warn_and_continue(exn)
+        self.skipped["corrupt_tar"] += 1
+        return True
+
     def __call__(self, sample: dict) -> dict | None:
         key = sample.get("__key__", "?")
         try:
@@ -74,10 +83,6 @@ class SampleEncoder:
         return out
 
 
-def count_tar_errors(exn: Exception) -> bool:
-    """webdataset handler: a corrupt tar member or shard is skipped (warned), not fatal."""
-    wds.warn_and_continue(exn)
-    return True
 
 
 def shard_pipeline(urls: str | list[str], encoder: SampleEncoder, *, shuffle_buffer: int = 0, seed: int = 0,
@@ -90,7 +95,7 @@ def shard_pipeline(urls: str | list[str], encoder: SampleEncoder, *, shuffle_buf
     stages = [wds.ResampledShards(urls, seed=seed) if resample else wds.SimpleShardList(urls)]
     if not resample:
         stages += [wds.split_by_node, wds.split_by_worker]
-    stages.append(wds.tarfile_to_samples(handler=count_tar_errors))
+    stages.append(wds.tarfile_to_samples(handler=encoder.tar_error))
     if shuffle_buffer:
         stages.append(wds.shuffle(shuffle_buffer, initial=min(shuffle_buffer, 256), rng=None))
     stages.append(encode_stage(encoder))
