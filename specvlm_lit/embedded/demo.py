@@ -16,24 +16,10 @@ import torch
 from omegaconf import DictConfig
 from transformers import AutoProcessor
 
-from ..data.conversation import prompt_ids
 from ..synthetic.generate import CorpusSpec, ensure_corpus
 from ..target import TargetAdapter
 from .build import CONF_DIR
-from .evaluate import answer_is_correct, iter_test_samples
-
-
-def answer(adapter: TargetAdapter, processor, image, question: str, max_new_tokens: int,
-           temperature: float = 0.0) -> str:
-    tok = processor.tokenizer
-    pixels = processor.image_processor(images=image, return_tensors="pt")["pixel_values"]
-    feats = adapter.encode_images(pixels)
-    ids = prompt_ids(question, tok, feats[0].shape[0]).unsqueeze(0)
-    sampling = dict(do_sample=True, temperature=temperature, top_k=0, top_p=1.0) if temperature > 0 else dict(do_sample=False)
-    out = adapter.model.generate(input_ids=ids, attention_mask=torch.ones_like(ids),
-                                 mm_encoder_outputs=adapter.as_mm_encoder_outputs(feats),
-                                 max_new_tokens=max_new_tokens, pad_token_id=tok.pad_token_id, **sampling)
-    return tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True).strip()
+from .evaluate import answer, answer_is_correct, iter_test_samples
 
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="demo")

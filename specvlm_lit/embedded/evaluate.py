@@ -18,7 +18,7 @@ from PIL import Image
 
 from ..data.conversation import prompt_ids
 from ..synthetic.scenes import COLOURS, SHAPES
-from .recipe import encode_images_with_grad
+from ..target import TargetAdapter
 
 _PAIR = re.compile(r"\b(" + "|".join(COLOURS) + r") (" + "|".join(SHAPES) + r")\b")
 
@@ -41,32 +41,34 @@ def iter_test_samples(urls, limit: int | None = None):
         yield Image.open(io.BytesIO(s["png"])).convert("RGB"), json.loads(s["json"])
 
 
-@torch.no_grad()
-def greedy_answer(model, processor, image: Image.Image, question: str, max_new_tokens: int) -> str:
+def answer(adapter: TargetAdapter, processor, image: Image.Image, question: str, max_new_tokens: int,
+           temperature: float = 0.0) -> str:
+    """The target's answer via HF ``generate`` (greedy, or sampled at ``temperature``) on adapter-encoded images."""
     tok = processor.tokenizer
     pixels = processor.image_processor(images=image, return_tensors="pt")["pixel_values"]
-    feats = encode_images_with_grad(model, [pixels[0]])
-    n_visual = feats.pooler_output[0].shape[0]
-    ids = prompt_ids(question, tok, n_visual).unsqueeze(0)
-    out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), mm_encoder_outputs={"image": feats},
-                         max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tok.pad_token_id)
+    feats = adapter.encode_images(pixels)
+    ids = prompt_ids(question, tok, feats[0].shape[0]).unsqueeze(0)
+    sampling = dict(do_sample=True, temperature=temperature, top_k=0, top_p=1.0) if temperature > 0 else dict(do_sample=False)
+    out = adapter.model.generate(input_ids=ids, attention_mask=torch.ones_like(ids),
+                                 mm_encoder_outputs=adapter.as_mm_encoder_outputs(feats),
+                                 max_new_tokens=max_new_tokens, pad_token_id=tok.pad_token_id, **sampling)
     return tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True).strip()
 
 
 def evaluate(model, processor, urls, *, limit: int | None = None, max_new_tokens: int = 128, log=None) -> dict:
-    model.eval()
+    adapter = TargetAdapter(model)
     per_task: dict[str, list[int]] = defaultdict(list)
     exact = []
     examples = []
     for image, rec in iter_test_samples(urls, limit):
         question = rec["conversations"][0]["value"]
         reference = rec["conversations"][1]["value"]
-        answer = greedy_answer(model, processor, image, question, max_new_tokens)
-        ok = answer_is_correct(answer, rec["checks"][0], rec["tasks"][0], rec["scene"])
+        reply = answer(adapter, processor, image, question, max_new_tokens)
+        ok = answer_is_correct(reply, rec["checks"][0], rec["tasks"][0], rec["scene"])
         per_task[rec["tasks"][0]].append(int(ok))
-        exact.append(int(answer == reference))
+        exact.append(int(reply == reference))
         if len(examples) < 8:
-            examples.append({"id": rec["id"], "question": question, "answer": answer, "reference": reference, "correct": ok})
+            examples.append({"id": rec["id"], "question": question, "answer": reply, "reference": reference, "correct": ok})
         if log and len(exact) % 64 == 0:
             log(f"evaluated {len(exact)} samples")
     total = [x for v in per_task.values() for x in v]
