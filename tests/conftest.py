@@ -46,7 +46,8 @@ TINY_TARGET_OVERRIDES = [
     "data.batch_size=4", "data.num_workers=0", "data.shuffle_buffer=8", "trainer.max_steps=3",
     "trainer.val_check_interval=3", "trainer.limit_val_batches=1", "trainer.logger=false",
     "+trainer.enable_progress_bar=false", "+trainer.enable_model_summary=false",
-    "evaluate.limit=2", "evaluate.max_new_tokens=8",
+    "evaluate.limit=2", "evaluate.max_new_tokens=8", "vision_pretrain.steps=2", "vision_pretrain.batch_size=4",
+    "vision_pretrain.val_every=2", "vision_pretrain.val_batches=1",
 ]
 
 
@@ -56,7 +57,7 @@ def build_tiny_target(corpus: Path, out: Path) -> dict:
 
     from specvlm_lit.embedded.build import CONF_DIR, run_build
 
-    overrides = [f"out_dir={out}", f"corpus.dir={corpus}", "corpus.n_train=120", "corpus.n_val=16",
+    overrides = [f"out_dir={out}", f"log_dir={out.parent / 'logs'}", f"corpus.dir={corpus}", "corpus.n_train=120", "corpus.n_val=16",
                  "corpus.n_test=32", "corpus.samples_per_shard=50"] + TINY_TARGET_OVERRIDES
     with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
         cfg = compose(config_name="target_recipe", overrides=overrides)

@@ -40,3 +40,51 @@ def test_answer_checker():
     assert answer_is_correct("Yes, there is a small red circle.", ["Yes"], "attribute", scene)
     assert not answer_is_correct("No, there is none.", ["Yes"], "attribute", scene)
     assert not answer_is_correct("There are twenty circles.", ["two"], "count", scene)
+
+
+def test_build_report_records_stage1(tiny_build):
+    _, report = tiny_build
+    acc = report["vision_pretrain"]["heldout_patch_accuracy"]
+    assert {"vision_val/acc_colour", "vision_val/acc_object_shape"} <= set(acc)
+
+
+def _tiny_config(tokenizer_dir):
+    from specvlm_lit.embedded.recipe import build_target_config
+
+    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, image_size=64,
+                  patch_size=8)
+    text = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2)
+    return build_target_config(AutoTokenizer.from_pretrained(tokenizer_dir), vision, text), vision
+
+
+def test_stage2_keeps_a_pretrained_tower_frozen(tiny_build):
+    import torch
+
+    from specvlm_lit.embedded.recipe import TargetPretraining
+    from specvlm_lit.embedded.vision_pretrain import VisionPretraining
+
+    out, _ = tiny_build
+    config, vision = _tiny_config(out)
+    tower = VisionPretraining(vision).tower.state_dict()
+    module = TargetPretraining(config, vision_state=tower, freeze_vision=True)
+    assert all(torch.equal(v, tower[k]) for k, v in module.model.model.vision_tower.state_dict().items())
+    trainable = {n for n, p in module.model.named_parameters() if p.requires_grad}
+    assert trainable and not any("vision_tower" in n for n in trainable)
+    assert any("multi_modal_projector" in n for n in trainable)
+    with pytest.raises(ValueError, match="vision_pretrain.steps"):
+        TargetPretraining(config, freeze_vision=True)
+
+
+def test_tower_from_target_checks_its_shape(tiny_build, tmp_path):
+    from specvlm_lit.embedded.build import tower_from_target
+
+    out, _ = tiny_build
+    built = LlavaForConditionalGeneration.from_pretrained(out)
+    state = tower_from_target(out, built.config.vision_config)
+    assert set(state) == set(built.model.vision_tower.state_dict())
+    config, _ = _tiny_config(out)
+    config.vision_config.hidden_size = 48
+    with pytest.raises(ValueError, match="hidden_size"):
+        tower_from_target(out, config.vision_config)
+    with pytest.raises(FileNotFoundError, match="build it first"):
+        tower_from_target(tmp_path / "nothing", built.config.vision_config)

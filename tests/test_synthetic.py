@@ -129,3 +129,28 @@ def test_interrupted_generation_keeps_the_previous_corpus(tmp_path, monkeypatch)
     assert sorted(p.name for p in out.iterdir()) == before
     assert corpus_is_current(out, spec)
     assert [p.name for p in tmp_path.iterdir()] == ["c"]  # no half-written directory left behind
+
+
+def test_patch_labels_match_the_rendered_pixels():
+    import numpy as np
+
+    from specvlm_lit.synthetic.scenes import BACKGROUNDS, COLOURS, PATCH_LABEL_CLASSES, patch_labels, render, sample_scene
+
+    colours, backgrounds = sorted(COLOURS), sorted(BACKGROUNDS)
+    rng = random.Random(5)
+    for _ in range(12):
+        scene = sample_scene(rng, resolutions=(64, 96, 128))
+        g = scene.resolution // 8
+        labels = patch_labels(scene, patch_size=8)
+        assert set(labels) == set(PATCH_LABEL_CLASSES)
+        assert all(len(v) == g * g and max(v) < PATCH_LABEL_CLASSES[k] for k, v in labels.items())
+        pix = np.asarray(render(scene)).reshape(g, 8, g, 8, 3).transpose(0, 2, 1, 3, 4).reshape(g * g, 64, 3)
+        for j in range(g * g):
+            c = labels["colour"][j]
+            rgb = COLOURS[colours[c - 1]] if c else BACKGROUNDS[backgrounds[labels["background"][j]]]
+            share = (np.abs(pix[j].astype(int) - rgb).max(1) < 30).mean()
+            # An object owns >= 25% of its patches (anti-aliased edges blur a little); background owns > 50%.
+            assert share >= (0.15 if c else 0.5), (scene, j, c, share)
+            assert (labels["shape"][j] > 0) == (c > 0) == (labels["cell"][j] > 0)
+        # Every object whose centre is not covered by another object has exactly one centre patch.
+        assert 1 <= sum(labels["centre"]) <= len(scene.objects)

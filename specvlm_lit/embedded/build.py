@@ -19,6 +19,7 @@ from ..utils.atomic import atomic_directory
 from .evaluate import evaluate
 from .recipe import TargetPretraining, build_target_config
 from .tokenizer import build_processor, train_tokenizer
+from .vision_pretrain import pretrain_vision
 
 CONF_DIR = str(Path(__file__).resolve().parents[2] / "conf")
 
@@ -46,6 +47,25 @@ def save_target(model, processor, out_dir: Path, report: dict) -> None:
         (tmp / "build_report.json").write_text(json.dumps(report, indent=2))
 
 
+def tower_from_target(path, vision_config) -> dict:
+    """The vision tower weights of a built target, checked to fit ``vision_config``."""
+    from transformers import LlavaForConditionalGeneration
+
+    path = Path(path)
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(f"vision_pretrain.from_target: no built target at {path} (config.json missing); "
+                                "build it first with python -m specvlm_lit.embedded.build")
+    source = LlavaForConditionalGeneration.from_pretrained(path)
+    theirs, ours = source.config.vision_config.to_diff_dict(), vision_config.to_diff_dict()
+    diff = {k: (theirs.get(k), ours.get(k)) for k in ("hidden_size", "intermediate_size", "num_hidden_layers",
+                                                       "num_attention_heads", "image_size", "patch_size")
+            if theirs.get(k) != ours.get(k)}
+    if diff:
+        raise ValueError(f"vision_pretrain.from_target: the tower at {path} has another shape "
+                         f"(theirs, ours): {diff}; set model.vision to match it")
+    return source.model.vision_tower.state_dict()
+
+
 def run_build(cfg: DictConfig) -> dict:
     """Corpus -> tokenizer -> trained target -> saved + evaluated. Returns the build report."""
     L.seed_everything(cfg.seed, workers=True)
@@ -59,7 +79,20 @@ def run_build(cfg: DictConfig) -> dict:
     processor = build_processor(tokenizer, patch_size=patch)
     config = build_target_config(tokenizer, OmegaConf.to_container(cfg.model.vision),
                                  OmegaConf.to_container(cfg.model.text), cfg.model.vision_feature_layer)
-    module = TargetPretraining(config, **cfg.optim)
+    vision_state, report = None, {}
+    stage1 = OmegaConf.to_container(cfg.vision_pretrain)
+    tower_source = stage1.pop("from_target", None)
+    if tower_source:  # reuse another build's grounded tower (the assistant VLM shares the target's)
+        vision_state = tower_from_target(tower_source, config.vision_config)
+        report["vision_pretrain"] = {"from_target": str(tower_source)}
+    elif stage1["steps"] > 0:  # stage 1: ground the tower on dense patch labels
+        t1 = time.perf_counter()
+        vision_state, metrics = pretrain_vision(
+            OmegaConf.to_container(cfg.model.vision), processor.image_processor,
+            resolutions=tuple(cfg.corpus.resolutions), seed=cfg.seed, log_dir=cfg.log_dir, **stage1)
+        report["vision_pretrain"] = {"seconds": round(time.perf_counter() - t1, 1), "heldout_patch_accuracy": metrics}
+        print(f"vision pre-training: {json.dumps(report['vision_pretrain'])}")
+    module = TargetPretraining(config, **cfg.optim, vision_state=vision_state, freeze_vision=cfg.freeze_vision)
     n_params = sum(p.numel() for p in module.model.parameters())
     print(f"embedded target: {n_params / 1e6:.2f}M parameters, vocab {len(tokenizer)}")
     shards = sorted(str(p) for p in corpus.glob("train-*.tar"))
@@ -73,7 +106,7 @@ def run_build(cfg: DictConfig) -> dict:
     trainer.fit(module, datamodule=datamodule)
     train_seconds = time.perf_counter() - t0
     model = module.model.eval()
-    report = {"parameters": n_params, "train_seconds": round(train_seconds, 1), "steps": trainer.global_step,
+    report = {**report, "parameters": n_params, "train_seconds": round(train_seconds, 1), "steps": trainer.global_step,
               "recipe": OmegaConf.to_container(cfg, resolve=True)}
     out_dir = Path(cfg.out_dir)
     save_target(model, processor, out_dir, report)

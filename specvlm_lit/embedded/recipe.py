@@ -64,12 +64,37 @@ def answer_loss(logits: torch.Tensor, input_ids: torch.Tensor, loss_mask: torch.
     return F.cross_entropy(pred.float(), gold), (pred.argmax(-1) == gold).float().mean()
 
 
+def warmup_cosine(optimizer, warmup_steps: int, total_steps: int, min_lr_ratio: float) -> dict:
+    """Per-step LR schedule for Lightning: linear warm-up, then cosine decay to ``min_lr_ratio``."""
+    def schedule(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        t = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+        return min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * t))
+
+    return {"scheduler": torch.optim.lr_scheduler.LambdaLR(optimizer, schedule), "interval": "step"}
+
+
 class TargetPretraining(L.LightningModule):
+    """Stage 2: the whole VLM on the instruction corpus, optionally from a pre-trained, frozen tower.
+
+    With ``vision_state`` (stage 1's tower, see ``vision_pretrain``) and ``freeze_vision`` the
+    recipe mirrors LLaVA: the tower keeps its grounded features and only the projector and the
+    language model learn, which also skips the tower's backward pass.
+    """
+
     def __init__(self, config: LlavaConfig, lr: float = 1e-3, weight_decay: float = 0.01, warmup_steps: int = 100,
-                 betas: tuple[float, float] = (0.9, 0.98), min_lr_ratio: float = 0.1):
+                 betas: tuple[float, float] = (0.9, 0.98), min_lr_ratio: float = 0.1,
+                 vision_state: dict | None = None, freeze_vision: bool = False):
         super().__init__()
-        self.save_hyperparameters(ignore=["config"])
+        self.save_hyperparameters(ignore=["config", "vision_state"])
         self.model = LlavaForConditionalGeneration(config)
+        if vision_state is not None:
+            self.model.model.vision_tower.load_state_dict(vision_state)
+        if freeze_vision:
+            if vision_state is None:
+                raise ValueError("freeze_vision=true needs a pre-trained tower: set vision_pretrain.steps > 0")
+            self.model.model.vision_tower.requires_grad_(False)
 
     def forward(self, batch: dict) -> torch.Tensor:
         feats = encode_images_with_grad(self.model, batch["pixel_values"])
@@ -88,17 +113,10 @@ class TargetPretraining(L.LightningModule):
 
     def configure_optimizers(self):
         hp = self.hparams
-        decay = [p for n, p in self.model.named_parameters() if p.ndim >= 2 and "embed" not in n]
-        no_decay = [p for n, p in self.model.named_parameters() if not (p.ndim >= 2 and "embed" not in n)]
+        named = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
+        decay = [p for n, p in named if p.ndim >= 2 and "embed" not in n]
+        no_decay = [p for n, p in named if not (p.ndim >= 2 and "embed" not in n)]
         opt = torch.optim.AdamW([{"params": decay, "weight_decay": hp.weight_decay},
                                  {"params": no_decay, "weight_decay": 0.0}], lr=hp.lr, betas=tuple(hp.betas))
-        total = max(self.trainer.max_steps, 1)
-
-        def schedule(step: int) -> float:  # linear warm-up, cosine decay to min_lr_ratio
-            if step < hp.warmup_steps:
-                return (step + 1) / hp.warmup_steps
-            t = min(1.0, (step - hp.warmup_steps) / max(1, total - hp.warmup_steps))
-            return hp.min_lr_ratio + (1 - hp.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * t))
-
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule)
-        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+        return {"optimizer": opt,
+                "lr_scheduler": warmup_cosine(opt, hp.warmup_steps, max(self.trainer.max_steps, 1), hp.min_lr_ratio)}

@@ -183,11 +183,67 @@ def render(scene: Scene) -> Image.Image:
     img = Image.new("RGB", (s, s), BACKGROUNDS[scene.background])
     draw = ImageDraw.Draw(img)
     for o in scene.objects:
-        r = SIZE_FRACTION[o.size] * s / 2
-        cx, cy = o.cx * s, o.cy * s
-        fill = COLOURS[o.colour]
-        if o.shape == "circle":
-            draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=fill)
-        else:
-            draw.polygon(_polygon(o.shape, cx, cy, r), fill=fill)
+        _draw_object(draw, o, s, COLOURS[o.colour])
     return img.resize((scene.resolution, scene.resolution), Image.BILINEAR)
+
+
+# Dense per-patch labels for vision pre-training (see specvlm_lit/embedded/vision_pretrain.py).
+# Index 0 is always "no object here"; object attributes are shifted by one.
+PATCH_LABEL_CLASSES = {
+    "colour": 1 + len(COLOURS),
+    "shape": 1 + len(SHAPES),
+    "size": 1 + len(SIZES),
+    "cell": 1 + len(CELLS),
+    "centre": 2,  # the patch holds the centre of a visible object (what counting needs)
+    "background": len(BACKGROUNDS),
+}
+
+
+def _draw_object(draw: "ImageDraw.ImageDraw", o: SceneObject, side: int, fill) -> None:
+    r = SIZE_FRACTION[o.size] * side / 2
+    cx, cy = o.cx * side, o.cy * side
+    if o.shape == "circle":
+        draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=fill)
+    else:
+        draw.polygon(_polygon(o.shape, cx, cy, r), fill=fill)
+
+
+def patch_labels(scene: Scene, patch_size: int = 8, min_cover: float = 0.25) -> dict[str, list[int]]:
+    """What each patch of the rendered image shows, row-major over the (res/patch)^2 grid.
+
+    One list per ``PATCH_LABEL_CLASSES`` key, plus ``instance``: which object owns the patch.
+
+    The scene is re-drawn as an instance map (object i+1 painted in drawing order, so the top-most
+    object wins where shapes overlap, as in ``render``). A patch belongs to the object covering most
+    of it when that object covers at least ``min_cover`` of the patch, else to the background.
+    """
+    import numpy as np
+
+    scale = 2  # same supersampling as render(), so edges match the anti-aliased image
+    side = scene.resolution * scale
+    inst = Image.new("L", (side, side), 0)
+    draw = ImageDraw.Draw(inst)
+    for i, o in enumerate(scene.objects):
+        _draw_object(draw, o, side, i + 1)
+    g, p = scene.resolution // patch_size, patch_size * scale
+    blocks = np.asarray(inst).reshape(g, p, g, p).transpose(0, 2, 1, 3).reshape(g * g, p * p)
+    # owner[j]: index of the object that owns patch j, or -1 for background.
+    counts = np.stack([(blocks == i + 1).sum(1) for i in range(len(scene.objects))] + [np.zeros(g * g, int)], 1)
+    owner = np.where(counts.max(1) >= min_cover * p * p, counts.argmax(1), -1)
+    colours, shapes, backgrounds = sorted(COLOURS), list(SHAPES), sorted(BACKGROUNDS)
+    labels = {k: [0] * (g * g) for k in PATCH_LABEL_CLASSES}
+    labels["instance"] = [i + 1 for i in owner.tolist()]  # 0 = background, i + 1 = scene.objects[i]
+    labels["background"] = [backgrounds.index(scene.background)] * (g * g)
+    for j, i in enumerate(owner.tolist()):
+        if i < 0:
+            continue
+        o = scene.objects[i]
+        labels["colour"][j] = 1 + colours.index(o.colour)
+        labels["shape"][j] = 1 + shapes.index(o.shape)
+        labels["size"][j] = 1 + SIZES.index(o.size)
+        labels["cell"][j] = 1 + o.cell
+    for i, o in enumerate(scene.objects):
+        j = min(int(o.cy * g), g - 1) * g + min(int(o.cx * g), g - 1)
+        if owner[j] == i:  # only a visible centre counts: a hidden object cannot be counted
+            labels["centre"][j] = 1
+    return labels
