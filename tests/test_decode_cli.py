@@ -273,7 +273,15 @@ def test_cli_bench_writes_json_markdown_and_plot(setup, tmp_path):
     spec, eagle = report["results"]["specvlm"]["0.0"], report["results"]["eaglevlm"]["0.0"]
     assert spec["drafter_visual_tokens"] <= eagle["drafter_visual_tokens"]
     assert all(r.get("assistant_saw_image") for r in report["runs"] if r["method"] == "assisted")
+    for m in ("eaglevlm", "specvlm"):  # the per-phase breakdown adds up to the measured wall time
+        b = report["results"][m]["0.0"]["breakdown"]
+        assert b["rounds"] >= 4 and b["round_ms"] > 0 and b["ar_step_ms"] > 0 and b["tree_nodes_per_round"] >= 1
+        assert sum(b["share"].values()) == pytest.approx(1.0, abs=0.01)
+        assert b["round_ms"] == pytest.approx(b["draft_ms_per_round"] + b["verify_ms_per_round"]
+                                              + b["other_ms_per_round"], abs=0.05)
+    assert "breakdown" not in report["results"]["ar"]["0.0"]
     assert "| method |" in (run_dir / "bench.md").read_text()
+    assert "Where the time goes" in (run_dir / "bench.md").read_text()
     assert (run_dir / "bench.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 

@@ -437,7 +437,8 @@ class _Runner:
             rec.update(tokens=res.tokens.tolist(), new_tokens=st.new_tokens, target_forwards=st.rounds,
                        ttft_s=st.time_prefill, drafter_visual_tokens=st.draft_visual_tokens,
                        draft_kv=st.draft_kv_len, draft_kv_bytes=st.draft_kv_len * p.draft_kv_bytes_per_row(),
-                       verify_rounds=st.verify_rounds, time_draft_s=st.time_draft, time_verify_s=st.time_verify)
+                       verify_rounds=st.verify_rounds, time_draft_s=st.time_draft, time_verify_s=st.time_verify,
+                       time_other_s=st.time_other, tree_nodes=sum(st.tree_sizes))
             return rec
         kwargs: dict[str, Any] = {}
         extra = None
@@ -500,7 +501,38 @@ def _aggregate(runs: list[dict], ar: dict, greedy: bool) -> dict:
     if any("verify_rounds" in r for r in ok):
         vr = sum(r["verify_rounds"] for r in ok)
         out["accept_length"] = _r((new - len(ok)) / vr if vr else None)
+        out["breakdown"] = _breakdown(ok, ar, vr)
     return out
+
+
+def _breakdown(runs: list[dict], ar: dict, rounds: int) -> dict:
+    """Where a speculative method's time goes, next to what one AR decoding step costs.
+
+    Per request: prefill (image + target prefill + first token). Per verification round: draft (tree
+    drafting + draft-cache extension), verify (target tree forward + acceptance + KV compaction) and
+    other (bookkeeping); ``pipeline`` is the share spent outside the decoder. ``ar_step_ms`` is the AR baseline's time per token after its first, on the same
+    prompts: a round pays off when it emits more tokens than ``round_ms / ar_step_ms``.
+    """
+    per = lambda key, n: _r(1000 * sum(r[key] for r in runs) / n, 2) if n else None  # noqa: E731
+    ar_runs = [ar[r["key"]] for r in runs]
+    ar_decode_s = sum(a["time_s"] - (a.get("ttft_s") or 0.0) for a in ar_runs)
+    ar_steps = sum(max(a["new_tokens"] - 1, 0) for a in ar_runs)
+    total = sum(r["time_s"] for r in runs)
+    parts = {"prefill": sum(r["ttft_s"] for r in runs), "draft": sum(r["time_draft_s"] for r in runs),
+             "verify": sum(r["time_verify_s"] for r in runs), "other": sum(r["time_other_s"] for r in runs)}
+    # The pipeline's own work around the decoder (image preprocessing, tokenisation, result assembly).
+    parts["pipeline"] = max(0.0, total - sum(parts.values()))
+    return {
+        "rounds": rounds,
+        "prefill_ms_per_request": per("ttft_s", len(runs)),
+        "draft_ms_per_round": per("time_draft_s", rounds),
+        "verify_ms_per_round": per("time_verify_s", rounds),
+        "other_ms_per_round": per("time_other_s", rounds),
+        "round_ms": _r(1000 * (parts["draft"] + parts["verify"] + parts["other"]) / rounds, 2) if rounds else None,
+        "tree_nodes_per_round": _r(sum(r["tree_nodes"] for r in runs) / rounds, 2) if rounds else None,
+        "ar_step_ms": _r(1000 * ar_decode_s / ar_steps, 2) if ar_steps else None,
+        "share": {k: _r(v / total, 3) if total > 0 else None for k, v in parts.items()},
+    }
 
 
 def _summarise(method_runs: list[dict], ar: dict, greedy: bool) -> dict:
@@ -568,6 +600,20 @@ def write_markdown(report: dict, path: Path) -> None:
                     pt = r.get("per_task", {}).get(task)
                     cells.append(f"{_fmt(pt.get('tau'))} / {_fmt(pt.get('sigma'))}" if pt else "-")
                 lines.append(f"| {LABELS[meth]} | " + " | ".join(cells) + " |")
+        spec = [(meth, report["results"][meth].get(tk, {}).get("breakdown")) for meth in methods]
+        spec = [(meth, b) for meth, b in spec if b]
+        if spec:
+            lines += ["", f"Where the time goes at T = {t:g} (ms; shares of the method's total wall time):", "",
+                      "| method | prefill / request | draft / round | verify / round | other / round | round | "
+                      "tree nodes / round | AR step | prefill % | draft % | verify % | other % | pipeline % |",
+                      "|---" * 13 + "|"]
+            for meth, b in spec:
+                sh = b["share"]
+                lines.append(f"| {LABELS[meth]} | {_fmt(b['prefill_ms_per_request'], 1)} | "
+                             f"{_fmt(b['draft_ms_per_round'], 1)} | {_fmt(b['verify_ms_per_round'], 1)} | "
+                             f"{_fmt(b['other_ms_per_round'], 1)} | {_fmt(b['round_ms'], 1)} | "
+                             f"{_fmt(b['tree_nodes_per_round'], 1)} | {_fmt(b['ar_step_ms'], 1)} | "
+                             + " | ".join(_fmt(sh[k], pct=True) for k in ("prefill", "draft", "verify", "other", "pipeline")) + " |")
         lines.append("")
     lines += ["## Definitions", "",
               "- tau = sum of AR wall times / sum of the method's wall times on the same prompts (image encoding "
