@@ -289,3 +289,18 @@ def test_cli_bench_rejects_bad_options_before_model_work(setup, tmp_path):
     out = cli("mode=bench", f"target={setup['target']}", "bench.methods=[ar,medusa]",
               f"hydra.run.dir={tmp_path / 'b'}")
     assert_one_line_error(out, "bench.methods")
+
+
+def test_bench_assistant_auto_uses_the_embedded_assistant_only_when_built(tmp_path):
+    from specvlm_lit.decoding.bench import EMBEDDED_ASSISTANT, settings_from_config
+
+    cfg = {"target": str(tmp_path), "bench": {"assistant": "auto", "test_urls": str(tmp_path / "t-*.tar"), "corpus_dir": None}}
+    s = settings_from_config(cfg, str(tmp_path / "out"), tmp_path)
+    assert s.assistant is None and s.assistant_auto
+    built = tmp_path / EMBEDDED_ASSISTANT
+    built.mkdir(parents=True)
+    (built / "config.json").write_text("{}")
+    assert settings_from_config(cfg, str(tmp_path / "out"), tmp_path).assistant == str(built)
+    cfg["bench"]["assistant"] = str(tmp_path / "missing")
+    with pytest.raises(Exception, match="does not exist"):
+        settings_from_config(cfg, str(tmp_path / "out"), tmp_path)

@@ -88,3 +88,29 @@ def test_tower_from_target_checks_its_shape(tiny_build, tmp_path):
         tower_from_target(out, config.vision_config)
     with pytest.raises(FileNotFoundError, match="build it first"):
         tower_from_target(tmp_path / "nothing", built.config.vision_config)
+
+
+def test_assistant_recipe_shares_the_targets_tokenizer_and_tower(tiny_build, small_corpus, tmp_path):
+    import torch
+    from hydra import compose, initialize_config_dir
+
+    from specvlm_lit.embedded.build import CONF_DIR, run_build
+    from tests.conftest import TINY_TARGET_OVERRIDES
+
+    target_dir, _ = tiny_build
+    out = tmp_path / "assistant"
+    overrides = [o for o in TINY_TARGET_OVERRIDES if not o.startswith(("model.text", "vision_pretrain"))] + [
+        f"out_dir={out}", f"log_dir={tmp_path / 'logs'}", f"corpus.dir={small_corpus}", "corpus.n_train=120",
+        "corpus.n_val=16", "corpus.n_test=32", "corpus.samples_per_shard=50", f"tokenizer.from_dir={target_dir}",
+        f"vision_pretrain.from_target={target_dir}", "model.text.hidden_size=16", "model.text.intermediate_size=32",
+        "model.text.num_hidden_layers=1", "model.text.num_attention_heads=2", "model.text.num_key_value_heads=2"]
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        cfg = compose(config_name="assistant_recipe", overrides=overrides)
+    assert cfg.freeze_vision
+    report = run_build(cfg)
+    assert report["vision_pretrain"] == {"from_target": str(target_dir)}
+    assistant, target = (LlavaForConditionalGeneration.from_pretrained(d) for d in (out, target_dir))
+    assert AutoTokenizer.from_pretrained(out).get_vocab() == AutoTokenizer.from_pretrained(target_dir).get_vocab()
+    ours, theirs = assistant.model.vision_tower.state_dict(), target.model.vision_tower.state_dict()
+    assert all(torch.equal(ours[k], theirs[k]) for k in theirs)  # frozen: unchanged by stage 2
+    assert assistant.config.text_config.num_hidden_layers == 1

@@ -68,6 +68,7 @@ from .pipeline import (
 
 __all__ = ["METHODS", "BenchSettings", "collect_samples", "run_benchmark", "settings_from_config"]
 
+EMBEDDED_ASSISTANT = "data/embedded_assistant"  # built by conf/assistant_recipe.yaml
 METHODS = ("ar", "prompt_lookup", "assisted", "eaglevlm", "specvlm")
 SPEC_METHODS = ("eaglevlm", "specvlm")
 HF_METHODS = ("ar", "prompt_lookup", "assisted")
@@ -90,6 +91,7 @@ class BenchSettings:
     methods: list[str] = field(default_factory=lambda: list(METHODS))
     drafters: dict = field(default_factory=lambda: {"eaglevlm": None, "specvlm": None})
     assistant: str | None = None
+    assistant_auto: bool = False  # picked by bench.assistant=auto: a mismatch skips the row instead of failing
     prompt_lookup_num_tokens: int = 10
     prompt_lookup_suppress_image_token: bool = True
     warmup: int = 1
@@ -117,7 +119,7 @@ def _int_list(v, name: str, minimum: int) -> list[int]:
 def settings_from_config(cfg: Mapping, out_dir: str, root: str | os.PathLike) -> BenchSettings:
     """Validate the ``bench`` block + top-level options of ``conf/decode.yaml`` (no model work, no torch)."""
     b = dict(cfg.get("bench") or {})
-    unknown = set(b) - {f for f in BenchSettings.__dataclass_fields__} - {"test_urls"}
+    unknown = (set(b) - {f for f in BenchSettings.__dataclass_fields__} - {"test_urls"}) | ({"assistant_auto"} & set(b))
     if unknown:
         raise DecodeInputError(f"unknown bench option(s) {sorted(unknown)}")
     methods = b.get("methods", list(METHODS))
@@ -158,7 +160,11 @@ def settings_from_config(cfg: Mapping, out_dir: str, root: str | os.PathLike) ->
         if kind in SPEC_METHODS and drafters.get(kind) is None:
             drafters[kind] = str(top)
     assistant = b.get("assistant")
-    if assistant is not None and not Path(str(assistant)).expanduser().is_dir():
+    assistant_auto = assistant == "auto"
+    if assistant_auto:  # the embedded assistant, when it was built (it only fits the embedded target)
+        built = Path(root) / EMBEDDED_ASSISTANT
+        assistant = str(built) if (built / "config.json").is_file() else None
+    elif assistant is not None and not Path(str(assistant)).expanduser().is_dir():
         raise DecodeInputError(f"bench.assistant: assistant directory {assistant} does not exist")
     n_pl = b.get("prompt_lookup_num_tokens", 10)
     if isinstance(n_pl, bool) or not isinstance(n_pl, int) or n_pl < 1:
@@ -187,7 +193,8 @@ def settings_from_config(cfg: Mapping, out_dir: str, root: str | os.PathLike) ->
         temperatures=temps,
         max_new_tokens=check_max_new_tokens(b.get("max_new_tokens", 64), "bench.max_new_tokens"),
         methods=methods, drafters={k: drafters.get(k) for k in SPEC_METHODS},
-        assistant=None if assistant is None else str(assistant), prompt_lookup_num_tokens=n_pl,
+        assistant=None if assistant is None else str(assistant), assistant_auto=assistant_auto,
+        prompt_lookup_num_tokens=n_pl,
         prompt_lookup_suppress_image_token=bool(b.get("prompt_lookup_suppress_image_token", True)),
         warmup=warmup, top_p=top_p, top_k=top_k, seed=check_seed(cfg.get("seed", 0)),
         tree=check_tree(dict(cfg.get("tree") or {})), dtype=dtype, device=str(cfg.get("device", "cpu")),
@@ -418,10 +425,16 @@ class _Runner:
         self.assistant = None
         if "assisted" in s.methods:
             if s.assistant is None:
-                self.skipped["assisted"] = ("no assistant configured: set bench.assistant=<dir of a small LLaVA "
-                                            "that shares the target's tokenizer>")
+                self.skipped["assisted"] = (
+                    "no assistant: set bench.assistant=<dir of a small LLaVA that shares the target's tokenizer>, "
+                    "or build the embedded one: python -m specvlm_lit.embedded.build --config-name assistant_recipe")
             else:
-                self.assistant = _Assistant(s.assistant, self.base, self.adapter.dtype, s.device)
+                try:
+                    self.assistant = _Assistant(s.assistant, self.base, self.adapter.dtype, s.device)
+                except DecodeInputError as e:
+                    if not s.assistant_auto:
+                        raise
+                    self.skipped["assisted"] = f"the embedded assistant does not fit this target: {e}"
         self.image_token_id = self.adapter.image_token_id
 
     # one timed run -> record

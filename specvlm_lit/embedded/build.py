@@ -74,7 +74,12 @@ def run_build(cfg: DictConfig) -> dict:
                       seed=cfg.corpus.seed, resolutions=tuple(cfg.corpus.resolutions),
                       samples_per_shard=cfg.corpus.samples_per_shard)
     corpus = ensure_corpus(cfg.corpus.dir, spec)
-    tokenizer = train_tokenizer(corpus_texts(corpus), vocab_size=cfg.tokenizer.vocab_size)
+    if cfg.tokenizer.get("from_dir"):  # share another build's tokenizer exactly (assistant VLMs must)
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(cfg.tokenizer.from_dir)
+    else:
+        tokenizer = train_tokenizer(corpus_texts(corpus), vocab_size=cfg.tokenizer.vocab_size)
     patch = cfg.model.vision.patch_size
     processor = build_processor(tokenizer, patch_size=patch)
     config = build_target_config(tokenizer, OmegaConf.to_container(cfg.model.vision),
