@@ -114,3 +114,26 @@ def test_assistant_recipe_shares_the_targets_tokenizer_and_tower(tiny_build, sma
     ours, theirs = assistant.model.vision_tower.state_dict(), target.model.vision_tower.state_dict()
     assert all(torch.equal(ours[k], theirs[k]) for k in theirs)  # frozen: unchanged by stage 2
     assert assistant.config.text_config.num_hidden_layers == 1
+
+
+def test_stage1_batches_hide_the_colour_of_repainted_objects(tiny_build):
+    import torch
+
+    from specvlm_lit.embedded.vision_pretrain import OBJECT_LABEL_CLASSES, ScenePatchBatches
+    from specvlm_lit.synthetic.scenes import OCCUPANCY_GRID, PATCH_LABEL_CLASSES
+
+    out, _ = tiny_build
+    processor = AutoProcessor.from_pretrained(out)
+    plain, repainted = (next(iter(ScenePatchBatches(processor.image_processor, batch_size=6, resolutions=(64,),
+                                                    patch_size=8, seed=3, unnamed_colour_prob=p)))
+                        for p in (0.0, 1.0))
+    assert plain["pixel_values"].shape == (6, 3, 64, 64)
+    assert set(PATCH_LABEL_CLASSES) | set(OBJECT_LABEL_CLASSES) | {"instance", "occupancy"} <= set(plain)
+    assert plain["occupancy"].shape == (6, 64, OCCUPANCY_GRID ** 2)
+    objects = plain["instance"] > 0
+    # Same scenes (same seed), but every object repainted: no colour label on object patches, the rest kept.
+    assert (plain["colour"][objects] > 0).all() and (repainted["colour"][objects] == -100).all()
+    assert (repainted["colour"][~objects] == 0).all()
+    for k in ("shape", "cell", "centre", "occupancy", "object_shape"):
+        assert torch.equal(plain[k], repainted[k]), k
+    assert not torch.equal(plain["pixel_values"], repainted["pixel_values"])

@@ -142,8 +142,12 @@ def test_patch_labels_match_the_rendered_pixels():
         scene = sample_scene(rng, resolutions=(64, 96, 128))
         g = scene.resolution // 8
         labels = patch_labels(scene, patch_size=8)
-        assert set(labels) == set(PATCH_LABEL_CLASSES)
-        assert all(len(v) == g * g and max(v) < PATCH_LABEL_CLASSES[k] for k, v in labels.items())
+        assert set(labels) == set(PATCH_LABEL_CLASSES) | {"instance", "occupancy"}
+        assert all(len(labels[k]) == g * g and max(labels[k]) < n for k, n in PATCH_LABEL_CLASSES.items())
+        assert max(labels["instance"]) <= len(scene.objects) and len(labels["occupancy"]) == g * g
+        # Patches an object owns are mostly covered by it in the sub-patch mask, background patches mostly not.
+        for inst, occ in zip(labels["instance"], labels["occupancy"]):
+            assert (sum(occ) >= 3) if inst else (sum(occ) <= 8), (inst, occ)
         pix = np.asarray(render(scene)).reshape(g, 8, g, 8, 3).transpose(0, 2, 1, 3, 4).reshape(g * g, 64, 3)
         for j in range(g * g):
             c = labels["colour"][j]
@@ -154,3 +158,19 @@ def test_patch_labels_match_the_rendered_pixels():
             assert (labels["shape"][j] > 0) == (c > 0) == (labels["cell"][j] > 0)
         # Every object whose centre is not covered by another object has exactly one centre patch.
         assert 1 <= sum(labels["centre"]) <= len(scene.objects)
+
+
+def test_unnamed_colours_name_no_colour_and_repaint_only_their_object():
+    import math
+
+    import numpy as np
+
+    from specvlm_lit.synthetic.scenes import BACKGROUNDS, COLOURS, render, unnamed_colour
+
+    rng = random.Random(0)
+    for _ in range(50):
+        c = unnamed_colour(rng)
+        assert min(math.dist(c, n) for n in [*COLOURS.values(), *BACKGROUNDS.values()]) >= 90
+    scene = sample_scene(random.Random(2), resolutions=(64,), min_objects=2)
+    a, b = np.asarray(render(scene)), np.asarray(render(scene, {0: unnamed_colour(rng)}))
+    assert (a != b).any() and np.array_equal(a, np.asarray(render(scene, {})))

@@ -24,8 +24,10 @@ from torch import nn
 from torch.utils.data import IterableDataset, get_worker_info
 from transformers import CLIPVisionConfig, CLIPVisionModel
 
+from ..synthetic.scenes import (
+    MAX_OBJECTS, OCCUPANCY_GRID, PATCH_LABEL_CLASSES, SHAPES, SIZES, patch_labels, render, sample_scene, unnamed_colour,
+)
 from .recipe import warmup_cosine
-from ..synthetic.scenes import MAX_OBJECTS, PATCH_LABEL_CLASSES, SHAPES, SIZES, patch_labels, render, sample_scene
 
 OBJECT_LABEL_CLASSES = {"object_shape": len(SHAPES), "object_size": len(SIZES)}
 
@@ -34,9 +36,10 @@ class ScenePatchBatches(IterableDataset):
     """Endless (or ``limit``-long) batches of rendered scenes with per-patch labels, one resolution per batch."""
 
     def __init__(self, image_processor, *, batch_size: int, resolutions: tuple[int, ...], patch_size: int,
-                 seed: int, held_out: str = "exclude", limit: int | None = None):
+                 seed: int, held_out: str = "exclude", limit: int | None = None, unnamed_colour_prob: float = 0.0):
         self.image_processor, self.batch_size, self.resolutions = image_processor, batch_size, tuple(resolutions)
         self.patch_size, self.seed, self.held_out, self.limit = patch_size, seed, held_out, limit
+        self.unnamed_colour_prob = unnamed_colour_prob
 
     def __iter__(self):
         info = get_worker_info()
@@ -46,15 +49,24 @@ class ScenePatchBatches(IterableDataset):
         while self.limit is None or i < self.limit:
             res = self.resolutions[i % len(self.resolutions)] if self.limit else rng.choice(self.resolutions)
             scenes = [sample_scene(rng, resolutions=(res,), held_out=self.held_out) for _ in range(self.batch_size)]
-            pixels = self.image_processor(images=[render(s) for s in scenes], return_tensors="pt")["pixel_values"]
+            # Objects repainted in an unnamed colour carry no colour label: their shape can only be told
+            # from the outline. Without them the tower predicts shape from colour (the training pairs'
+            # statistics), which is exactly wrong on the held-out pairs.
+            fills = [{i: unnamed_colour(rng) for i in range(len(s.objects)) if rng.random() < self.unnamed_colour_prob}
+                     for s in scenes]
+            pixels = self.image_processor(images=[render(s, f) for s, f in zip(scenes, fills)],
+                                          return_tensors="pt")["pixel_values"]
             labels = [patch_labels(s, self.patch_size) for s in scenes]
+            for lab, f in zip(labels, fills):
+                lab["colour"] = [-100 if inst - 1 in f else c for c, inst in zip(lab["colour"], lab["instance"])]
             objects = {k: torch.full((len(scenes), MAX_OBJECTS), -100) for k in OBJECT_LABEL_CLASSES}
             for b, sc in enumerate(scenes):
                 for i, o in enumerate(sc.objects):
                     objects["object_shape"][b, i] = SHAPES.index(o.shape)
                     objects["object_size"][b, i] = SIZES.index(o.size)
             yield {"pixel_values": pixels, **objects,
-                   **{k: torch.tensor([lab[k] for lab in labels]) for k in (*PATCH_LABEL_CLASSES, "instance")}}
+                   **{k: torch.tensor([lab[k] for lab in labels])
+                      for k in (*PATCH_LABEL_CLASSES, "instance", "occupancy")}}
             i += 1
 
 
@@ -67,6 +79,7 @@ class VisionPretraining(L.LightningModule):
         hidden = self.tower.config.hidden_size
         self.heads = nn.ModuleDict({k: nn.Linear(hidden, n)
                                     for k, n in {**PATCH_LABEL_CLASSES, **OBJECT_LABEL_CLASSES}.items()})
+        self.heads["occupancy"] = nn.Linear(hidden, OCCUPANCY_GRID ** 2)
 
     def _losses(self, batch: dict) -> tuple[torch.Tensor, dict]:
         # last_hidden_state is the last layer's output before post_layernorm: exactly what LLaVA
@@ -75,11 +88,17 @@ class VisionPretraining(L.LightningModule):
         total, acc = 0.0, {}
         for k in PATCH_LABEL_CLASSES:
             logits = self.heads[k](h)
-            total = total + F.cross_entropy(logits.flatten(0, 1), batch[k].flatten())
+            total = total + F.cross_entropy(logits.flatten(0, 1), batch[k].flatten(), ignore_index=-100)
             pred = logits.argmax(-1)
             # Accuracy on object patches only for object attributes: background dominates the grid.
-            mask = batch["colour"] > 0 if k in ("colour", "shape", "size", "cell") else torch.ones_like(pred, dtype=torch.bool)
+            mask = batch["instance"] > 0 if k in ("colour", "shape", "size", "cell") else torch.ones_like(pred, dtype=torch.bool)
+            mask = mask & (batch[k] >= 0)
             acc[k] = (pred == batch[k])[mask].float().mean()
+        # Sub-patch foreground mask: local, colour-independent geometry (edges, corners, curvature).
+        occ = self.heads["occupancy"](h)
+        total = total + F.binary_cross_entropy_with_logits(occ, batch["occupancy"].float()) * OCCUPANCY_GRID
+        edge = (batch["occupancy"].sum(-1) % OCCUPANCY_GRID ** 2) > 0  # patches the outline crosses
+        acc["occupancy_edge"] = ((occ > 0) == batch["occupancy"].bool()).all(-1)[edge].float().mean()
         # Object-level labels on features mean-pooled over each object's patches: the read-out an
         # attention head of the language model performs. Shape is a property of the whole outline,
         # which no single interior patch shows; pooling lets edge patches carry it.
@@ -113,14 +132,16 @@ class VisionPretraining(L.LightningModule):
 
 
 def pretrain_vision(vision: dict, image_processor, *, steps: int, batch_size: int, lr: float, warmup_steps: int,
-                    val_every: int, val_batches: int, resolutions, seed: int, log_dir: str) -> tuple[dict, dict]:
+                    val_every: int, val_batches: int, resolutions, seed: int, log_dir: str,
+                    unnamed_colour_prob: float = 0.0) -> tuple[dict, dict]:
     """Run stage 1 and return the tower's state dict (CLIPVisionModel keys) and its final metrics."""
     from lightning.pytorch.loggers import CSVLogger
     from torch.utils.data import DataLoader
 
     module = VisionPretraining(vision, lr=lr, warmup_steps=warmup_steps)
     patch = vision["patch_size"]
-    train = ScenePatchBatches(image_processor, batch_size=batch_size, resolutions=resolutions, patch_size=patch, seed=seed)
+    train = ScenePatchBatches(image_processor, batch_size=batch_size, resolutions=resolutions, patch_size=patch, seed=seed,
+                              unnamed_colour_prob=unnamed_colour_prob)
     # Validation scenes all contain held-out colour+shape pairs (never drawn in training).
     val = ScenePatchBatches(image_processor, batch_size=64, resolutions=resolutions, patch_size=patch, seed=seed + 7919,
                             held_out="require", limit=val_batches)

@@ -174,16 +174,17 @@ def _polygon(shape: str, cx: float, cy: float, r: float) -> list[tuple[float, fl
     raise ValueError(f"unknown shape {shape!r}; known: {', '.join(SHAPES)}")
 
 
-def render(scene: Scene) -> Image.Image:
+def render(scene: Scene, fills: dict[int, tuple[int, int, int]] | None = None) -> Image.Image:
     """Render a scene to an RGB PIL image of ``scene.resolution`` pixels square.
 
     Drawn at 2x and downsampled so edges are anti-aliased like a real photo's, not pixel-exact.
+    ``fills`` paints chosen objects (by index) in other RGB colours than their named ones.
     """
     s = scene.resolution * 2
     img = Image.new("RGB", (s, s), BACKGROUNDS[scene.background])
     draw = ImageDraw.Draw(img)
-    for o in scene.objects:
-        _draw_object(draw, o, s, COLOURS[o.colour])
+    for i, o in enumerate(scene.objects):
+        _draw_object(draw, o, s, (fills or {}).get(i, COLOURS[o.colour]))
     return img.resize((scene.resolution, scene.resolution), Image.BILINEAR)
 
 
@@ -199,6 +200,18 @@ PATCH_LABEL_CLASSES = {
 }
 
 
+OCCUPANCY_GRID = 4
+
+
+def unnamed_colour(rng: random.Random, min_distance: float = 90.0) -> tuple[int, int, int]:
+    """A random RGB colour far from every named colour and background: it names no colour at all."""
+    named = list(COLOURS.values()) + list(BACKGROUNDS.values())
+    while True:
+        c = tuple(rng.randrange(256) for _ in range(3))
+        if min(math.dist(c, n) for n in named) >= min_distance:
+            return c
+
+
 def _draw_object(draw: "ImageDraw.ImageDraw", o: SceneObject, side: int, fill) -> None:
     r = SIZE_FRACTION[o.size] * side / 2
     cx, cy = o.cx * side, o.cy * side
@@ -211,7 +224,8 @@ def _draw_object(draw: "ImageDraw.ImageDraw", o: SceneObject, side: int, fill) -
 def patch_labels(scene: Scene, patch_size: int = 8, min_cover: float = 0.25) -> dict[str, list[int]]:
     """What each patch of the rendered image shows, row-major over the (res/patch)^2 grid.
 
-    One list per ``PATCH_LABEL_CLASSES`` key, plus ``instance``: which object owns the patch.
+    One list per ``PATCH_LABEL_CLASSES`` key, plus ``instance`` (which object owns the patch) and
+    ``occupancy`` (a sub-patch foreground mask per patch).
 
     The scene is re-drawn as an instance map (object i+1 painted in drawing order, so the top-most
     object wins where shapes overlap, as in ``render``). A patch belongs to the object covering most
@@ -231,7 +245,12 @@ def patch_labels(scene: Scene, patch_size: int = 8, min_cover: float = 0.25) -> 
     counts = np.stack([(blocks == i + 1).sum(1) for i in range(len(scene.objects))] + [np.zeros(g * g, int)], 1)
     owner = np.where(counts.max(1) >= min_cover * p * p, counts.argmax(1), -1)
     colours, shapes, backgrounds = sorted(COLOURS), list(SHAPES), sorted(BACKGROUNDS)
+    # occupancy[j]: which of the patch's OCCUPANCY_GRID^2 sub-cells an object covers (row-major bits):
+    # a colour-independent, purely local view of the outline, from which shape can be assembled.
+    sub = p // OCCUPANCY_GRID
+    cells = (blocks.reshape(g * g, OCCUPANCY_GRID, sub, OCCUPANCY_GRID, sub) > 0).mean((2, 4)) >= 0.5
     labels = {k: [0] * (g * g) for k in PATCH_LABEL_CLASSES}
+    labels["occupancy"] = cells.reshape(g * g, -1).astype(int).tolist()
     labels["instance"] = [i + 1 for i in owner.tolist()]  # 0 = background, i + 1 = scene.objects[i]
     labels["background"] = [backgrounds.index(scene.background)] * (g * g)
     for j, i in enumerate(owner.tolist()):
