@@ -66,6 +66,7 @@ def build_datamodule(cfg: DictConfig, target_path: str):
 
     from specvlm_lit.data.datamodule import ShardDataModule
     from specvlm_lit.synthetic.generate import CorpusSpec, ensure_corpus
+    from specvlm_lit.utils.visual_tokens import llava_visual_tokens
     d = cfg.data
     if d.get("generate_if_missing") and d.get("corpus_dir"):
         ensure_corpus(d.corpus_dir, CorpusSpec())
@@ -75,11 +76,7 @@ def build_datamodule(cfg: DictConfig, target_path: str):
     if patch <= 0:
         raise StartupError(f"the processor in {target_path} has no patch_size; cannot size the image tokens")
     strategy = getattr(processor, "vision_feature_select_strategy", "default")
-
-    def num_visual_tokens(h: int, w: int) -> int:
-        n = (h // patch) * (w // patch)
-        return n if strategy == "default" else n + 1
-
+    num_visual_tokens = functools.partial(llava_visual_tokens, patch_size=patch, strategy=strategy)
     return ShardDataModule(
         d.train_urls, d.val_urls, processor.tokenizer, vision, num_visual_tokens, batch_size=d.batch_size,
         max_length=d.max_length, shuffle_buffer=d.shuffle_buffer, num_workers=d.num_workers, seed=cfg.seed,

@@ -43,6 +43,8 @@ from transformers import DynamicCache, LlavaForConditionalGeneration, PreTrained
 from transformers.cache_utils import Cache
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
+from .utils.visual_tokens import llava_visual_tokens
+
 __all__ = [
     "TargetAdapter",
     "TargetLoadError",
@@ -425,11 +427,8 @@ class TargetAdapter:
         One token per ``patch_size`` patch (the patch conv has stride ``patch_size``, so partial patches are
         dropped), plus the CLS token unless the ``"default"`` select strategy removes it.
         """
-        patch = int(self.config.vision_config.patch_size)
-        if height < patch or width < patch:
-            raise ValueError(f"Image {height}x{width} is smaller than one {patch}x{patch} patch.")
-        n = (height // patch) * (width // patch)
-        return n if self.config.vision_feature_select_strategy == "default" else n + 1
+        return llava_visual_tokens(height, width, int(self.config.vision_config.patch_size),
+                                   self.config.vision_feature_select_strategy)
 
     def visual_grid(self, height: int, width: int) -> tuple[int, int] | None:
         """(rows, cols) of the patch grid the visual tokens are laid out on, row-major; ``None`` when the

@@ -11,12 +11,8 @@ import lightning as L
 import webdataset as wds
 from torch.utils.data import DataLoader
 
+from ..utils.visual_tokens import llava_visual_tokens  # noqa: F401  (re-exported: callers size image tokens here)
 from .shards import SampleEncoder, batched_by_size, collate, encode_stage, shard_pipeline
-
-
-def llava_visual_tokens(height: int, width: int, patch_size: int) -> int:
-    """Visual tokens a LLaVA tower yields for an image ("default" strategy: the CLS token is dropped)."""
-    return (height // patch_size) * (width // patch_size)
 
 
 def expand_shards(urls) -> list[str]:
