@@ -3,7 +3,7 @@
     python train.py                                   # SpecVLM (select) drafter for the embedded target
     python train.py compressor=resampler trainer.devices=8 trainer=ddp
     python train.py -m compressor=none,prune,pool,conv,resampler,select trainer.max_epochs=1,2,3,4,5
-    python train.py debug=fdr                          # one batch of everything (smoke test)
+    python train.py trainer.fast_dev_run=true          # one batch of everything (smoke test; or debug=fdr)
     python train.py ckpt_path=outputs/train/runs/<run>/checkpoints/last.ckpt   # exact resume
 
 Prints the validation figures and, as its last line, the exported drafter directory

@@ -75,6 +75,15 @@ def test_bad_compressor_values_fail_at_startup(tiny_target, small_corpus, tmp_pa
         train_script.run(cfg)
 
 
+def test_fast_dev_run_is_a_plain_trainer_override(tiny_target, small_corpus, tmp_path):
+    # The smoke command is `python train.py trainer.fast_dev_run=true` (no Hydra `+`).
+    cfg = train_cfg(tiny_target, small_corpus, tmp_path, "trainer.fast_dev_run=true", "trainer.max_steps=-1",
+                    "trainer.limit_train_batches=null")
+    result = train_script.run(cfg)
+    assert result["global_step"] == 1  # one batch, not the 4 a full epoch of 16 samples / batch 4 takes
+    assert Path(result["export_dir"], "model.safetensors").is_file()
+
+
 def test_unknown_config_choice_lists_the_valid_ones():
     out = subprocess.run([sys.executable, "train.py", "compressor=zoom", "--cfg", "job"], cwd=REPO,
                          capture_output=True, text=True)
