@@ -40,6 +40,11 @@ def test_one_epoch_trains_and_exports_a_loadable_drafter(tiny_target, small_corp
     target = TargetAdapter.from_pretrained(tiny_target)
     drafter = EagleVLMDrafter.load(result["export_dir"], target=target)
     assert (drafter.compressor is None) == (compressor == "none")
+    gate = {k: float(v) for k, v in result["metrics"].items() if k.startswith("val/gate/")}
+    if compressor == "select":  # inference-time branch histogram over the validation batches
+        assert len(gate) == len(drafter.compressor.branches) and sum(gate.values()) == pytest.approx(1.0)
+    else:
+        assert not gate
     assert drafter.config.target_fingerprint == target.fingerprint()
     assert (tmp_path / "checkpoints" / "last.ckpt").is_file()
     assert list((tmp_path / "csv").rglob("metrics.csv"))

@@ -196,13 +196,17 @@ class OnlineDistillation(L.LightningModule):
             self.log(f"{stage}/top1_step{k}", self.top1[f"{stage}_{k}"], prog_bar=k == 1, batch_size=batch_size)
         self.visual_rows.update(torch.tensor(db.visual_rows, dtype=torch.float32))
         self.log(f"{stage}/drafter_visual_tokens", self.visual_rows, batch_size=batch_size)
-        if self.branch_hist is not None and stage == "train":
+        if self.branch_hist is not None:
             counts = torch.zeros(len(self.branch_names), device=self.device)
             for b in db.branches:
                 if b is not None:
                     counts[b] += 1
+            # train: the Gumbel-Softmax samples of each step; val: the inference-time (argmax) choices, averaged
+            # over the validation epoch -- the branch mix decoding will actually see.
+            prefix = "gate" if stage == "train" else "val/gate"
             for name, c in zip(self.branch_names, counts):
-                self.log(f"gate/{name}", c / max(1, len(db.branches)), batch_size=batch_size)
+                self.log(f"{prefix}/{name}", c / max(1, len(db.branches)), batch_size=batch_size,
+                         sync_dist=stage == "val")
 
     # -------------------------------------------------------------------------------------------- steps
     def on_train_batch_start(self, batch, batch_idx) -> None:
