@@ -205,6 +205,7 @@ BAD_INPUTS = [
     ("temperature=-1", ["temperature=-1"], "temperature must be a finite number >= 0"),
     ("top_p=0", ["top_p=0"], "top_p must be a number in (0, 1]"),
     ("top_p=1.5", ["top_p=1.5"], "top_p must be a number in (0, 1]"),
+    ("tree.adaptive=maybe", ["tree.adaptive=maybe"], "tree.adaptive must be true or false"),
 ]
 
 
@@ -258,10 +259,11 @@ def test_cli_bench_writes_json_markdown_and_plot(setup, tmp_path):
     report = json.loads((run_dir / "bench.json").read_text())
     assert {"platform", "cpu", "torch_threads", "torch", "transformers"} <= set(report["machine"])
     assert report["config"]["resolutions"] == [64, 128] and report["config"]["temperatures"] == [0.0, 1.0]
-    methods = ["ar", "prompt_lookup", "assisted", "eaglevlm", "specvlm"]
+    methods = ["ar", "prompt_lookup", "assisted", "eaglevlm", "specvlm", "eaglevlm_adaptive", "specvlm_adaptive"]
     assert list(report["results"]) == methods
-    assert report["config"]["drafter_paths"] == {"eaglevlm": str(setup["paths"]["none"]),
-                                                 "specvlm": str(root / "outputs/train/runs/1/drafter")}
+    eagle_dir, spec_dir = str(setup["paths"]["none"]), str(root / "outputs/train/runs/1/drafter")
+    assert report["config"]["drafter_paths"] == {"eaglevlm": eagle_dir, "specvlm": spec_dir,
+                                                 "eaglevlm_adaptive": eagle_dir, "specvlm_adaptive": spec_dir}
     for m in methods:
         for t in ("0.0", "1.0"):
             r = report["results"][m][t]
@@ -276,9 +278,10 @@ def test_cli_bench_writes_json_markdown_and_plot(setup, tmp_path):
     spec, eagle = report["results"]["specvlm"]["0.0"], report["results"]["eaglevlm"]["0.0"]
     assert spec["drafter_visual_tokens"] <= eagle["drafter_visual_tokens"]
     assert all(r.get("assistant_saw_image") for r in report["runs"] if r["method"] == "assisted")
-    for m in ("eaglevlm", "specvlm"):  # the per-phase breakdown adds up to the measured wall time
+    for m in methods[3:]:  # the per-phase breakdown adds up to the measured wall time
         b = report["results"][m]["0.0"]["breakdown"]
         assert b["rounds"] >= 4 and b["round_ms"] > 0 and b["ar_step_ms"] > 0 and b["tree_nodes_per_round"] >= 1
+        assert 0 <= b["tree_depth_per_round"] <= 4
         assert sum(b["share"].values()) == pytest.approx(1.0, abs=0.01)
         assert b["round_ms"] == pytest.approx(b["draft_ms_per_round"] + b["verify_ms_per_round"]
                                               + b["other_ms_per_round"], abs=0.05)

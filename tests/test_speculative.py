@@ -24,6 +24,7 @@ from transformers import DynamicCache, LlamaConfig, LlavaForConditionalGeneratio
 from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRMSNorm, LlamaRotaryEmbedding
 
 from specvlm_lit.decoding.acceptance import WarpConfig, warp_logits
+from specvlm_lit.decoding.cost_model import RoundCostModel, RunningMean
 from specvlm_lit.decoding.speculative import (
     SpecStats,
     SpeculativeDecoder,
@@ -318,6 +319,72 @@ def test_greedy_matches_hf_generate(target, sizes, n_text, seed, drafter_kind, s
             assert min(st.accepted_drafts) >= 1 and st.sigma > 2, st.accepted_drafts
 
 
+def _frozen_cost(verify, step=0.004, fixed=0.002):
+    return RoundCostModel(verify, step=RunningMean(value=step, frozen=True), fixed=RunningMean(value=fixed, frozen=True))
+
+
+STEEP = {2: 0.010, 64: 0.100}  # small-CPU-like: verification cost grows with every node
+FLAT = {2: 0.020, 64: 0.021}  # GPU-like: extra nodes are nearly free
+
+
+@pytest.mark.parametrize("target,sizes,n_text,seed,drafter_kind,shape", [GREEDY_CASES[i] for i in (0, 2, 3, 5, 6)])
+def test_adaptive_trees_stay_lossless(target, sizes, n_text, seed, drafter_kind, shape):
+    """tree.adaptive only changes how much is drafted and verified: greedy output == generate() whatever it picks."""
+    adapter = get_target(target)
+    ids, feats = _inputs(adapter, sizes, n_text, seed)
+    n_long = 40
+    ref = hf_greedy(adapter, ids, feats, n_long)
+    eos = ref[min(len(ref) - 1, 9)]
+    ref_eos = hf_greedy(adapter, ids, feats, n_long, eos=eos)
+    drafter = _make_drafter(drafter_kind, adapter, ids, feats)
+    top_k, depth, total = shape
+    for cost in (None, _frozen_cost(STEEP), _frozen_cost(FLAT)):  # None: timed on this machine
+        dec = SpeculativeDecoder(adapter, drafter, TreeConfig(top_k, depth, total, adaptive=True), WarpConfig(),
+                                 debug_hook=BookkeepingChecker(), cost_model=cost)
+        for n in (1, 3, n_long):
+            res = dec.generate(ids, feats, max_new_tokens=n)
+            assert res.tokens.tolist() == ref[:n], (n, cost)
+            assert all(2 <= size <= total for size in res.stats.tree_sizes[:-1] if n > 3)
+        res = dec.generate(ids, feats, max_new_tokens=n_long, eos_token_id=eos)
+        assert res.tokens.tolist() == ref_eos
+
+
+class ScaledOracle(OracleDrafter):
+    """The oracle with its features scaled: the same argmax (always the target's), with sharper (scale > 1) or
+    flatter (scale < 1) probabilities. The cost model reads draft confidence as acceptance probability."""
+
+    def __init__(self, *args, scale: float, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.scale = scale
+
+    def forward(self, *args, **kwargs):
+        out = super().forward(*args, **kwargs)
+        out.hidden = out.hidden * self.scale
+        return out
+
+
+def test_adaptive_trees_follow_cost_and_confidence():
+    adapter = get_target("peaked")
+    ids, feats = _inputs(adapter, [(32, 32)], 5, 0)
+    ref = hf_greedy(adapter, ids, feats, 40)
+
+    def run(scale, verify):
+        dec = SpeculativeDecoder(adapter, ScaledOracle(adapter, ids, feats, scale=scale),
+                                 TreeConfig(10, 7, 60, adaptive=True), WarpConfig(), cost_model=_frozen_cost(verify))
+        res = dec.generate(ids, feats, max_new_tokens=40)
+        assert res.tokens.tolist() == ref
+        return res.stats
+
+    sure_flat, sure_steep, unsure_steep = run(8.0, FLAT), run(8.0, STEEP), run(0.25, STEEP)
+    # A confident drafter drafts deep trees; with free verification they stay wide too.
+    assert max(sure_flat.tree_depths) == 7 and max(sure_flat.tree_sizes) > max(sure_steep.tree_sizes)
+    assert sure_steep.sigma > 3
+    # An unsure one (same tokens, flat probabilities) on a costly target drafts little: shallow, small trees.
+    assert max(unsure_steep.tree_sizes) < 60
+    assert sum(unsure_steep.tree_depths) / len(unsure_steep.tree_depths) < sum(sure_steep.tree_depths) / len(
+        sure_steep.tree_depths)
+
+
 def test_greedy_eos_inside_tree_and_budget_cut_mid_tree():
     """Oracle drafter, full trees: the EOS / budget fall strictly inside an accepted path."""
     adapter = get_target("a")
@@ -512,12 +579,14 @@ def _binned(counts: dict, probs: dict, n: int, min_expected: float = 5.0):
     return obs, exp
 
 
-def test_sampling_first_token_distribution():
+@pytest.mark.parametrize("adaptive", [False, True])
+def test_sampling_first_token_distribution(adaptive):
     adapter = get_target("peaked")
     ids, _ = _inputs(adapter, [], 5, 10)
     warp = WarpConfig(temperature=1.0)
     probs = warp_logits(adapter.forward(ids).logits[0, -1], warp)
-    dec = SpeculativeDecoder(adapter, TinyDrafter(seed=1), TreeConfig(4, 3, 10), warp)
+    dec = SpeculativeDecoder(adapter, TinyDrafter(seed=1), TreeConfig(4, 3, 10, adaptive=adaptive), warp,
+                             cost_model=_frozen_cost(STEEP) if adaptive else None)
     g = torch.Generator().manual_seed(1234)
     n = 800
     counts: dict = {}

@@ -69,11 +69,19 @@ from .pipeline import (
 __all__ = ["METHODS", "BenchSettings", "collect_samples", "run_benchmark", "settings_from_config"]
 
 EMBEDDED_ASSISTANT = "data/embedded_assistant"  # built by conf/assistant_recipe.yaml
-METHODS = ("ar", "prompt_lookup", "assisted", "eaglevlm", "specvlm")
-SPEC_METHODS = ("eaglevlm", "specvlm")
+METHODS = ("ar", "prompt_lookup", "assisted", "eaglevlm", "specvlm", "eaglevlm_adaptive", "specvlm_adaptive")
+DRAFTER_KINDS = ("eaglevlm", "specvlm")
+# *_adaptive: the same drafter with cost-aware trees (tree.adaptive=true, specvlm_lit/decoding/cost_model.py).
+SPEC_METHODS = DRAFTER_KINDS + ("eaglevlm_adaptive", "specvlm_adaptive")
 HF_METHODS = ("ar", "prompt_lookup", "assisted")
 LABELS = {"ar": "AR (HF generate)", "prompt_lookup": "HF prompt lookup", "assisted": "HF assisted",
-          "eaglevlm": "EagleVLM", "specvlm": "SpecVLM (select)"}
+          "eaglevlm": "EagleVLM", "specvlm": "SpecVLM (select)", "eaglevlm_adaptive": "EagleVLM, adaptive tree",
+          "specvlm_adaptive": "SpecVLM, adaptive tree"}
+
+
+def drafter_of(method: str) -> str:
+    """The drafter kind a speculative method runs (``specvlm_adaptive`` -> ``specvlm``)."""
+    return method.removesuffix("_adaptive")
 
 
 # ------------------------------------------------------------------------------------------------ settings
@@ -145,9 +153,9 @@ def settings_from_config(cfg: Mapping, out_dir: str, root: str | os.PathLike) ->
     if not urls:
         raise DecodeInputError("bench.test_urls is empty: point it at the held-out test shards (test-*.tar)")
     drafters = dict(b.get("drafters") or {})
-    unknown = set(drafters) - set(SPEC_METHODS)
+    unknown = set(drafters) - set(DRAFTER_KINDS)
     if unknown:
-        raise DecodeInputError(f"bench.drafters accepts only {list(SPEC_METHODS)}, got {sorted(unknown)}")
+        raise DecodeInputError(f"bench.drafters accepts only {list(DRAFTER_KINDS)}, got {sorted(unknown)}")
     for k, v in drafters.items():
         if v is not None and not Path(str(v)).expanduser().is_dir():
             raise DecodeInputError(f"bench.drafters.{k}: drafter directory {v} does not exist")
@@ -157,7 +165,7 @@ def settings_from_config(cfg: Mapping, out_dir: str, root: str | os.PathLike) ->
             kind = drafter_kind(json.loads((Path(str(top)).expanduser() / "config.json").read_text()))
         except (OSError, ValueError) as e:
             raise DecodeInputError(f"drafter {top}: cannot read its config.json ({e})") from None
-        if kind in SPEC_METHODS and drafters.get(kind) is None:
+        if kind in DRAFTER_KINDS and drafters.get(kind) is None:
             drafters[kind] = str(top)
     assistant = b.get("assistant")
     assistant_auto = assistant == "auto"
@@ -192,7 +200,7 @@ def settings_from_config(cfg: Mapping, out_dir: str, root: str | os.PathLike) ->
         samples_per_resolution=_int_list(b.get("samples_per_resolution", 8), "samples_per_resolution", 1)[0],
         temperatures=temps,
         max_new_tokens=check_max_new_tokens(b.get("max_new_tokens", 64), "bench.max_new_tokens"),
-        methods=methods, drafters={k: drafters.get(k) for k in SPEC_METHODS},
+        methods=methods, drafters={k: drafters.get(k) for k in DRAFTER_KINDS},
         assistant=None if assistant is None else str(assistant), assistant_auto=assistant_auto,
         prompt_lookup_num_tokens=n_pl,
         prompt_lookup_suppress_image_token=bool(b.get("prompt_lookup_suppress_image_token", True)),
@@ -398,8 +406,20 @@ class _Runner:
         fingerprint = self.adapter.fingerprint()
         self.drafter_paths: dict[str, str | None] = {}
         self.pipes = {}
+        loaded: dict[str, Any] = {}  # drafter kind -> (path, drafter), shared by the static and adaptive rows
         for m in SPEC_METHODS:
             if m not in s.methods:
+                continue
+            tree = {**s.tree, "adaptive": True} if m.endswith("_adaptive") else s.tree
+            m, row = drafter_of(m), m
+            if m in loaded or m in self.skipped:
+                if m in self.skipped:
+                    self.skipped[row] = self.skipped[m]
+                else:
+                    path, drafter = loaded[m]
+                    self.pipes[row] = SpecVLMPipeline.from_components(self.adapter, self.base.processor, drafter,
+                                                                      tree=tree)
+                    self.drafter_paths[row] = path
                 continue
             path = s.drafters.get(m)
             if path is None:
@@ -412,6 +432,7 @@ class _Runner:
                     train = "compressor=none" if m == "eaglevlm" else "compressor=select"
                     self.skipped[m] = (f"{why} under {s.outputs_root}; run `python train.py {train}` or pass "
                                        f"bench.drafters.{m}=<drafter dir>")
+                    self.skipped[row] = self.skipped[m]
                     continue
                 path = str(found)
             drafter = EagleVLMDrafter.load(path, target=self.adapter, dtype=self.base.adapter.dtype,
@@ -419,9 +440,9 @@ class _Runner:
             kind = drafter_kind({"compressor": drafter.config.compressor})
             if kind != m:
                 self.notes.append(f"{m}: the drafter at {path} is of kind {kind!r}, not {m!r}")
-            self.pipes[m] = SpecVLMPipeline.from_components(self.adapter, self.base.processor, drafter,
-                                                            tree=s.tree)
-            self.drafter_paths[m] = str(path)
+            loaded[m] = (str(path), drafter)
+            self.pipes[row] = SpecVLMPipeline.from_components(self.adapter, self.base.processor, drafter, tree=tree)
+            self.drafter_paths[row] = str(path)
         self.assistant = None
         if "assisted" in s.methods:
             if s.assistant is None:
@@ -451,7 +472,8 @@ class _Runner:
                        ttft_s=st.time_prefill, drafter_visual_tokens=st.draft_visual_tokens,
                        draft_kv=st.draft_kv_len, draft_kv_bytes=st.draft_kv_len * p.draft_kv_bytes_per_row(),
                        verify_rounds=st.verify_rounds, time_draft_s=st.time_draft, time_verify_s=st.time_verify,
-                       time_other_s=st.time_other, tree_nodes=sum(st.tree_sizes))
+                       time_other_s=st.time_other, tree_nodes=sum(st.tree_sizes),
+                       tree_depth=sum(st.tree_depths))
             return rec
         kwargs: dict[str, Any] = {}
         extra = None
@@ -543,6 +565,7 @@ def _breakdown(runs: list[dict], ar: dict, rounds: int) -> dict:
         "other_ms_per_round": per("time_other_s", rounds),
         "round_ms": _r(1000 * (parts["draft"] + parts["verify"] + parts["other"]) / rounds, 2) if rounds else None,
         "tree_nodes_per_round": _r(sum(r["tree_nodes"] for r in runs) / rounds, 2) if rounds else None,
+        "tree_depth_per_round": _r(sum(r.get("tree_depth", 0) for r in runs) / rounds, 2) if rounds else None,
         "ar_step_ms": _r(1000 * ar_decode_s / ar_steps, 2) if ar_steps else None,
         "share": {k: _r(v / total, 3) if total > 0 else None for k, v in parts.items()},
     }
@@ -618,14 +641,15 @@ def write_markdown(report: dict, path: Path) -> None:
         if spec:
             lines += ["", f"Where the time goes at T = {t:g} (ms; shares of the method's total wall time):", "",
                       "| method | prefill / request | draft / round | verify / round | other / round | round | "
-                      "tree nodes / round | AR step | prefill % | draft % | verify % | other % | pipeline % |",
-                      "|---" * 13 + "|"]
+                      "tree nodes / round | tree depth / round | AR step | prefill % | draft % | verify % | other % | "
+                      "pipeline % |", "|---" * 14 + "|"]
             for meth, b in spec:
                 sh = b["share"]
                 lines.append(f"| {LABELS[meth]} | {_fmt(b['prefill_ms_per_request'], 1)} | "
                              f"{_fmt(b['draft_ms_per_round'], 1)} | {_fmt(b['verify_ms_per_round'], 1)} | "
                              f"{_fmt(b['other_ms_per_round'], 1)} | {_fmt(b['round_ms'], 1)} | "
-                             f"{_fmt(b['tree_nodes_per_round'], 1)} | {_fmt(b['ar_step_ms'], 1)} | "
+                             f"{_fmt(b['tree_nodes_per_round'], 1)} | {_fmt(b.get('tree_depth_per_round'), 1)} | "
+                             f"{_fmt(b['ar_step_ms'], 1)} | "
                              + " | ".join(_fmt(sh[k], pct=True) for k in ("prefill", "draft", "verify", "other", "pipeline")) + " |")
         lines.append("")
     lines += ["## Definitions", "",

@@ -137,15 +137,20 @@ def check_seed(seed) -> int | None:
 
 
 def check_tree(tree) -> dict:
-    """Validate a tree config mapping (``top_k``, ``depth``, ``total_tokens`` int or ``"auto"``) without torch."""
+    """Validate a tree config mapping (``top_k``, ``depth``, ``total_tokens`` int or ``"auto"``, ``adaptive``)
+    without torch."""
     if tree is None:
         return {}
     if not isinstance(tree, Mapping):
         raise DecodeInputError(f"tree must be a mapping with top_k / depth / total_tokens, got {tree!r}")
-    unknown = set(tree) - {"top_k", "depth", "total_tokens", "clip_to_budget"}
+    unknown = set(tree) - {"top_k", "depth", "total_tokens", "clip_to_budget", "adaptive"}
     if unknown:
-        raise DecodeInputError(f"unknown tree option(s) {sorted(unknown)}; valid: top_k, depth, total_tokens")
+        raise DecodeInputError(f"unknown tree option(s) {sorted(unknown)}; "
+                               f"valid: top_k, depth, total_tokens, adaptive, clip_to_budget")
     out = dict(tree)
+    for name in ("adaptive", "clip_to_budget"):
+        if name in out and not isinstance(out[name], bool):
+            raise DecodeInputError(f"tree.{name} must be true or false, got {out[name]!r}")
     for name, minimum in (("top_k", 1), ("depth", 1)):
         if name in out and (not _is_int(out[name]) or out[name] < minimum):
             raise DecodeInputError(f"tree.{name} must be an integer >= {minimum}, got {out[name]!r}")

@@ -65,6 +65,7 @@ from torch import Tensor
 
 from ..drafter.sequence import build_draft_sequence
 from .acceptance import WarpConfig, accept_greedy, accept_sampling, truncate_at_eos, warp_logits
+from .cost_model import RoundCostModel
 from .tree import DraftTree, TreeBuilder
 
 __all__ = [
@@ -95,12 +96,17 @@ class TreeConfig:
         clip_to_budget: draft no deeper than the remaining ``max_new_tokens`` can use (``depth <= remaining - 1``).
             Pure savings: it never changes the output (or its distribution), only skips drafting tokens that would be
             cut anyway. ``False`` drafts full trees (tests use it to exercise budget truncation inside a tree).
+        adaptive: cost-aware trees (:mod:`.cost_model`): ``depth`` and ``total_tokens`` become upper bounds and
+            every round stops drafting when another level is not expected to pay for itself, then verifies the
+            number of nodes that maximises expected tokens per second (from the drafter's path probabilities and
+            timings measured on this device). Never changes outputs, only speed.
     """
 
     top_k: int = 10
     depth: int = 7
     total_tokens: Union[int, str] = 60
     clip_to_budget: bool = True
+    adaptive: bool = False
 
     def __post_init__(self):
         for name, minimum in (("top_k", 1), ("depth", 1)):
@@ -115,6 +121,8 @@ class TreeConfig:
             raise ValueError(f"TreeConfig.total_tokens must be an int >= 2 (root included) or 'auto', got {t!r}")
         if not isinstance(self.clip_to_budget, bool):
             raise ValueError(f"TreeConfig.clip_to_budget must be a bool, got {self.clip_to_budget!r}")
+        if not isinstance(self.adaptive, bool):
+            raise ValueError(f"TreeConfig.adaptive must be a bool, got {self.adaptive!r}")
 
     @property
     def auto(self) -> bool:
@@ -271,7 +279,42 @@ def default_expected_tokens(depth: int) -> Callable[[int], float]:
     return expected
 
 
+def _max_tree_nodes(top_k: int, depth: int) -> int:
+    """Root + every pool node a ``top_k`` / ``depth`` tree can create."""
+    return 1 + top_k + (depth - 1) * top_k * top_k
+
+
 @torch.no_grad()
+def time_verification(adapter, prefix_len: int, sizes: Sequence[int], *, top_k: int = 10,
+                      repeats: int = 3) -> dict[int, float]:
+    """Seconds of :meth:`TargetAdapter.tree_forward` over trees of each size (root included) after a dummy
+    prefix of ``prefix_len`` text tokens, on the current device: the median of ``repeats`` runs after a warm-up."""
+    if isinstance(prefix_len, bool) or not isinstance(prefix_len, int) or prefix_len < 1:
+        raise ValueError(f"prefix_len must be an int >= 1, got {prefix_len!r}")
+    device = adapter.device
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, adapter.vocab_size, (1, prefix_len), generator=g)
+    ids[ids == adapter.image_token_id] = 0
+    cache = adapter.new_cache()
+    adapter.forward(ids.to(device), past_key_values=cache, use_cache=True, logits_to_keep=1)
+    out: dict[int, float] = {}
+    for n in sizes:
+        parents = [-1] + [(i - 1) // top_k for i in range(1, n)]  # a valid topologically ordered tree of n nodes
+        tree = DraftTree.from_parents(torch.randint(0, adapter.vocab_size, (n,), generator=g), parents)
+        times = []
+        for rep in range(repeats + 1):
+            _sync(device)
+            t0 = time.perf_counter()
+            adapter.tree_forward(tree.tokens[None].to(device), tree.position_ids(prefix_len).to(device), tree.mask,
+                                 cache)
+            _sync(device)
+            if rep > 0:
+                times.append(time.perf_counter() - t0)
+            adapter.crop_cache(cache, prefix_len)
+        out[int(n)] = statistics.median(times)
+    return out
+
+
 def choose_total_tokens(
     adapter,
     prefix_len: int,
@@ -285,40 +328,23 @@ def choose_total_tokens(
 ) -> int:
     """Pick the tree size that maximises expected tokens per second on the current device.
 
-    Times :meth:`TargetAdapter.tree_forward` for every candidate size after a dummy prefix of ``prefix_len`` text
-    tokens (median of ``repeats`` runs after one warm-up), then returns
+    Times :meth:`TargetAdapter.tree_forward` for every candidate size (:func:`time_verification`), then returns
     ``argmax_n expected_tokens(n) / (t_verify(n) + draft_time)``. ``draft_time`` is the (size-independent) drafting
     cost per round in seconds, if known. Sizes are clipped to what a ``top_k``/``depth`` tree can hold.
     """
     if isinstance(prefix_len, bool) or not isinstance(prefix_len, int) or prefix_len < 1:
         raise ValueError(f"prefix_len must be an int >= 1, got {prefix_len!r}")
-    max_nodes = 1 + top_k + (depth - 1) * top_k * top_k  # root + every pool node a top_k/depth tree can create
+    max_nodes = _max_tree_nodes(top_k, depth)
     sizes = sorted({min(int(c), max_nodes) for c in candidates if not isinstance(c, bool) and int(c) >= 2})
     if not sizes:
         raise ValueError(f"candidates must contain sizes >= 2, got {list(candidates)!r}")
     if len(sizes) == 1:
         return sizes[0]
     expected = expected_tokens or default_expected_tokens(depth)
-    device = adapter.device
-    g = torch.Generator().manual_seed(0)
-    ids = torch.randint(0, adapter.vocab_size, (1, prefix_len), generator=g)
-    ids[ids == adapter.image_token_id] = 0
-    cache = adapter.new_cache()
-    adapter.forward(ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
+    times = time_verification(adapter, prefix_len, sizes, top_k=top_k, repeats=repeats)
     best, best_score = sizes[0], -1.0
     for n in sizes:
-        parents = [-1] + [(i - 1) // top_k for i in range(1, n)]  # a valid topologically ordered tree of n nodes
-        tree = DraftTree.from_parents(torch.randint(0, adapter.vocab_size, (n,), generator=g), parents)
-        times = []
-        for rep in range(repeats + 1):
-            _sync(device)
-            t0 = time.perf_counter()
-            adapter.tree_forward(tree.tokens[None], tree.position_ids(prefix_len), tree.mask, cache)
-            _sync(device)
-            if rep > 0:
-                times.append(time.perf_counter() - t0)
-            adapter.crop_cache(cache, prefix_len)
-        score = expected(n) / (statistics.median(times) + max(float(draft_time), 0.0))
+        score = expected(n) / (times[n] + max(float(draft_time), 0.0))
         if score > best_score:
             best, best_score = n, score
     return best
@@ -337,6 +363,8 @@ class SpeculativeDecoder:
             ``drafter.check_target(adapter)`` (called once here). Token embedding and LM head are the target's.
         tree: draft-tree shape.
         warp: sampling configuration (``temperature == 0``: greedy).
+        cost_model: for ``tree.adaptive``: a ready :class:`~.cost_model.RoundCostModel` (e.g. shared between
+            decoders or with fixed timings in tests); ``None`` = time the target's verification on the first request.
         debug_hook: optional ``hook(event, info)`` for tests / debugging, called with ``"prefill"`` (after the
             draft prefill), ``"tree"`` (after a tree is built, before verification) and ``"round"`` (after a
             round's draft-cache extension). ``info`` holds live objects (caches, tree, ...): read, don't modify.
@@ -350,6 +378,7 @@ class SpeculativeDecoder:
         warp: WarpConfig | None = None,
         *,
         debug_hook: DebugHook | None = None,
+        cost_model: RoundCostModel | None = None,
     ):
         tree = TreeConfig() if tree is None else tree
         warp = WarpConfig() if warp is None else warp
@@ -374,6 +403,10 @@ class SpeculativeDecoder:
         self.warp = warp
         self.debug_hook = debug_hook
         self._auto_total: int | None = None
+        if cost_model is not None and not isinstance(cost_model, RoundCostModel):
+            raise ValueError(f"cost_model must be a RoundCostModel or None, got {type(cost_model).__name__}")
+        # tree.adaptive: timings of this device (measured on the first request unless given).
+        self._cost: RoundCostModel | None = cost_model
         self._draft_dtype, self._draft_device = _module_dtype_device(drafter, adapter.dtype, adapter.device)
 
     # ------------------------------------------------------------------------------------------ validation
@@ -432,12 +465,21 @@ class SpeculativeDecoder:
 
     def _draft_tree(self, root: int, h_root: Tensor, cache, draft_len: int, depth: int, total: int) -> DraftTree:
         """Grow the dynamic tree below ``root``; the draft cache is restored to ``draft_len`` rows afterwards."""
+        cost = self._cost if self.tree.adaptive else None
+        levels = 0  # draft forwards so far; their cost is taken from the model (deterministic given its timings)
         builder = TreeBuilder(self.tree.top_k, depth, total)
-        frontier = builder.start(root, self._logprobs(h_root))
+        logprobs = self._logprobs(h_root)
+        frontier = builder.start(root, logprobs)
         prev_hidden = h_root[None]  # outputs of the previous batched forward; the root's "row" is h_root
         root_pos = draft_len - 1
         embed = self.adapter.embed_tokens
         while frontier is not None:
+            if cost is not None:
+                child_prob = float(logprobs.max(-1).values.exp().mean())  # typical best-child probability
+                if not cost.worth_another_level(builder.pool_scores, frontier.scores, child_prob,
+                                                levels * (cost.step.value or 0.0), total):
+                    break
+                t_step = time.perf_counter()
             m = frontier.size
             parent_rows = frontier.parent_rows.to(prev_hidden.device)
             if bool((parent_rows < 0).all()):
@@ -458,8 +500,15 @@ class SpeculativeDecoder:
                 cache,
             )
             prev_hidden = hidden
-            frontier = builder.expand(self._logprobs(hidden))
+            logprobs = self._logprobs(hidden)
+            frontier = builder.expand(logprobs)
+            if cost is not None:
+                _sync(self._draft_device)
+                cost.step.update(time.perf_counter() - t_step)
+                levels += 1
         _crop(cache, draft_len)
+        if cost is not None:
+            builder.total_tokens, _ = cost.best_size(builder.pool_scores, levels * (cost.step.value or 0.0), total)
         return builder.build()
 
     # -------------------------------------------------------------------------------------------- generate
@@ -473,6 +522,8 @@ class SpeculativeDecoder:
         return torch.cat([ids[0].cpu(), torch.tensor(out_tokens, dtype=torch.long)])
 
     def _total_tokens(self, prefix_len: int) -> int:
+        if self.tree.adaptive:
+            return self._adaptive_cap(prefix_len)
         if not self.tree.auto:
             return int(self.tree.total_tokens)
         if self._auto_total is None:
@@ -480,6 +531,16 @@ class SpeculativeDecoder:
                 self.adapter, prefix_len, depth=self.tree.depth, top_k=self.tree.top_k
             )
         return self._auto_total
+
+    def _adaptive_cap(self, prefix_len: int) -> int:
+        """Largest tree an adaptive round may verify; times the target's verification once per decoder."""
+        top_k, depth = self.tree.top_k, self.tree.depth
+        cap = max(DEFAULT_TOTAL_TOKENS_CANDIDATES) if self.tree.auto else int(self.tree.total_tokens)
+        cap = max(2, min(cap, _max_tree_nodes(top_k, depth)))
+        if self._cost is None:
+            sizes = sorted({2, cap, *(c for c in DEFAULT_TOTAL_TOKENS_CANDIDATES if c < cap)})
+            self._cost = RoundCostModel(time_verification(self.adapter, prefix_len, sizes, top_k=top_k))
+        return cap
 
     def _pick(self, logits: Tensor, generator: torch.Generator | None) -> int:
         """The token ``generate()`` would emit from next-token ``logits [V]`` (argmax, or a warped sample)."""
@@ -600,13 +661,14 @@ class SpeculativeDecoder:
             prefix_len = tcache.get_seq_length()
 
             # 3. Draft a tree below the root (or just the root when the budget has room for one token only).
-            t0 = time.perf_counter()
+            t0 = t_round = time.perf_counter()
             if depth >= 1:
                 tree = self._draft_tree(root, h_root, dcache, draft_len, depth, total)
             else:
                 tree = DraftTree.from_parents(torch.tensor([root], device=dev), [-1])
             _sync(dev)
-            stats.time_draft += time.perf_counter() - t0
+            t_tree = time.perf_counter() - t0
+            stats.time_draft += t_tree
             if self.debug_hook is not None:
                 self._hook("tree", tree=tree, root=root, h_root=h_root, draft_cache=dcache, draft_len=draft_len,
                            sequence=self._sequence(ids, out_tokens))
@@ -650,7 +712,10 @@ class SpeculativeDecoder:
             h_root = dh[-1]
             root = int(new_tokens[-1])
             _sync(dev)
-            stats.time_draft += time.perf_counter() - t0
+            t_end = time.perf_counter()
+            stats.time_draft += t_end - t0
+            if self._cost is not None and self.tree.adaptive:
+                self._cost.fixed.update(max(0.0, t_end - t_round - t_tree - self._cost.verify_time(tree.size)))
             stats.draft_kv_lens.append(draft_len)
             stats.draft_kv_len = draft_len
             if self.debug_hook is not None:

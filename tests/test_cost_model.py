@@ -1,0 +1,71 @@
+"""Cost-aware tree sizing (specvlm_lit.decoding.cost_model): deterministic, with made-up timings."""
+
+import math
+
+import pytest
+import torch
+
+from specvlm_lit.decoding.cost_model import RoundCostModel, RunningMean
+
+
+def fixed_model(verify, step=0.004, fixed=0.002):
+    return RoundCostModel(verify, step=RunningMean(value=step, frozen=True), fixed=RunningMean(value=fixed, frozen=True))
+
+
+def test_verify_time_interpolates_and_extrapolates():
+    m = RoundCostModel({2: 0.010, 10: 0.018, 60: 0.058})
+    assert m.verify_time(10) == pytest.approx(0.018)
+    assert m.verify_time(6) == pytest.approx(0.014)
+    assert m.verify_time(35) == pytest.approx(0.038)
+    assert m.verify_time(80) == pytest.approx(0.074)  # the last segment's slope, continued
+    assert RoundCostModel({8: 0.016}).verify_time(4) == pytest.approx(0.008)
+
+
+def test_expected_tokens_counts_the_bonus_token():
+    e = RoundCostModel.expected_tokens(torch.tensor([0.9, 0.5, 0.1]))
+    assert e.tolist() == pytest.approx([1.0, 1.9, 2.4, 2.5])
+
+
+def test_best_size_follows_the_cost_of_verification():
+    # 30 nodes: a confident chain (0.9^d) and many unlikely siblings.
+    chain = [math.log(0.9) * d for d in range(1, 8)]
+    noise = [math.log(0.01)] * 23
+    scores = torch.tensor(chain + noise)
+    flat = fixed_model({2: 0.020, 64: 0.021})  # GPU-like: verification cost hardly grows
+    steep = fixed_model({2: 0.010, 64: 0.100})  # small CPU: every node costs
+    n_flat, _ = flat.best_size(scores, draft_seconds=0.02, max_size=60)
+    n_steep, _ = steep.best_size(scores, draft_seconds=0.02, max_size=60)
+    assert n_flat == 31  # everything drafted (30 nodes + root): extra nodes are free
+    assert n_steep == 8  # root + the confident chain; the 0.01 siblings do not pay for their verification
+    assert fixed_model({2: 0.01, 64: 0.1}).best_size(scores, 0.02, max_size=4)[0] == 4  # capped
+
+
+def test_another_level_only_when_it_pays():
+    m = fixed_model({2: 0.010, 64: 0.040}, step=0.004)
+    confident = torch.log(torch.tensor([0.95, 0.9, 0.85]))
+    unsure = torch.log(torch.tensor([0.05, 0.02, 0.01]))
+    assert m.worth_another_level(confident, confident, child_prob=0.9, draft_seconds=0.01, max_size=60)
+    assert not m.worth_another_level(unsure, unsure, child_prob=0.1, draft_seconds=0.01, max_size=60)
+    # No room left under the size cap: never draft more.
+    assert not m.worth_another_level(confident, confident, child_prob=0.9, draft_seconds=0.01, max_size=4)
+    # An expensive draft step flips the confident case.
+    slow = fixed_model({2: 0.010, 64: 0.040}, step=0.5)
+    assert not slow.worth_another_level(confident, confident, child_prob=0.9, draft_seconds=0.01, max_size=60)
+
+
+def test_untimed_model_measures_first():
+    m = RoundCostModel({2: 0.01, 16: 0.02})
+    unsure = torch.log(torch.tensor([0.01]))
+    assert m.worth_another_level(unsure, unsure, child_prob=0.01, draft_seconds=0.0, max_size=16)
+    m.step.update(0.004)
+    m.step.update(0.002)
+    assert m.step.value == pytest.approx(0.8 * 0.004 + 0.2 * 0.002)
+    frozen = RunningMean(value=1.0, frozen=True)
+    frozen.update(5.0)
+    assert frozen.value == 1.0
+
+
+@pytest.mark.parametrize("bad", [{}, {0: 0.1}, {4: -1.0}, {4: float("inf")}])
+def test_bad_verify_tables_are_rejected(bad):
+    with pytest.raises(ValueError, match="verify_times"):
+        RoundCostModel(bad)
