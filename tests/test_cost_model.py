@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from specvlm_lit.decoding.cost_model import RoundCostModel, RunningMean
+from specvlm_lit.decoding.cost_model import AcceptanceCalibration, RoundCostModel, RunningMean
 
 
 def fixed_model(verify, step=0.004, fixed=0.002):
@@ -44,19 +44,22 @@ def test_another_level_only_when_it_pays():
     m = fixed_model({2: 0.010, 64: 0.040}, step=0.004)
     confident = torch.log(torch.tensor([0.95, 0.9, 0.85]))
     unsure = torch.log(torch.tensor([0.05, 0.02, 0.01]))
-    assert m.worth_another_level(confident, confident, child_prob=0.9, draft_seconds=0.01, max_size=60)
-    assert not m.worth_another_level(unsure, unsure, child_prob=0.1, draft_seconds=0.01, max_size=60)
+    assert m.worth_another_level(confident, confident.exp(), child_prob=0.9, draft_seconds=0.01, max_size=60)
+    assert not m.worth_another_level(unsure, unsure.exp(), child_prob=0.1, draft_seconds=0.01, max_size=60)
     # No room left under the size cap: never draft more.
-    assert not m.worth_another_level(confident, confident, child_prob=0.9, draft_seconds=0.01, max_size=4)
+    assert not m.worth_another_level(confident, confident.exp(), child_prob=0.9, draft_seconds=0.01, max_size=4)
     # An expensive draft step flips the confident case.
     slow = fixed_model({2: 0.010, 64: 0.040}, step=0.5)
-    assert not slow.worth_another_level(confident, confident, child_prob=0.9, draft_seconds=0.01, max_size=60)
+    assert not slow.worth_another_level(confident, confident.exp(), child_prob=0.9, draft_seconds=0.01, max_size=60)
+    # Calibrated probabilities override the raw ones: the same unsure drafter, known to be right, drafts on.
+    assert m.worth_another_level(unsure, torch.tensor([0.95, 0.9, 0.85]), child_prob=0.9, draft_seconds=0.01,
+                                 max_size=60, node_probs=torch.tensor([0.95, 0.9, 0.85]))
 
 
 def test_untimed_model_measures_first():
     m = RoundCostModel({2: 0.01, 16: 0.02})
     unsure = torch.log(torch.tensor([0.01]))
-    assert m.worth_another_level(unsure, unsure, child_prob=0.01, draft_seconds=0.0, max_size=16)
+    assert m.worth_another_level(unsure, unsure.exp(), child_prob=0.01, draft_seconds=0.0, max_size=16)
     m.step.update(0.004)
     m.step.update(0.002)
     assert m.step.value == pytest.approx(0.8 * 0.004 + 0.2 * 0.002)
@@ -69,3 +72,37 @@ def test_untimed_model_measures_first():
 def test_bad_verify_tables_are_rejected(bad):
     with pytest.raises(ValueError, match="verify_times"):
         RoundCostModel(bad)
+
+
+def test_calibration_starts_at_the_draft_probability_and_learns_the_real_rate():
+    cal = AcceptanceCalibration(bins=10, prior_trials=4)
+    q = torch.tensor([0.05, 0.55, 0.95])
+    assert cal.rate(q).tolist() == pytest.approx(q.tolist())
+    # Nodes drafted with q ~ 0.55 turn out to be accepted 95% of the time (an under-confident drafter).
+    n = 400
+    qs = torch.full((n,), 0.55)
+    hits = torch.arange(n) % 20 != 0
+    cal.observe(qs, torch.ones(n, dtype=torch.bool), torch.ones(n, dtype=torch.bool), hits)
+    assert float(cal.rate(torch.tensor([0.55]))) == pytest.approx((380 + 4 * 0.55) / (400 + 4))
+    assert float(cal.rate(torch.tensor([0.05]))) == pytest.approx(0.05)  # other bins untouched
+    # Only nodes whose parent was accepted are evidence.
+    cal.observe(torch.tensor([0.05, 0.05]), torch.tensor([True, True]), torch.tensor([False, False]),
+                torch.tensor([True, True]))
+    assert float(cal.rate(torch.tensor([0.05]))) == pytest.approx(0.05)
+    # First children and later siblings are separate bins.
+    assert float(cal.rate(torch.tensor([0.55]), False)) == pytest.approx(0.55)
+
+
+def test_calibrated_path_probabilities_multiply_along_the_path():
+    cal = AcceptanceCalibration()
+    # root -> a (q 0.55) -> b (q 0.55) -> c (q 0.55); root -> d (q 0.25, a's younger sibling)
+    q = 0.55
+    scores = torch.log(torch.tensor([q, 0.25, q * q, q ** 3]))
+    parents = torch.tensor([-1, -1, 0, 2])
+    assert AcceptanceCalibration.first_children(parents).tolist() == [True, False, True, True]
+    assert cal.path_probs(scores, parents).tolist() == pytest.approx([q, 0.25, q * q, q ** 3], rel=1e-5)
+    ones = torch.ones(50, dtype=torch.bool)
+    cal.observe(torch.full((50,), q), ones, ones, ones)
+    r = float(cal.rate(torch.tensor([q])))
+    assert r > 0.95
+    assert cal.path_probs(scores, parents).tolist() == pytest.approx([r, 0.25, r * r, r ** 3], rel=1e-5)

@@ -24,7 +24,7 @@ from transformers import DynamicCache, LlamaConfig, LlavaForConditionalGeneratio
 from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRMSNorm, LlamaRotaryEmbedding
 
 from specvlm_lit.decoding.acceptance import WarpConfig, warp_logits
-from specvlm_lit.decoding.cost_model import RoundCostModel, RunningMean
+from specvlm_lit.decoding.cost_model import AcceptanceCalibration, RoundCostModel, RunningMean
 from specvlm_lit.decoding.speculative import (
     SpecStats,
     SpeculativeDecoder,
@@ -319,8 +319,9 @@ def test_greedy_matches_hf_generate(target, sizes, n_text, seed, drafter_kind, s
             assert min(st.accepted_drafts) >= 1 and st.sigma > 2, st.accepted_drafts
 
 
-def _frozen_cost(verify, step=0.004, fixed=0.002):
-    return RoundCostModel(verify, step=RunningMean(value=step, frozen=True), fixed=RunningMean(value=fixed, frozen=True))
+def _frozen_cost(verify, step=0.004, fixed=0.002, calibrate=True):
+    return RoundCostModel(verify, step=RunningMean(value=step, frozen=True), fixed=RunningMean(value=fixed, frozen=True),
+                          calibration=AcceptanceCalibration() if calibrate else None)
 
 
 STEEP = {2: 0.010, 64: 0.100}  # small-CPU-like: verification cost grows with every node
@@ -368,21 +369,28 @@ def test_adaptive_trees_follow_cost_and_confidence():
     ids, feats = _inputs(adapter, [(32, 32)], 5, 0)
     ref = hf_greedy(adapter, ids, feats, 40)
 
-    def run(scale, verify):
+    def run(scale, verify, calibrate=False):
         dec = SpeculativeDecoder(adapter, ScaledOracle(adapter, ids, feats, scale=scale),
-                                 TreeConfig(10, 7, 60, adaptive=True), WarpConfig(), cost_model=_frozen_cost(verify))
+                                 TreeConfig(10, 7, 60, adaptive=True), WarpConfig(),
+                                 cost_model=_frozen_cost(verify, calibrate=calibrate))
         res = dec.generate(ids, feats, max_new_tokens=40)
-        assert res.tokens.tolist() == ref
-        return res.stats
+        res2 = dec.generate(ids, feats, max_new_tokens=40)  # a second request: calibration carries over
+        assert res.tokens.tolist() == res2.tokens.tolist() == ref
+        return res2.stats
+
+    def mean_depth(st):
+        return sum(st.tree_depths) / len(st.tree_depths)
 
     sure_flat, sure_steep, unsure_steep = run(8.0, FLAT), run(8.0, STEEP), run(0.25, STEEP)
-    # A confident drafter drafts deep trees; with free verification they stay wide too.
+    # Raw draft probabilities: a confident drafter drafts deep trees; with free verification they stay wide too.
     assert max(sure_flat.tree_depths) == 7 and max(sure_flat.tree_sizes) > max(sure_steep.tree_sizes)
     assert sure_steep.sigma > 3
     # An unsure one (same tokens, flat probabilities) on a costly target drafts little: shallow, small trees.
-    assert max(unsure_steep.tree_sizes) < 60
-    assert sum(unsure_steep.tree_depths) / len(unsure_steep.tree_depths) < sum(sure_steep.tree_depths) / len(
-        sure_steep.tree_depths)
+    assert max(unsure_steep.tree_sizes) < 60 and mean_depth(unsure_steep) < mean_depth(sure_steep)
+    # With calibration the decoder learns that this unsure drafter is always right, and drafts deeper.
+    mid = {2: 0.010, 64: 0.040}
+    raw, calibrated = run(0.25, mid), run(0.25, mid, calibrate=True)
+    assert mean_depth(calibrated) > mean_depth(raw) and calibrated.sigma > raw.sigma
 
 
 def test_greedy_eos_inside_tree_and_budget_cut_mid_tree():

@@ -51,6 +51,73 @@ class RunningMean:
         self.value = x if self.value is None else self.decay * self.value + (1.0 - self.decay) * x
 
 
+class AcceptanceCalibration:
+    """Online map from a node's conditional draft probability ``q`` to how often such nodes are accepted.
+
+    A drafter trained on soft targets is often under-confident at T = 0 (a draft token with ``q = 0.3`` may be
+    the target's argmax most of the time when it is the drafter's own top choice) and can be over-confident
+    elsewhere. Every verification tells, for each node whose parent was accepted, whether the node was accepted
+    too. Outcomes are binned by ``q`` and by whether the node is its parent's first (most likely) child, since
+    at T = 0 the first child takes almost all acceptances whatever its ``q``. Per bin,
+    ``rate = (successes + k * q) / (trials + k)``: the raw ``q`` until the bin has data (``k`` pseudo-trials),
+    the measured rate once it does.
+    """
+
+    def __init__(self, bins: int = 10, prior_trials: float = 4.0):
+        if bins < 1 or prior_trials <= 0:
+            raise ValueError(f"bins must be >= 1 and prior_trials > 0, got {bins}, {prior_trials}")
+        self.bins, self.k = int(bins), float(prior_trials)
+        self.trials = torch.zeros(2 * self.bins, dtype=torch.float64)
+        self.successes = torch.zeros(2 * self.bins, dtype=torch.float64)
+
+    @staticmethod
+    def first_children(parents: Tensor) -> Tensor:
+        """Whether each node is its parent's first child. Siblings are contiguous and best-first both in the tree
+        builder's pool and in a built tree (children come from one top-k, and re-ranking keeps their order)."""
+        parents = parents.detach().cpu()
+        first = torch.ones_like(parents, dtype=torch.bool)
+        first[1:] = parents[1:] != parents[:-1]
+        return first
+
+    def _bin(self, q: Tensor, first: Tensor) -> Tensor:
+        b = (q.clamp(0.0, 1.0) * self.bins).long().clamp(max=self.bins - 1)
+        return b + self.bins * first.cpu().long()
+
+    def rate(self, q: Tensor, first: Tensor | bool = True) -> Tensor:
+        q = q.detach().double().cpu()
+        first = torch.as_tensor(first, dtype=torch.bool).expand_as(q)
+        b = self._bin(q, first)
+        return ((self.successes[b] + self.k * q) / (self.trials[b] + self.k)).clamp(1e-6, 1.0)
+
+    def observe(self, cond_q: Tensor, first: Tensor, parent_accepted: Tensor, accepted: Tensor) -> None:
+        """Record the nodes whose parent was accepted (``parent_accepted``) and whether each was (``accepted``)."""
+        keep = parent_accepted.cpu()
+        q = cond_q.detach().double().cpu()[keep]
+        hit = accepted.cpu()[keep].double()
+        b = self._bin(q, first.cpu()[keep])
+        self.trials.index_add_(0, b, torch.ones_like(hit))
+        self.successes.index_add_(0, b, hit)
+
+    def path_probs(self, scores: Tensor, parents: Tensor) -> Tensor:
+        """Calibrated acceptance probability of every node (a product of calibrated conditionals along its path).
+
+        ``scores``: cumulative draft log-probs; ``parents``: parent index (``-1`` = child of the root) into the
+        same arrays, topologically ordered (parents first), siblings contiguous and best-first.
+        """
+        scores = scores.detach().double().cpu()
+        parents = parents.detach().cpu()
+        parent_scores = torch.where(parents >= 0, scores[parents.clamp(min=0)], torch.zeros_like(scores))
+        cond = self.rate((scores - parent_scores).exp(), self.first_children(parents))
+        out = cond.clone()
+        # Topological order: each pass resolves one more level of the products.
+        has_parent = parents >= 0
+        while True:
+            new = torch.where(has_parent, cond * out[parents.clamp(min=0)], cond)
+            if torch.equal(new, out):
+                return out.float()
+            out = new
+
+
 @dataclass
 class RoundCostModel:
     """Expected-tokens-per-second model of one speculative round (all times in seconds).
@@ -60,11 +127,13 @@ class RoundCostModel:
         step: running mean of one draft level (batched drafter forward + LM head + tree expansion).
         fixed: running mean of the per-round work that does not depend on the tree (acceptance, target KV
             compaction, the drafter forward that extends its cache over the accepted tokens).
+        calibration: measured acceptance rates by draft probability (``None``: trust the draft probabilities).
     """
 
     verify_times: Mapping[int, float]
     step: RunningMean = field(default_factory=RunningMean)
     fixed: RunningMean = field(default_factory=RunningMean)
+    calibration: AcceptanceCalibration | None = field(default_factory=AcceptanceCalibration)
 
     def __post_init__(self):
         if not self.verify_times:
@@ -93,14 +162,23 @@ class RoundCostModel:
         """``E(n)`` for ``n = 1 .. len+1``: 1 + the ``n - 1`` largest node acceptance probabilities."""
         return 1.0 + torch.cat([sorted_probs.new_zeros(1), torch.cumsum(sorted_probs, 0)])
 
-    def best_size(self, node_logprobs: Tensor, draft_seconds: float, max_size: int) -> tuple[int, float]:
+    def _expected(self, node_logprobs: Tensor, node_probs: Tensor | None) -> Tensor:
+        """``E(n)`` in the order the tree builder keeps nodes (by cumulative draft log-prob, best first)."""
+        order = torch.sort(node_logprobs.detach().float().cpu(), descending=True, stable=True).indices
+        probs = node_logprobs.detach().float().exp().cpu() if node_probs is None else node_probs.detach().float().cpu()
+        return self.expected_tokens(probs[order])
+
+    def best_size(self, node_logprobs: Tensor, draft_seconds: float, max_size: int,
+                  node_probs: Tensor | None = None) -> tuple[int, float]:
         """``(n, expected tokens per second)`` maximising ``E(n) / (fixed + draft + verify(n))``, ``2 <= n <= max_size``.
 
-        ``node_logprobs``: cumulative draft log-probs of every drafted node (the root excluded).
+        ``node_logprobs``: cumulative draft log-probs of every drafted node (the root excluded), which decide the
+        order nodes are kept in; ``node_probs``: their acceptance probabilities (default: ``exp(node_logprobs)``,
+        or calibrated ones from :meth:`AcceptanceCalibration.path_probs`).
         """
-        probs = torch.sort(node_logprobs.detach().float().exp().cpu(), descending=True).values
-        upper = max(2, min(int(max_size), probs.numel() + 1))
-        expected = self.expected_tokens(probs)[:upper].tolist()  # index i -> n = i + 1
+        expected = self._expected(node_logprobs, node_probs)
+        upper = max(2, min(int(max_size), expected.numel()))
+        expected = expected[:upper].tolist()  # index i -> n = i + 1
         base = (self.fixed.value or 0.0) + float(draft_seconds)
         best_n, best_rate = 2, -1.0
         for n in range(2, upper + 1):
@@ -109,26 +187,26 @@ class RoundCostModel:
                 best_n, best_rate = n, rate
         return best_n, best_rate
 
-    def worth_another_level(self, node_logprobs: Tensor, frontier_logprobs: Tensor, child_prob: float,
-                            draft_seconds: float, max_size: int) -> bool:
+    def worth_another_level(self, node_logprobs: Tensor, frontier_probs: Tensor, child_prob: float,
+                            draft_seconds: float, max_size: int, node_probs: Tensor | None = None) -> bool:
         """Whether drafting one more level is expected to raise tokens per second.
 
         The next level's most valuable nodes are the frontier nodes' best children; with ``child_prob`` the
-        typical probability of a node's best child (measured at the level just drafted), the child of a frontier
-        node of probability ``p`` adds about ``child_prob * p`` expected tokens. The level pays if, for some
-        ``j``, adding the ``j`` most valuable children beats the best rate reachable now, counting one more draft
-        step and ``j`` more verified nodes. Deeper levels add less (a child is never likelier than its parent), so
-        this one-level look-ahead is enough. Before a draft step has been timed the answer is yes (measure first).
+        typical acceptance probability of a node's best child (measured at the level just drafted), the child
+        of a frontier node of acceptance probability ``p`` adds about ``child_prob * p`` expected tokens. The
+        level pays if, for some ``j``, adding the ``j`` most valuable children beats the best rate reachable
+        now, counting one more draft step and ``j`` more verified nodes. Deeper levels add less (a child is
+        never likelier than its parent), so this one-level look-ahead is enough. Before a draft step has been
+        timed the answer is yes (measure first).
         """
         if self.step.value is None:
             return True
-        n_now, rate_now = self.best_size(node_logprobs, draft_seconds, max_size)
-        room = min(frontier_logprobs.numel(), max(0, int(max_size) - n_now))
+        n_now, rate_now = self.best_size(node_logprobs, draft_seconds, max_size, node_probs)
+        room = min(frontier_probs.numel(), max(0, int(max_size) - n_now))
         if room == 0:
             return False
-        probs = torch.sort(node_logprobs.detach().float().exp().cpu(), descending=True).values
-        expected_now = float(self.expected_tokens(probs)[n_now - 1])
-        gains = torch.sort(frontier_logprobs.detach().float().exp().cpu(), descending=True).values[:room]
+        expected_now = float(self._expected(node_logprobs, node_probs)[n_now - 1])
+        gains = torch.sort(frontier_probs.detach().float().cpu(), descending=True).values[:room]
         gains = torch.cumsum(gains * float(child_prob), 0).tolist()
         base = (self.fixed.value or 0.0) + draft_seconds + self.step.value
         return any((expected_now + g) / max(base + self.verify_time(n_now + j + 1), 1e-9) > rate_now

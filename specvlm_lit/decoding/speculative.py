@@ -475,9 +475,10 @@ class SpeculativeDecoder:
         embed = self.adapter.embed_tokens
         while frontier is not None:
             if cost is not None:
-                child_prob = float(logprobs.max(-1).values.exp().mean())  # typical best-child probability
-                if not cost.worth_another_level(builder.pool_scores, frontier.scores, child_prob,
-                                                levels * (cost.step.value or 0.0), total):
+                probs, child_prob = self._acceptance_estimates(cost, builder, logprobs)
+                frontier_probs = probs[frontier.pool_indices.cpu()]
+                if not cost.worth_another_level(builder.pool_scores, frontier_probs, child_prob,
+                                                levels * (cost.step.value or 0.0), total, node_probs=probs):
                     break
                 t_step = time.perf_counter()
             m = frontier.size
@@ -508,8 +509,30 @@ class SpeculativeDecoder:
                 levels += 1
         _crop(cache, draft_len)
         if cost is not None:
-            builder.total_tokens, _ = cost.best_size(builder.pool_scores, levels * (cost.step.value or 0.0), total)
+            probs, _ = self._acceptance_estimates(cost, builder, logprobs)
+            builder.total_tokens, _ = cost.best_size(builder.pool_scores, levels * (cost.step.value or 0.0), total,
+                                                     node_probs=probs)
         return builder.build()
+
+    @staticmethod
+    def _acceptance_estimates(cost: RoundCostModel, builder: TreeBuilder, logprobs: Tensor) -> tuple[Tensor, float]:
+        """Acceptance probability of every pool node and the typical one of a best child at the last level."""
+        best_child = logprobs.detach().float().max(-1).values.exp()
+        cal = cost.calibration
+        if cal is None:
+            return builder.pool_scores.detach().float().exp().cpu(), float(best_child.mean())
+        return cal.path_probs(builder.pool_scores, builder.pool_parents), float(cal.rate(best_child, True).mean())
+
+    def _observe_acceptance(self, tree: DraftTree, accepted: Tensor) -> None:
+        """Feed the verified outcome of every node whose parent was accepted to the cost model's calibration."""
+        cal = self._cost.calibration if (self.tree.adaptive and self._cost is not None) else None
+        if cal is None or tree.size < 2:
+            return
+        parents, scores = tree.parents[1:].cpu(), tree.scores.detach().float().cpu()
+        cond_q = (scores[1:] - scores[parents]).exp()
+        on_path = torch.zeros(tree.size, dtype=torch.bool)
+        on_path[accepted.cpu()] = True
+        cal.observe(cond_q, cal.first_children(parents), on_path[parents], on_path[1:])
 
     # -------------------------------------------------------------------------------------------- generate
     def _hook(self, event: str, **info) -> None:
@@ -684,6 +707,7 @@ class SpeculativeDecoder:
                 acc = accept_sampling(tree, logits, self.warp, generator)
             accepted = acc.accepted.to(dev)
             ad.compact_cache(tcache, prefix_len, accepted)
+            self._observe_acceptance(tree, acc.accepted)
             _sync(dev)
             stats.time_verify += time.perf_counter() - t0
 
