@@ -106,3 +106,27 @@ def test_calibrated_path_probabilities_multiply_along_the_path():
     r = float(cal.rate(torch.tensor([q])))
     assert r > 0.95
     assert cal.path_probs(scores, parents).tolist() == pytest.approx([r, 0.25, r * r, r ** 3], rel=1e-5)
+
+
+def test_incremental_extension_equals_the_full_computation():
+    cal = AcceptanceCalibration()
+    ones = torch.ones(30, dtype=torch.bool)
+    cal.observe(torch.linspace(0.05, 0.95, 30), ones, ones, torch.arange(30) % 3 != 0)
+    # A pool as the tree builder grows it: 2 root children, then 2 children each, then 2 children of the first two.
+    parents = torch.tensor([-1, -1, 0, 0, 1, 1, 2, 2, 3, 3])
+    scores = torch.log(torch.tensor([0.7, 0.2, 0.6, 0.05, 0.1, 0.05, 0.5, 0.05, 0.01, 0.02]))
+    level1 = cal.extend(torch.zeros(0), scores[:2], parents[:2])
+    level2 = cal.extend(level1, scores[:6], parents[:6])
+    level3 = cal.extend(level2, scores, parents)
+    assert level3.tolist() == pytest.approx(cal.path_probs(scores, parents).tolist(), rel=1e-5)
+
+
+def test_vectorised_sizes_match_a_plain_loop():
+    m = fixed_model({2: 0.010, 10: 0.011, 60: 0.060})
+    scores = torch.log(torch.tensor([0.9, 0.8, 0.5, 0.3, 0.2, 0.1, 0.05] + [0.01] * 20))
+    for cap in (2, 5, 16, 60):
+        n, rate = m.best_size(scores, 0.008, cap)
+        e = RoundCostModel.expected_tokens(torch.sort(scores.exp(), descending=True).values)
+        loop = max(((float(e[k - 1]) / (0.002 + 0.008 + m.verify_time(k)), k)
+                    for k in range(2, min(cap, 28) + 1)))
+        assert (n, rate) == (loop[1], pytest.approx(loop[0]))

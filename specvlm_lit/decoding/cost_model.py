@@ -98,6 +98,24 @@ class AcceptanceCalibration:
         self.trials.index_add_(0, b, torch.ones_like(hit))
         self.successes.index_add_(0, b, hit)
 
+    def extend(self, values: Tensor, scores: Tensor, parents: Tensor) -> Tensor:
+        """``values`` (calibrated path probabilities of the first ``len(values)`` nodes) extended to all nodes,
+        computing only the new ones. For the tree builder's pool, which grows one level at a time (a level never
+        splits a run of siblings, so the first new node starts a run)."""
+        start = values.numel()
+        scores = scores.detach().double().cpu()
+        parents = parents.detach().cpu()[start:]
+        new_scores = scores[start:]
+        has_parent = parents >= 0
+        parent_scores = torch.where(has_parent, scores[parents.clamp(min=0)], torch.zeros_like(new_scores))
+        cond = self.rate((new_scores - parent_scores).exp(), self.first_children(parents)).float()
+        if start == 0:
+            if bool(has_parent.any()):
+                raise ValueError("extend() from no values needs the root's children first")
+            return cond
+        return torch.cat([values.float(), cond * torch.where(has_parent, values.float()[parents.clamp(min=0)],
+                                                              torch.ones_like(cond))])
+
     def path_probs(self, scores: Tensor, parents: Tensor) -> Tensor:
         """Calibrated acceptance probability of every node (a product of calibrated conditionals along its path).
 
@@ -143,6 +161,13 @@ class RoundCostModel:
                 raise ValueError(f"verify_times must map sizes >= 1 to finite seconds >= 0, got {n!r}: {t!r}")
         self._sizes = sorted(int(n) for n in self.verify_times)
         self._times = [float(self.verify_times[n]) for n in self._sizes]
+        self._curve = torch.zeros(0)
+
+    def verify_curve(self, max_size: int) -> Tensor:
+        """``verify_time(n)`` for ``n = 0 .. max_size`` (cached: rounds ask for it at every draft level)."""
+        if self._curve.numel() <= max_size:
+            self._curve = torch.tensor([self.verify_time(n) for n in range(max(int(max_size), 1) + 1)])
+        return self._curve[: max_size + 1]
 
     # --------------------------------------------------------------------------------------- primitives
     def verify_time(self, n: int) -> float:
@@ -168,6 +193,15 @@ class RoundCostModel:
         probs = node_logprobs.detach().float().exp().cpu() if node_probs is None else node_probs.detach().float().cpu()
         return self.expected_tokens(probs[order])
 
+    def _rates(self, expected: Tensor, seconds: float, max_size: int) -> tuple[int, float]:
+        """Best ``(n, expected[n-1] / (seconds + verify(n)))`` over ``2 <= n <= min(max_size, len(expected))``."""
+        upper = max(2, min(int(max_size), expected.numel()))
+        if expected.numel() < upper:  # no drafted node at all: n = 2 is still the smallest real tree
+            expected = torch.cat([expected, expected[-1:].expand(upper - expected.numel())])
+        rates = expected[1:upper] / (seconds + self.verify_curve(upper)[2:]).clamp(min=1e-9)
+        i = int(torch.argmax(rates))
+        return i + 2, float(rates[i])
+
     def best_size(self, node_logprobs: Tensor, draft_seconds: float, max_size: int,
                   node_probs: Tensor | None = None) -> tuple[int, float]:
         """``(n, expected tokens per second)`` maximising ``E(n) / (fixed + draft + verify(n))``, ``2 <= n <= max_size``.
@@ -177,15 +211,10 @@ class RoundCostModel:
         or calibrated ones from :meth:`AcceptanceCalibration.path_probs`).
         """
         expected = self._expected(node_logprobs, node_probs)
-        upper = max(2, min(int(max_size), expected.numel()))
-        expected = expected[:upper].tolist()  # index i -> n = i + 1
-        base = (self.fixed.value or 0.0) + float(draft_seconds)
-        best_n, best_rate = 2, -1.0
-        for n in range(2, upper + 1):
-            rate = expected[n - 1] / max(base + self.verify_time(n), 1e-9)
-            if rate > best_rate:
-                best_n, best_rate = n, rate
-        return best_n, best_rate
+        return self._rates(expected, (self.fixed.value or 0.0) + float(draft_seconds), max_size)
+
+    def _best_rate(self, sorted_values: Tensor, seconds: float, max_size: int) -> float:
+        return self._rates(self.expected_tokens(sorted_values), seconds, max_size)[1]
 
     def worth_another_level(self, node_logprobs: Tensor, frontier_probs: Tensor, child_prob: float,
                             draft_seconds: float, max_size: int, node_probs: Tensor | None = None) -> bool:
@@ -193,21 +222,18 @@ class RoundCostModel:
 
         The next level's most valuable nodes are the frontier nodes' best children; with ``child_prob`` the
         typical acceptance probability of a node's best child (measured at the level just drafted), the child
-        of a frontier node of acceptance probability ``p`` adds about ``child_prob * p`` expected tokens. The
-        level pays if, for some ``j``, adding the ``j`` most valuable children beats the best rate reachable
-        now, counting one more draft step and ``j`` more verified nodes. Deeper levels add less (a child is
-        never likelier than its parent), so this one-level look-ahead is enough. Before a draft step has been
-        timed the answer is yes (measure first).
+        of a frontier node of acceptance probability ``p`` is worth about ``child_prob * p`` expected tokens.
+        Those children compete with the nodes drafted so far for the ``max_size`` verification slots (a flat
+        verification cost otherwise fills the cap with unlikely siblings and leaves no room to go deeper). The
+        level pays if the best rate over sizes, with one more draft step, beats the best rate reachable now.
+        Deeper levels add less (a child is never likelier than its parent), so this one-level look-ahead is
+        enough. Before a draft step has been timed the answer is yes (measure first).
         """
         if self.step.value is None:
             return True
-        n_now, rate_now = self.best_size(node_logprobs, draft_seconds, max_size, node_probs)
-        room = min(frontier_probs.numel(), max(0, int(max_size) - n_now))
-        if room == 0:
-            return False
-        expected_now = float(self._expected(node_logprobs, node_probs)[n_now - 1])
-        gains = torch.sort(frontier_probs.detach().float().cpu(), descending=True).values[:room]
-        gains = torch.cumsum(gains * float(child_prob), 0).tolist()
+        _, rate_now = self.best_size(node_logprobs, draft_seconds, max_size, node_probs)
+        values = node_logprobs.detach().float().exp().cpu() if node_probs is None else node_probs.detach().float().cpu()
+        children = frontier_probs.detach().float().cpu() * float(child_prob)
+        combined = torch.sort(torch.cat([values, children]), descending=True).values
         base = (self.fixed.value or 0.0) + draft_seconds + self.step.value
-        return any((expected_now + g) / max(base + self.verify_time(n_now + j + 1), 1e-9) > rate_now
-                   for j, g in enumerate(gains))
+        return self._best_rate(combined, base, max_size) > rate_now

@@ -473,9 +473,10 @@ class SpeculativeDecoder:
         prev_hidden = h_root[None]  # outputs of the previous batched forward; the root's "row" is h_root
         root_pos = draft_len - 1
         embed = self.adapter.embed_tokens
+        probs = None
         while frontier is not None:
             if cost is not None:
-                probs, child_prob = self._acceptance_estimates(cost, builder, logprobs)
+                probs, child_prob = self._acceptance_estimates(cost, builder, logprobs, probs)
                 frontier_probs = probs[frontier.pool_indices.cpu()]
                 if not cost.worth_another_level(builder.pool_scores, frontier_probs, child_prob,
                                                 levels * (cost.step.value or 0.0), total, node_probs=probs):
@@ -509,19 +510,23 @@ class SpeculativeDecoder:
                 levels += 1
         _crop(cache, draft_len)
         if cost is not None:
-            probs, _ = self._acceptance_estimates(cost, builder, logprobs)
+            probs, _ = self._acceptance_estimates(cost, builder, logprobs, probs)
             builder.total_tokens, _ = cost.best_size(builder.pool_scores, levels * (cost.step.value or 0.0), total,
                                                      node_probs=probs)
         return builder.build()
 
     @staticmethod
-    def _acceptance_estimates(cost: RoundCostModel, builder: TreeBuilder, logprobs: Tensor) -> tuple[Tensor, float]:
-        """Acceptance probability of every pool node and the typical one of a best child at the last level."""
+    def _acceptance_estimates(cost: RoundCostModel, builder: TreeBuilder, logprobs: Tensor,
+                              known: Tensor | None) -> tuple[Tensor, float]:
+        """Acceptance probability of every pool node (extending ``known``, the values of the levels before) and
+        the typical one of a best child at the last level."""
         best_child = logprobs.detach().float().max(-1).values.exp()
         cal = cost.calibration
         if cal is None:
             return builder.pool_scores.detach().float().exp().cpu(), float(best_child.mean())
-        return cal.path_probs(builder.pool_scores, builder.pool_parents), float(cal.rate(best_child, True).mean())
+        known = torch.zeros(0) if known is None else known
+        probs = cal.extend(known, builder.pool_scores, builder.pool_parents)
+        return probs, float(cal.rate(best_child, True).mean())
 
     def _observe_acceptance(self, tree: DraftTree, accepted: Tensor) -> None:
         """Feed the verified outcome of every node whose parent was accepted to the cost model's calibration."""
