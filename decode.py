@@ -23,6 +23,8 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
+import specvlm_lit.utils.hydra_resolvers  # noqa: F401  (registers ${safe_dirname:...} for sweep dirs)
+
 ROOT = Path(__file__).resolve().parent
 os.environ.setdefault("PROJECT_ROOT", str(ROOT))
 

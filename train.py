@@ -21,6 +21,8 @@ import lightning as L
 import torch
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+import specvlm_lit.utils.hydra_resolvers  # noqa: F401  (registers ${safe_dirname:...} for sweep dirs)
+
 ROOT = Path(__file__).resolve().parent
 os.environ.setdefault("PROJECT_ROOT", str(ROOT))
 

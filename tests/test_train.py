@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from omegaconf import open_dict
@@ -87,6 +88,28 @@ def test_fast_dev_run_is_a_plain_trainer_override(tiny_target, small_corpus, tmp
     result = train_script.run(cfg)
     assert result["global_step"] == 1  # one batch, not the 4 a full epoch of 16 samples / batch 4 takes
     assert Path(result["export_dir"], "model.safetensors").is_file()
+
+
+def test_multirun_sweep_lands_each_run_in_its_own_directory(tiny_target, small_corpus, tmp_path):
+    # The sweep shape (python train.py -m compressor=...,... trainer.max_epochs=...,...), one batch each.
+    sweep = tmp_path / "sweep"
+    out = subprocess.run([
+        sys.executable, "train.py", "-m", "compressor=none,pool", "trainer.max_epochs=1,2", "trainer.fast_dev_run=true",
+        f"target.path={tiny_target}", "data.generate_if_missing=false",
+        f"data.train_urls='{small_corpus}/train-{{000000..000002}}.tar'", f"data.val_urls={small_corpus}/val-000000.tar",
+        "data.batch_size=4", "data.num_workers=0", "data.shuffle_buffer=8", "logger=csv", "callbacks.rich_progress_bar=null",
+        "+trainer.enable_progress_bar=false", "val_decode_samples=0", f"hydra.sweep.dir={sweep}",
+    ], cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    runs = sorted(p.name for p in sweep.iterdir() if p.is_dir())
+    assert len(runs) == 4, (runs, out.stdout[-2000:])
+    combos = set()
+    for r in runs:  # one flat directory per run (no nesting from path-valued overrides), each with its drafter
+        assert (sweep / r / "drafter" / "model.safetensors").is_file(), (r, list((sweep / r).rglob("*"))[:20])
+        cfg = yaml.safe_load((sweep / r / ".hydra" / "config.yaml").read_text())
+        combos.add((cfg["compressor"]["compressor"] and cfg["compressor"]["compressor"]["type"],
+                    cfg["trainer"]["max_epochs"]))
+    assert combos == {(None, 1), (None, 2), ("pool", 1), ("pool", 2)}
 
 
 def test_unknown_config_choice_lists_the_valid_ones():
@@ -176,3 +199,12 @@ def test_throughput_tool_measures_both_loops(tiny_target, small_corpus):
                    "data.shuffle_buffer=0", "compressor=pool"], batches=2, warmup=1)
     assert set(out["samples_per_s"]) == {"teacher_forward", "train_step"}
     assert all(v > 0 for v in out["samples_per_s"].values()) and out["train_over_teacher"] > 0
+
+
+def test_safe_dirname_keeps_one_short_path_component():
+    from specvlm_lit.utils.hydra_resolvers import MAX_DIRNAME, safe_dirname
+
+    assert safe_dirname("compressor=pool,trainer.max_epochs=2") == "compressor=pool,trainer.max_epochs=2"
+    name = safe_dirname("bench.assistant=/models/small-llava," + "x=" + "y" * 300)
+    assert "/" not in name and len(name) <= MAX_DIRNAME + 3
+    assert safe_dirname("") == "run"
