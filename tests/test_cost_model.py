@@ -56,6 +56,16 @@ def test_another_level_only_when_it_pays():
                                  max_size=60, node_probs=torch.tensor([0.95, 0.9, 0.85]))
 
 
+def test_deeper_children_compete_with_unlikely_siblings_for_the_size_cap():
+    # Free verification fills the 16-node cap with the 15 drafted nodes, most of them unlikely siblings. A
+    # confident next level must still be drafted: its children replace those siblings within the cap.
+    m = fixed_model({2: 0.010, 64: 0.0101}, step=0.002)
+    drafted = torch.log(torch.tensor([0.95, 0.9] + [0.01] * 13))
+    assert m.best_size(drafted, 0.004, max_size=16)[0] == 16  # the cap is full
+    frontier = torch.tensor([0.9, 0.01, 0.01])
+    assert m.worth_another_level(drafted, frontier, child_prob=0.95, draft_seconds=0.004, max_size=16)
+
+
 def test_untimed_model_measures_first():
     m = RoundCostModel({2: 0.01, 16: 0.02})
     unsure = torch.log(torch.tensor([0.01]))

@@ -278,16 +278,22 @@ def _make_drafter(kind, adapter, ids, feats, seed=0):
     return OracleDrafter(adapter, ids, feats, noise={"oracle": 0.0, "noisy": 1.5}[kind])
 
 
+def _greedy_references(adapter, ids, feats, n_long):
+    """HF greedy output of ``n_long`` tokens, an EOS that really occurs in it (not at its very start, so that
+    decoding stops inside a tree), and HF's output with that EOS."""
+    ref = hf_greedy(adapter, ids, feats, n_long)
+    eos = ref[min(len(ref) - 1, 9)]
+    ref_eos = hf_greedy(adapter, ids, feats, n_long, eos=eos)
+    assert ref_eos[-1] == eos
+    return ref, eos, ref_eos
+
+
 @pytest.mark.parametrize("target,sizes,n_text,seed,drafter_kind,shape", GREEDY_CASES)
 def test_greedy_matches_hf_generate(target, sizes, n_text, seed, drafter_kind, shape):
     adapter = get_target(target)
     ids, feats = _inputs(adapter, sizes, n_text, seed)
     n_long = 44
-    ref = hf_greedy(adapter, ids, feats, n_long)
-    # An EOS that really occurs in the greedy output (not at its very start), to stop inside a tree.
-    eos = ref[min(len(ref) - 1, 9)]
-    ref_eos = hf_greedy(adapter, ids, feats, n_long, eos=eos)
-    assert ref_eos[-1] == eos
+    ref, eos, ref_eos = _greedy_references(adapter, ids, feats, n_long)
     drafter = _make_drafter(drafter_kind, adapter, ids, feats)
     top_k, depth, total = shape
     for clip in (True, False):
@@ -334,9 +340,7 @@ def test_adaptive_trees_stay_lossless(target, sizes, n_text, seed, drafter_kind,
     adapter = get_target(target)
     ids, feats = _inputs(adapter, sizes, n_text, seed)
     n_long = 40
-    ref = hf_greedy(adapter, ids, feats, n_long)
-    eos = ref[min(len(ref) - 1, 9)]
-    ref_eos = hf_greedy(adapter, ids, feats, n_long, eos=eos)
+    ref, eos, ref_eos = _greedy_references(adapter, ids, feats, n_long)
     drafter = _make_drafter(drafter_kind, adapter, ids, feats)
     top_k, depth, total = shape
     for cost in (None, _frozen_cost(STEEP), _frozen_cost(FLAT)):  # None: timed on this machine

@@ -406,20 +406,11 @@ class _Runner:
         fingerprint = self.adapter.fingerprint()
         self.drafter_paths: dict[str, str | None] = {}
         self.pipes = {}
-        loaded: dict[str, Any] = {}  # drafter kind -> (path, drafter), shared by the static and adaptive rows
-        for m in SPEC_METHODS:
-            if m not in s.methods:
-                continue
-            tree = {**s.tree, "adaptive": True} if m.endswith("_adaptive") else s.tree
-            m, row = drafter_of(m), m
-            if m in loaded or m in self.skipped:
-                if m in self.skipped:
-                    self.skipped[row] = self.skipped[m]
-                else:
-                    path, drafter = loaded[m]
-                    self.pipes[row] = SpecVLMPipeline.from_components(self.adapter, self.base.processor, drafter,
-                                                                      tree=tree)
-                    self.drafter_paths[row] = path
+        # Each drafter kind is loaded once; its static and adaptive rows share it.
+        needed = {drafter_of(m) for m in SPEC_METHODS if m in s.methods}
+        loaded: dict[str, tuple[str, Any]] = {}
+        for m in DRAFTER_KINDS:
+            if m not in needed:
                 continue
             path = s.drafters.get(m)
             if path is None:
@@ -432,7 +423,6 @@ class _Runner:
                     train = "compressor=none" if m == "eaglevlm" else "compressor=select"
                     self.skipped[m] = (f"{why} under {s.outputs_root}; run `python train.py {train}` or pass "
                                        f"bench.drafters.{m}=<drafter dir>")
-                    self.skipped[row] = self.skipped[m]
                     continue
                 path = str(found)
             drafter = EagleVLMDrafter.load(path, target=self.adapter, dtype=self.base.adapter.dtype,
@@ -441,8 +431,17 @@ class _Runner:
             if kind != m:
                 self.notes.append(f"{m}: the drafter at {path} is of kind {kind!r}, not {m!r}")
             loaded[m] = (str(path), drafter)
+        for row in SPEC_METHODS:
+            if row not in s.methods:
+                continue
+            kind = drafter_of(row)
+            if kind not in loaded:
+                self.skipped[row] = self.skipped[kind]
+                continue
+            path, drafter = loaded[kind]
+            tree = s.tree if row == kind else {**s.tree, "adaptive": True}
             self.pipes[row] = SpecVLMPipeline.from_components(self.adapter, self.base.processor, drafter, tree=tree)
-            self.drafter_paths[row] = str(path)
+            self.drafter_paths[row] = path
         self.assistant = None
         if "assisted" in s.methods:
             if s.assistant is None:
@@ -565,7 +564,7 @@ def _breakdown(runs: list[dict], ar: dict, rounds: int) -> dict:
         "other_ms_per_round": per("time_other_s", rounds),
         "round_ms": _r(1000 * (parts["draft"] + parts["verify"] + parts["other"]) / rounds, 2) if rounds else None,
         "tree_nodes_per_round": _r(sum(r["tree_nodes"] for r in runs) / rounds, 2) if rounds else None,
-        "tree_depth_per_round": _r(sum(r.get("tree_depth", 0) for r in runs) / rounds, 2) if rounds else None,
+        "tree_depth_per_round": _r(sum(r["tree_depth"] for r in runs) / rounds, 2) if rounds else None,
         "ar_step_ms": _r(1000 * ar_decode_s / ar_steps, 2) if ar_steps else None,
         "share": {k: _r(v / total, 3) if total > 0 else None for k, v in parts.items()},
     }
@@ -648,7 +647,7 @@ def write_markdown(report: dict, path: Path) -> None:
                 lines.append(f"| {LABELS[meth]} | {_fmt(b['prefill_ms_per_request'], 1)} | "
                              f"{_fmt(b['draft_ms_per_round'], 1)} | {_fmt(b['verify_ms_per_round'], 1)} | "
                              f"{_fmt(b['other_ms_per_round'], 1)} | {_fmt(b['round_ms'], 1)} | "
-                             f"{_fmt(b['tree_nodes_per_round'], 1)} | {_fmt(b.get('tree_depth_per_round'), 1)} | "
+                             f"{_fmt(b['tree_nodes_per_round'], 1)} | {_fmt(b['tree_depth_per_round'], 1)} | "
                              f"{_fmt(b['ar_step_ms'], 1)} | "
                              + " | ".join(_fmt(sh[k], pct=True) for k in ("prefill", "draft", "verify", "other", "pipeline")) + " |")
         lines.append("")

@@ -98,23 +98,28 @@ class AcceptanceCalibration:
         self.trials.index_add_(0, b, torch.ones_like(hit))
         self.successes.index_add_(0, b, hit)
 
+    def _conditional(self, scores: Tensor, parents: Tensor, start: int = 0) -> Tensor:
+        """Calibrated conditional acceptance rates of nodes ``start..`` given their parents (float64, CPU)."""
+        scores = scores.detach().double().cpu()
+        parents = parents.detach().cpu()[start:]
+        parent_scores = torch.where(parents >= 0, scores[parents.clamp(min=0)], torch.zeros_like(scores[start:]))
+        return self.rate((scores[start:] - parent_scores).exp(), self.first_children(parents))
+
     def extend(self, values: Tensor, scores: Tensor, parents: Tensor) -> Tensor:
         """``values`` (calibrated path probabilities of the first ``len(values)`` nodes) extended to all nodes,
         computing only the new ones. For the tree builder's pool, which grows one level at a time (a level never
         splits a run of siblings, so the first new node starts a run)."""
         start = values.numel()
-        scores = scores.detach().double().cpu()
-        parents = parents.detach().cpu()[start:]
-        new_scores = scores[start:]
-        has_parent = parents >= 0
-        parent_scores = torch.where(has_parent, scores[parents.clamp(min=0)], torch.zeros_like(new_scores))
-        cond = self.rate((new_scores - parent_scores).exp(), self.first_children(parents)).float()
+        cond = self._conditional(scores, parents, start).float()
+        new_parents = parents.detach().cpu()[start:]
+        has_parent = new_parents >= 0
         if start == 0:
             if bool(has_parent.any()):
                 raise ValueError("extend() from no values needs the root's children first")
             return cond
-        return torch.cat([values.float(), cond * torch.where(has_parent, values.float()[parents.clamp(min=0)],
-                                                              torch.ones_like(cond))])
+        values = values.float()
+        return torch.cat([values, cond * torch.where(has_parent, values[new_parents.clamp(min=0)],
+                                                     torch.ones_like(cond))])
 
     def path_probs(self, scores: Tensor, parents: Tensor) -> Tensor:
         """Calibrated acceptance probability of every node (a product of calibrated conditionals along its path).
@@ -122,10 +127,8 @@ class AcceptanceCalibration:
         ``scores``: cumulative draft log-probs; ``parents``: parent index (``-1`` = child of the root) into the
         same arrays, topologically ordered (parents first), siblings contiguous and best-first.
         """
-        scores = scores.detach().double().cpu()
         parents = parents.detach().cpu()
-        parent_scores = torch.where(parents >= 0, scores[parents.clamp(min=0)], torch.zeros_like(scores))
-        cond = self.rate((scores - parent_scores).exp(), self.first_children(parents))
+        cond = self._conditional(scores, parents)
         out = cond.clone()
         # Topological order: each pass resolves one more level of the products.
         has_parent = parents >= 0
@@ -187,11 +190,15 @@ class RoundCostModel:
         """``E(n)`` for ``n = 1 .. len+1``: 1 + the ``n - 1`` largest node acceptance probabilities."""
         return 1.0 + torch.cat([sorted_probs.new_zeros(1), torch.cumsum(sorted_probs, 0)])
 
+    @staticmethod
+    def _values(node_logprobs: Tensor, node_probs: Tensor | None) -> Tensor:
+        """Acceptance probabilities of the nodes: ``node_probs`` when given, else ``exp(node_logprobs)``."""
+        return (node_logprobs.exp() if node_probs is None else node_probs).detach().float().cpu()
+
     def _expected(self, node_logprobs: Tensor, node_probs: Tensor | None) -> Tensor:
         """``E(n)`` in the order the tree builder keeps nodes (by cumulative draft log-prob, best first)."""
         order = torch.sort(node_logprobs.detach().float().cpu(), descending=True, stable=True).indices
-        probs = node_logprobs.detach().float().exp().cpu() if node_probs is None else node_probs.detach().float().cpu()
-        return self.expected_tokens(probs[order])
+        return self.expected_tokens(self._values(node_logprobs, node_probs)[order])
 
     def _rates(self, expected: Tensor, seconds: float, max_size: int) -> tuple[int, float]:
         """Best ``(n, expected[n-1] / (seconds + verify(n)))`` over ``2 <= n <= min(max_size, len(expected))``."""
@@ -232,8 +239,7 @@ class RoundCostModel:
         if self.step.value is None:
             return True
         _, rate_now = self.best_size(node_logprobs, draft_seconds, max_size, node_probs)
-        values = node_logprobs.detach().float().exp().cpu() if node_probs is None else node_probs.detach().float().cpu()
         children = frontier_probs.detach().float().cpu() * float(child_prob)
-        combined = torch.sort(torch.cat([values, children]), descending=True).values
+        combined = torch.sort(torch.cat([self._values(node_logprobs, node_probs), children]), descending=True).values
         base = (self.fixed.value or 0.0) + draft_seconds + self.step.value
         return self._best_rate(combined, base, max_size) > rate_now
