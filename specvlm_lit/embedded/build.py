@@ -16,12 +16,12 @@ from omegaconf import DictConfig, OmegaConf
 from ..data.datamodule import ShardDataModule, llava_visual_tokens
 from ..synthetic.generate import CorpusSpec, ensure_corpus
 from ..utils.atomic import atomic_directory
+from . import CONF_DIR
 from .evaluate import evaluate
 from .recipe import TargetPretraining, build_target_config
 from .tokenizer import build_processor, train_tokenizer
-from .vision_pretrain import pretrain_vision
+from .vision_pretrain import check_tower_shape, load_tower, run_stage1
 
-CONF_DIR = str(Path(__file__).resolve().parents[2] / "conf")
 
 
 def corpus_texts(corpus_dir: Path):
@@ -56,13 +56,7 @@ def tower_from_target(path, vision_config) -> dict:
         raise FileNotFoundError(f"vision_pretrain.from_target: no built target at {path} (config.json missing); "
                                 "build it first with python -m specvlm_lit.embedded.build")
     source = LlavaForConditionalGeneration.from_pretrained(path)
-    theirs, ours = source.config.vision_config.to_diff_dict(), vision_config.to_diff_dict()
-    diff = {k: (theirs.get(k), ours.get(k)) for k in ("hidden_size", "intermediate_size", "num_hidden_layers",
-                                                       "num_attention_heads", "image_size", "patch_size")
-            if theirs.get(k) != ours.get(k)}
-    if diff:
-        raise ValueError(f"vision_pretrain.from_target: the tower at {path} has another shape "
-                         f"(theirs, ours): {diff}; set model.vision to match it")
+    check_tower_shape(source.config.vision_config, vision_config, "vision_pretrain.from_target", path)
     return source.model.vision_tower.state_dict()
 
 
@@ -85,17 +79,15 @@ def run_build(cfg: DictConfig) -> dict:
     config = build_target_config(tokenizer, OmegaConf.to_container(cfg.model.vision),
                                  OmegaConf.to_container(cfg.model.text), cfg.model.vision_feature_layer)
     vision_state, report = None, {}
-    stage1 = OmegaConf.to_container(cfg.vision_pretrain)
-    tower_source = stage1.pop("from_target", None)
-    if tower_source:  # reuse another build's grounded tower (the assistant VLM shares the target's)
-        vision_state = tower_from_target(tower_source, config.vision_config)
-        report["vision_pretrain"] = {"from_target": str(tower_source)}
-    elif stage1["steps"] > 0:  # stage 1: ground the tower on dense patch labels
-        t1 = time.perf_counter()
-        vision_state, metrics = pretrain_vision(
-            OmegaConf.to_container(cfg.model.vision), processor.image_processor,
-            resolutions=tuple(cfg.corpus.resolutions), seed=cfg.seed, log_dir=cfg.log_dir, **stage1)
-        report["vision_pretrain"] = {"seconds": round(time.perf_counter() - t1, 1), "heldout_patch_accuracy": metrics}
+    stage1 = cfg.vision_pretrain
+    if stage1.get("from_target"):  # reuse another build's grounded tower (the assistant VLM shares the target's)
+        vision_state = tower_from_target(stage1.from_target, config.vision_config)
+        report["vision_pretrain"] = {"from_target": str(stage1.from_target)}
+    elif stage1.get("from_tower"):  # a tower saved by stage 1 (python -m specvlm_lit.embedded.vision_pretrain)
+        vision_state, stage1_report = load_tower(stage1.from_tower, config.vision_config)
+        report["vision_pretrain"] = {"from_tower": str(stage1.from_tower), **stage1_report}
+    elif stage1.steps > 0:  # stage 1: ground the tower on dense patch labels
+        vision_state, report["vision_pretrain"] = run_stage1(cfg, processor.image_processor)
         print(f"vision pre-training: {json.dumps(report['vision_pretrain'])}")
     module = TargetPretraining(config, **cfg.optim, vision_state=vision_state, freeze_vision=cfg.freeze_vision)
     n_params = sum(p.numel() for p in module.model.parameters())

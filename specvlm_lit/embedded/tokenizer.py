@@ -57,22 +57,24 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int = 768) -> PreTrainedTo
     return fast
 
 
+def build_image_processor():
+    """CLIP pixel normalisation with no resize or crop: each image keeps its own resolution."""
+    try:  # PIL backend: torchvision is not installed on CPU machines (it breaks beside torch 2.13).
+        from transformers import CLIPImageProcessorPil as ImageProcessor
+    except ImportError:  # pragma: no cover - older transformers
+        from transformers import CLIPImageProcessor as ImageProcessor
+    return ImageProcessor(do_resize=False, do_center_crop=False, do_normalize=True,
+                          image_mean=[0.5, 0.5, 0.5], image_std=[0.5, 0.5, 0.5])
+
+
 def build_processor(tokenizer: PreTrainedTokenizerFast, patch_size: int) -> LlavaProcessor:
     """A LlavaProcessor that keeps each image at its own resolution (no resize / crop).
 
     The visual-token count then follows the image size, (h / patch) * (w / patch), which is how
     the embedded target sees several resolutions (64 / 144 / 256 tokens).
     """
-    try:  # PIL backend: torchvision is not installed on CPU machines (it breaks beside torch 2.13).
-        from transformers import CLIPImageProcessorPil as ImageProcessor
-    except ImportError:  # pragma: no cover - older transformers
-        from transformers import CLIPImageProcessor as ImageProcessor
-    image_processor = ImageProcessor(
-        do_resize=False, do_center_crop=False, do_normalize=True,
-        image_mean=[0.5, 0.5, 0.5], image_std=[0.5, 0.5, 0.5],
-    )
     return LlavaProcessor(
-        image_processor=image_processor, tokenizer=tokenizer, patch_size=patch_size,
+        image_processor=build_image_processor(), tokenizer=tokenizer, patch_size=patch_size,
         vision_feature_select_strategy="default", num_additional_image_tokens=1,
         image_token=IMAGE, chat_template=CHAT_TEMPLATE,
     )

@@ -15,11 +15,16 @@ compositional generalisation the test split asks for.
 
 from __future__ import annotations
 
+import json
 import random
+import time
+from pathlib import Path
 
+import hydra
 import lightning as L
 import torch
 import torch.nn.functional as F
+from omegaconf import DictConfig, OmegaConf
 from torch import nn
 from torch.utils.data import IterableDataset, get_worker_info
 from transformers import CLIPVisionConfig, CLIPVisionModel
@@ -27,6 +32,8 @@ from transformers import CLIPVisionConfig, CLIPVisionModel
 from ..synthetic.scenes import (
     MAX_OBJECTS, OCCUPANCY_GRID, PATCH_LABEL_CLASSES, SHAPES, SIZES, patch_labels, render, sample_scene, unnamed_colour,
 )
+from ..utils.atomic import atomic_directory
+from . import CONF_DIR
 from .recipe import warmup_cosine
 
 OBJECT_LABEL_CLASSES = {"object_shape": len(SHAPES), "object_size": len(SIZES)}
@@ -151,3 +158,72 @@ def pretrain_vision(vision: dict, image_processor, *, steps: int, batch_size: in
     trainer.fit(module, DataLoader(train, batch_size=None, num_workers=1), DataLoader(val, batch_size=None))
     metrics = {k: round(float(v), 4) for k, v in trainer.callback_metrics.items() if k.startswith("vision_val/")}
     return module.tower.state_dict(), metrics
+
+
+TOWER_SHAPE_KEYS = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "image_size",
+                    "patch_size")
+
+
+def check_tower_shape(theirs: CLIPVisionConfig, ours: CLIPVisionConfig, option: str, source) -> None:
+    """Raise a clear error when a tower loaded from ``source`` does not fit the recipe's ``model.vision``."""
+    a, b = theirs.to_dict(), ours.to_dict()
+    diff = {k: (a.get(k), b.get(k)) for k in TOWER_SHAPE_KEYS if a.get(k) != b.get(k)}
+    if diff:
+        raise ValueError(f"{option}: the tower at {source} has another shape (theirs, ours): {diff}; "
+                         "set model.vision to match it")
+
+
+def save_tower(state: dict, vision: dict, out_dir, report: dict) -> None:
+    """Save stage 1's tower as a ``CLIPVisionModel`` directory (+ its report), all or nothing."""
+    tower = CLIPVisionModel(CLIPVisionConfig(**vision))
+    tower.load_state_dict(state)
+    with atomic_directory(out_dir, "tower") as tmp:
+        tower.save_pretrained(tmp, safe_serialization=True)
+        (Path(tmp) / "stage1_report.json").write_text(json.dumps(report, indent=2))
+
+
+def load_tower(path, vision_config: CLIPVisionConfig) -> tuple[dict, dict]:
+    """A tower saved by :func:`save_tower`, checked to fit ``vision_config``: (state dict, stage-1 report)."""
+    path = Path(path)
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(f"vision_pretrain.from_tower: no saved tower at {path} (config.json missing); "
+                                "run stage 1 first: python -m specvlm_lit.embedded.vision_pretrain")
+    tower = CLIPVisionModel.from_pretrained(path)
+    check_tower_shape(tower.config, vision_config, "vision_pretrain.from_tower", path)
+    report_file = path / "stage1_report.json"
+    report = json.loads(report_file.read_text()) if report_file.is_file() else {}
+    return tower.state_dict(), report
+
+
+def run_stage1(cfg: DictConfig, image_processor) -> tuple[dict, dict]:
+    """Stage 1 as the recipe ``cfg`` describes it; saves the tower to ``vision_pretrain.save_to``.
+
+    Seeds first, so the build and the stage-1-only CLI produce the same tower.
+    """
+    L.seed_everything(cfg.seed, workers=True)
+    stage1 = {k: v for k, v in OmegaConf.to_container(cfg.vision_pretrain, resolve=True).items()
+              if k not in ("from_target", "from_tower", "save_to")}
+    t = time.perf_counter()
+    state, metrics = pretrain_vision(OmegaConf.to_container(cfg.model.vision), image_processor,
+                                     resolutions=tuple(cfg.corpus.resolutions), seed=cfg.seed, log_dir=cfg.log_dir,
+                                     **stage1)
+    report = {"seconds": round(time.perf_counter() - t, 1), "steps": stage1["steps"],
+              "heldout_patch_accuracy": metrics}
+    if cfg.vision_pretrain.get("save_to"):
+        save_tower(state, OmegaConf.to_container(cfg.model.vision), cfg.vision_pretrain.save_to, report)
+    return state, report
+
+
+@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="target_recipe")
+def main(cfg: DictConfig) -> None:
+    """Stage 1 only: ``python -m specvlm_lit.embedded.vision_pretrain [overrides]``; the build then takes
+    the saved tower with ``vision_pretrain.from_tower=<save_to>``."""
+    from .tokenizer import build_image_processor
+
+    _, report = run_stage1(cfg, build_image_processor())
+    print(json.dumps(report, indent=2))
+    print(Path(cfg.vision_pretrain.save_to).resolve())
+
+
+if __name__ == "__main__":
+    main()
