@@ -187,3 +187,34 @@ def test_load_tower_explains_what_is_wrong(tiny_build, tmp_path):
     save_tower(CLIPVisionModel(CLIPVisionConfig(**wider)).state_dict(), wider, tmp_path / "tower", {})
     with pytest.raises(ValueError, match="from_tower.*hidden_size"):
         load_tower(tmp_path / "tower", vision)
+
+
+def test_init_from_continues_a_built_target(tiny_build, small_corpus, tmp_path):
+    """init_from takes every weight and the tokenizer of a built target and adds its steps to steps_total."""
+    import torch
+    from hydra import compose, initialize_config_dir
+
+    from specvlm_lit.embedded.build import CONF_DIR, run_build
+    from tests.conftest import TINY_TARGET_OVERRIDES
+
+    source_dir, source_report = tiny_build
+    common = [f"log_dir={tmp_path / 'logs'}", f"corpus.dir={small_corpus}", "corpus.n_train=120", "corpus.n_val=16",
+              "corpus.n_test=32", "corpus.samples_per_shard=50", f"init_from={source_dir}"] + TINY_TARGET_OVERRIDES
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        # lr 0: the continued model must come out exactly as it went in.
+        cfg = compose(config_name="target_recipe", overrides=common + [f"out_dir={tmp_path / 'same'}", "optim.lr=0"])
+        bad = compose(config_name="target_recipe", overrides=common + [f"out_dir={tmp_path / 'bad'}",
+                                                                       "model.text.num_hidden_layers=3"])
+    report = run_build(cfg)
+    assert report["init_from"] == {"path": str(source_dir), "steps_total": source_report["steps"]}
+    assert report["steps_total"] == source_report["steps"] + report["steps"]
+    assert "vision_pretrain" not in report  # stage 1 is not rerun
+    before, after = (LlavaForConditionalGeneration.from_pretrained(d).state_dict() for d in (source_dir, tmp_path / "same"))
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert AutoTokenizer.from_pretrained(tmp_path / "same").get_vocab() == AutoTokenizer.from_pretrained(source_dir).get_vocab()
+    with pytest.raises(ValueError, match="init_from.*num_hidden_layers"):
+        run_build(bad)
+    with pytest.raises(FileNotFoundError, match="init_from: no built target"):
+        from specvlm_lit.embedded.build import init_weights
+
+        init_weights(tmp_path / "nothing", None)

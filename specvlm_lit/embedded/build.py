@@ -60,6 +60,39 @@ def tower_from_target(path, vision_config) -> dict:
     return source.model.vision_tower.state_dict()
 
 
+def _built_target_dir(path, option: str) -> Path:
+    path = Path(path)
+    if not (path / "config.json").is_file() or not (path / "model.safetensors").is_file():
+        raise FileNotFoundError(f"{option}: no built target at {path} (config.json or model.safetensors missing); "
+                                "build it first with python -m specvlm_lit.embedded.build")
+    return path
+
+
+def load_init_tokenizer(path):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(_built_target_dir(path, "init_from"))
+
+
+def init_weights(path, config) -> tuple[dict, dict]:
+    """Every weight of a built target (to continue stage 2 from it), checked to fit ``config``."""
+    from transformers import LlavaForConditionalGeneration
+
+    path = _built_target_dir(path, "init_from")
+    source = LlavaForConditionalGeneration.from_pretrained(path)
+    check_tower_shape(source.config.vision_config, config.vision_config, "init_from", path)
+    theirs, ours = source.config.text_config.to_dict(), config.text_config.to_dict()
+    diff = {k: (theirs.get(k), ours.get(k)) for k in ("vocab_size", "hidden_size", "intermediate_size",
+                                                       "num_hidden_layers", "num_attention_heads", "num_key_value_heads")
+            if theirs.get(k) != ours.get(k)}
+    if diff:
+        raise ValueError(f"init_from: the language model at {path} has another shape (theirs, ours): {diff}; "
+                         "set model.text to match it")
+    earlier = json.loads((path / "build_report.json").read_text()) if (path / "build_report.json").is_file() else {}
+    steps = earlier.get("steps_total", earlier.get("steps", 0))
+    return source.state_dict(), {"path": str(path), "steps_total": steps}
+
+
 def run_build(cfg: DictConfig) -> dict:
     """Corpus -> tokenizer -> trained target -> saved + evaluated. Returns the build report."""
     L.seed_everything(cfg.seed, workers=True)
@@ -68,7 +101,10 @@ def run_build(cfg: DictConfig) -> dict:
                       seed=cfg.corpus.seed, resolutions=tuple(cfg.corpus.resolutions),
                       samples_per_shard=cfg.corpus.samples_per_shard)
     corpus = ensure_corpus(cfg.corpus.dir, spec)
-    if cfg.tokenizer.get("from_dir"):  # share another build's tokenizer exactly (assistant VLMs must)
+    init_from = cfg.get("init_from")
+    if init_from:  # continuing a built target: its tokenizer, exactly
+        tokenizer = load_init_tokenizer(init_from)
+    elif cfg.tokenizer.get("from_dir"):  # share another build's tokenizer exactly (assistant VLMs must)
         from transformers import AutoTokenizer
 
         tokenizer = AutoTokenizer.from_pretrained(cfg.tokenizer.from_dir)
@@ -78,9 +114,11 @@ def run_build(cfg: DictConfig) -> dict:
     processor = build_processor(tokenizer, patch_size=patch)
     config = build_target_config(tokenizer, OmegaConf.to_container(cfg.model.vision),
                                  OmegaConf.to_container(cfg.model.text), cfg.model.vision_feature_layer)
-    vision_state, report = None, {}
+    vision_state, init_state, report = None, None, {}
     stage1 = cfg.vision_pretrain
-    if stage1.get("from_target"):  # reuse another build's grounded tower (the assistant VLM shares the target's)
+    if init_from:  # stage 2 continues from a built target; its tower already went through stage 1
+        init_state, report["init_from"] = init_weights(init_from, config)
+    elif stage1.get("from_target"):  # reuse another build's grounded tower (the assistant VLM shares the target's)
         vision_state = tower_from_target(stage1.from_target, config.vision_config)
         report["vision_pretrain"] = {"from_target": str(stage1.from_target)}
     elif stage1.get("from_tower"):  # a tower saved by stage 1 (python -m specvlm_lit.embedded.vision_pretrain)
@@ -89,7 +127,8 @@ def run_build(cfg: DictConfig) -> dict:
     elif stage1.steps > 0:  # stage 1: ground the tower on dense patch labels
         vision_state, report["vision_pretrain"] = run_stage1(cfg, processor.image_processor)
         print(f"vision pre-training: {json.dumps(report['vision_pretrain'])}")
-    module = TargetPretraining(config, **cfg.optim, vision_state=vision_state, freeze_vision=cfg.freeze_vision)
+    module = TargetPretraining(config, **cfg.optim, vision_state=vision_state, freeze_vision=cfg.freeze_vision,
+                               init_state=init_state)
     n_params = sum(p.numel() for p in module.model.parameters())
     print(f"embedded target: {n_params / 1e6:.2f}M parameters, vocab {len(tokenizer)}")
     shards = sorted(str(p) for p in corpus.glob("train-*.tar"))
@@ -103,7 +142,9 @@ def run_build(cfg: DictConfig) -> dict:
     trainer.fit(module, datamodule=datamodule)
     train_seconds = time.perf_counter() - t0
     model = module.model.eval()
+    earlier = report.get("init_from", {}).get("steps_total", 0)
     report = {**report, "parameters": n_params, "train_seconds": round(train_seconds, 1), "steps": trainer.global_step,
+              "steps_total": earlier + trainer.global_step,
               "recipe": OmegaConf.to_container(cfg, resolve=True)}
     out_dir = Path(cfg.out_dir)
     save_target(model, processor, out_dir, report)

@@ -85,15 +85,18 @@ class TargetPretraining(L.LightningModule):
 
     def __init__(self, config: LlavaConfig, lr: float = 1e-3, weight_decay: float = 0.01, warmup_steps: int = 100,
                  betas: tuple[float, float] = (0.9, 0.98), min_lr_ratio: float = 0.1,
-                 vision_state: dict | None = None, freeze_vision: bool = False):
+                 vision_state: dict | None = None, freeze_vision: bool = False, init_state: dict | None = None):
         super().__init__()
-        self.save_hyperparameters(ignore=["config", "vision_state"])
+        self.save_hyperparameters(ignore=["config", "vision_state", "init_state"])
         self.model = LlavaForConditionalGeneration(config)
+        if init_state is not None:  # continue from a built target (``init_from``): every weight, tower included
+            self.model.load_state_dict(init_state)
         if vision_state is not None:
             self.model.model.vision_tower.load_state_dict(vision_state)
         if freeze_vision:
-            if vision_state is None:
-                raise ValueError("freeze_vision=true needs a pre-trained tower: set vision_pretrain.steps > 0")
+            if vision_state is None and init_state is None:
+                raise ValueError("freeze_vision=true needs a pre-trained tower: set vision_pretrain.steps > 0 "
+                                 "(or vision_pretrain.from_tower / from_target, or init_from)")
             self.model.model.vision_tower.requires_grad_(False)
 
     def forward(self, batch: dict) -> torch.Tensor:
