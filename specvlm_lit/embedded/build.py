@@ -127,6 +127,8 @@ def run_build(cfg: DictConfig) -> dict:
     elif stage1.steps > 0:  # stage 1: ground the tower on dense patch labels
         vision_state, report["vision_pretrain"] = run_stage1(cfg, processor.image_processor)
         print(f"vision pre-training: {json.dumps(report['vision_pretrain'])}")
+    # Re-seed: stage 2 starts from the same random state whether stage 1 ran in this process or not.
+    L.seed_everything(cfg.seed, workers=True)
     module = TargetPretraining(config, **cfg.optim, vision_state=vision_state, freeze_vision=cfg.freeze_vision,
                                init_state=init_state)
     n_params = sum(p.numel() for p in module.model.parameters())
