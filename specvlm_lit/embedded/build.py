@@ -18,7 +18,7 @@ from ..synthetic.generate import CorpusSpec, ensure_corpus
 from ..utils.atomic import atomic_directory
 from . import CONF_DIR
 from .evaluate import evaluate
-from .recipe import TargetPretraining, build_target_config
+from .recipe import TargetPretraining, build_target_config, check_same_shape
 from .tokenizer import build_processor, train_tokenizer
 from .vision_pretrain import check_tower_shape, load_tower, run_stage1
 
@@ -47,19 +47,6 @@ def save_target(model, processor, out_dir: Path, report: dict) -> None:
         (tmp / "build_report.json").write_text(json.dumps(report, indent=2))
 
 
-def tower_from_target(path, vision_config) -> dict:
-    """The vision tower weights of a built target, checked to fit ``vision_config``."""
-    from transformers import LlavaForConditionalGeneration
-
-    path = Path(path)
-    if not (path / "config.json").is_file():
-        raise FileNotFoundError(f"vision_pretrain.from_target: no built target at {path} (config.json missing); "
-                                "build it first with python -m specvlm_lit.embedded.build")
-    source = LlavaForConditionalGeneration.from_pretrained(path)
-    check_tower_shape(source.config.vision_config, vision_config, "vision_pretrain.from_target", path)
-    return source.model.vision_tower.state_dict()
-
-
 def _built_target_dir(path, option: str) -> Path:
     path = Path(path)
     if not (path / "config.json").is_file() or not (path / "model.safetensors").is_file():
@@ -68,10 +55,14 @@ def _built_target_dir(path, option: str) -> Path:
     return path
 
 
-def load_init_tokenizer(path):
-    from transformers import AutoTokenizer
+def tower_from_target(path, vision_config) -> dict:
+    """The vision tower weights of a built target, checked to fit ``vision_config``."""
+    from transformers import LlavaForConditionalGeneration
 
-    return AutoTokenizer.from_pretrained(_built_target_dir(path, "init_from"))
+    path = _built_target_dir(path, "vision_pretrain.from_target")
+    source = LlavaForConditionalGeneration.from_pretrained(path)
+    check_tower_shape(source.config.vision_config, vision_config, "vision_pretrain.from_target", path)
+    return source.model.vision_tower.state_dict()
 
 
 def init_weights(path, config) -> tuple[dict, dict]:
@@ -81,16 +72,20 @@ def init_weights(path, config) -> tuple[dict, dict]:
     path = _built_target_dir(path, "init_from")
     source = LlavaForConditionalGeneration.from_pretrained(path)
     check_tower_shape(source.config.vision_config, config.vision_config, "init_from", path)
-    theirs, ours = source.config.text_config.to_dict(), config.text_config.to_dict()
-    diff = {k: (theirs.get(k), ours.get(k)) for k in ("vocab_size", "hidden_size", "intermediate_size",
-                                                       "num_hidden_layers", "num_attention_heads", "num_key_value_heads")
-            if theirs.get(k) != ours.get(k)}
-    if diff:
-        raise ValueError(f"init_from: the language model at {path} has another shape (theirs, ours): {diff}; "
-                         "set model.text to match it")
+    check_same_shape(source.config.text_config, config.text_config,
+                     ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                      "num_key_value_heads"), f"init_from: the language model at {path}", "model.text")
     earlier = json.loads((path / "build_report.json").read_text()) if (path / "build_report.json").is_file() else {}
     steps = earlier.get("steps_total", earlier.get("steps", 0))
     return source.state_dict(), {"path": str(path), "steps_total": steps}
+
+
+def check_tower_sources(cfg: DictConfig) -> None:
+    """Reject recipes that name two sources for the tower: only one can be used, and guessing which loses work."""
+    named = [k for k in ("vision_pretrain.from_target", "vision_pretrain.from_tower", "init_from")
+             if OmegaConf.select(cfg, k)]
+    if len(named) > 1:
+        raise ValueError(f"{' and '.join(named)} are both set: each gives the tower its weights; keep one")
 
 
 def run_build(cfg: DictConfig) -> dict:
@@ -101,9 +96,12 @@ def run_build(cfg: DictConfig) -> dict:
                       seed=cfg.corpus.seed, resolutions=tuple(cfg.corpus.resolutions),
                       samples_per_shard=cfg.corpus.samples_per_shard)
     corpus = ensure_corpus(cfg.corpus.dir, spec)
+    check_tower_sources(cfg)
     init_from = cfg.get("init_from")
     if init_from:  # continuing a built target: its tokenizer, exactly
-        tokenizer = load_init_tokenizer(init_from)
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(_built_target_dir(init_from, "init_from"))
     elif cfg.tokenizer.get("from_dir"):  # share another build's tokenizer exactly (assistant VLMs must)
         from transformers import AutoTokenizer
 

@@ -34,6 +34,14 @@ def build_target_config(tokenizer, vision: dict, text: dict, vision_feature_laye
     )
 
 
+def check_same_shape(theirs, ours, keys, what: str, fix_key: str) -> None:
+    """Raise ``ValueError`` naming every ``keys`` entry where two HF configs differ, and the recipe key to set."""
+    a, b = theirs.to_dict(), ours.to_dict()
+    diff = {k: (a.get(k), b.get(k)) for k in keys if a.get(k) != b.get(k)}
+    if diff:
+        raise ValueError(f"{what} has another shape (theirs, ours): {diff}; set {fix_key} to match it")
+
+
 def encode_images_with_grad(model: LlavaForConditionalGeneration, images: Sequence[torch.Tensor]) -> BaseModelOutputWithPooling:
     """Visual embeddings for images of possibly different sizes, in input order (differentiable).
 

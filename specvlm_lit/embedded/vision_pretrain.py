@@ -34,7 +34,7 @@ from ..synthetic.scenes import (
 )
 from ..utils.atomic import atomic_directory
 from . import CONF_DIR
-from .recipe import warmup_cosine
+from .recipe import check_same_shape, warmup_cosine
 
 OBJECT_LABEL_CLASSES = {"object_shape": len(SHAPES), "object_size": len(SIZES)}
 
@@ -166,11 +166,7 @@ TOWER_SHAPE_KEYS = ("hidden_size", "intermediate_size", "num_hidden_layers", "nu
 
 def check_tower_shape(theirs: CLIPVisionConfig, ours: CLIPVisionConfig, option: str, source) -> None:
     """Raise a clear error when a tower loaded from ``source`` does not fit the recipe's ``model.vision``."""
-    a, b = theirs.to_dict(), ours.to_dict()
-    diff = {k: (a.get(k), b.get(k)) for k in TOWER_SHAPE_KEYS if a.get(k) != b.get(k)}
-    if diff:
-        raise ValueError(f"{option}: the tower at {source} has another shape (theirs, ours): {diff}; "
-                         "set model.vision to match it")
+    check_same_shape(theirs, ours, TOWER_SHAPE_KEYS, f"{option}: the tower at {source}", "model.vision")
 
 
 def save_tower(state: dict, vision: dict, out_dir, report: dict) -> None:
