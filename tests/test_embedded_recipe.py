@@ -218,3 +218,68 @@ def test_init_from_continues_a_built_target(tiny_build, small_corpus, tmp_path):
         from specvlm_lit.embedded.build import init_weights
 
         init_weights(tmp_path / "nothing", None)
+
+
+def test_object_naming_separates_held_out_pairs():
+    from specvlm_lit.embedded.evaluate import object_naming
+    from specvlm_lit.synthetic.scenes import HELD_OUT_PAIRS
+
+    held = sorted(HELD_OUT_PAIRS)[0]
+    seen = next((c, s) for c in ("red", "blue") for s in ("square", "cross") if (c, s) not in HELD_OUT_PAIRS)
+    scene = {"objects": [{"colour": held[0], "shape": held[1]}, {"colour": seen[0], "shape": seen[1]}]}
+    assert object_naming(f"There is a small {seen[0]} {seen[1]} and a {held[0]} blob.", scene) == [(True, False), (False, True)]
+    assert object_naming(f"A {held[0]} {held[1]}s sits next to a {seen[0]} {seen[1]}.", scene) == [(True, False), (False, True)]
+    assert object_naming(f"A {held[0]} {held[1]} sits next to a {seen[0]} {seen[1]}.", scene) == [(True, True), (False, True)]
+
+
+def test_evaluate_cli_reports_object_naming(tiny_build, small_corpus):
+    import subprocess
+    import sys
+
+    out, _ = tiny_build
+    run = subprocess.run([sys.executable, "-m", "specvlm_lit.embedded.evaluate", f"target_dir={out}",
+                          f"corpus_dir={small_corpus}", "split=val", "limit=4", "max_new_tokens=8",
+                          f"hydra.run.dir={out.parent / 'eval'}"], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    report = json.loads(run.stdout[run.stdout.index("{"):])
+    assert report["split"] == "val" and report["samples"] == 4
+    assert set(report["describe_objects_named"]) == {"seen", "held_out"}
+    bad = subprocess.run([sys.executable, "-m", "specvlm_lit.embedded.evaluate", f"target_dir={out}", "split=dev",
+                          f"hydra.run.dir={out.parent / 'eval'}"], capture_output=True, text=True, timeout=300)
+    assert bad.returncode != 0 and "split='dev'" in bad.stderr
+
+
+def test_build_rejects_two_tower_sources(tiny_build, small_corpus, tmp_path):
+    from hydra import compose, initialize_config_dir
+
+    from specvlm_lit.embedded.build import CONF_DIR, run_build
+    from tests.conftest import TINY_TARGET_OVERRIDES
+
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        cfg = compose(config_name="target_recipe", overrides=TINY_TARGET_OVERRIDES + [
+            f"corpus.dir={small_corpus}", f"out_dir={tmp_path / 'x'}", f"init_from={tiny_build[0]}",
+            f"vision_pretrain.from_tower={tmp_path / 'tower'}"])
+    with pytest.raises(ValueError, match="from_tower and init_from are both set"):
+        run_build(cfg)
+    assert not (tmp_path / "x").exists()
+
+
+def test_stage2_starts_from_the_same_state_with_or_without_stage1_in_process(small_corpus, tmp_path):
+    """One-command build == stage-1 CLI + from_tower build (lr 0, so the saved weights are the initial ones)."""
+    import torch
+    from hydra import compose, initialize_config_dir
+
+    from specvlm_lit.embedded.build import CONF_DIR, run_build
+    from tests.conftest import TINY_TARGET_OVERRIDES
+
+    common = TINY_TARGET_OVERRIDES + [f"corpus.dir={small_corpus}", "corpus.n_train=120", "corpus.n_val=16",
+                                      "corpus.n_test=32", "corpus.samples_per_shard=50", "optim.lr=0",
+                                      f"log_dir={tmp_path / 'logs'}"]
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        inline = compose(config_name="target_recipe", overrides=common + [f"out_dir={tmp_path / 'inline'}"])
+        split = compose(config_name="target_recipe", overrides=common + [
+            f"out_dir={tmp_path / 'split'}", f"vision_pretrain.from_tower={tmp_path / 'logs' / 'vision_tower'}"])
+    run_build(inline)  # also saves its stage-1 tower to logs/vision_tower
+    run_build(split)
+    a, b = (LlavaForConditionalGeneration.from_pretrained(tmp_path / d).state_dict() for d in ("inline", "split"))
+    assert all(torch.equal(a[k], b[k]) for k in a)

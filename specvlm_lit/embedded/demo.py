@@ -18,7 +18,7 @@ from transformers import AutoProcessor
 
 from ..synthetic.generate import CorpusSpec, ensure_corpus
 from ..target import TargetAdapter
-from .build import CONF_DIR
+from . import CONF_DIR
 from .evaluate import answer, answer_is_correct, iter_test_samples
 
 

@@ -11,14 +11,18 @@ import io
 import json
 import re
 from collections import defaultdict
+from pathlib import Path
 
+import hydra
 import torch
 import webdataset as wds
+from omegaconf import DictConfig
 from PIL import Image
 
 from ..data.conversation import prompt_ids
-from ..synthetic.scenes import COLOURS, SHAPES
+from ..synthetic.scenes import COLOURS, HELD_OUT_PAIRS, SHAPES
 from ..target import TargetAdapter
+from . import CONF_DIR
 
 _PAIR = re.compile(r"\b(" + "|".join(COLOURS) + r") (" + "|".join(SHAPES) + r")\b")
 
@@ -32,6 +36,12 @@ def answer_is_correct(answer: str, checks: list[str], task: str, scene: dict) ->
         if any(" ".join(m) not in present for m in _PAIR.findall(answer)):
             return False
     return True
+
+
+def object_naming(answer: str, scene: dict) -> list[tuple[bool, bool]]:
+    """Per object of ``scene``: (its colour+shape pair is held out, the answer names that pair)."""
+    return [((o["colour"], o["shape"]) in HELD_OUT_PAIRS,
+             re.search(rf"\b{o['colour']} {o['shape']}\b", answer) is not None) for o in scene["objects"]]
 
 
 def iter_test_samples(urls, limit: int | None = None):
@@ -60,6 +70,8 @@ def evaluate(model, processor, urls, *, limit: int | None = None, max_new_tokens
     per_task: dict[str, list[int]] = defaultdict(list)
     exact = []
     examples = []
+    # Descriptions name every object: how often held-out vs seen colour+shape pairs come out right.
+    naming: dict[str, list[int]] = {"seen": [], "held_out": []}
     for image, rec in iter_test_samples(urls, limit):
         question = rec["conversations"][0]["value"]
         reference = rec["conversations"][1]["value"]
@@ -67,6 +79,9 @@ def evaluate(model, processor, urls, *, limit: int | None = None, max_new_tokens
         ok = answer_is_correct(reply, rec["checks"][0], rec["tasks"][0], rec["scene"])
         per_task[rec["tasks"][0]].append(int(ok))
         exact.append(int(reply == reference))
+        if rec["tasks"][0] == "describe":
+            for held_out, named in object_naming(reply, rec["scene"]):
+                naming["held_out" if held_out else "seen"].append(int(named))
         if len(examples) < 8:
             examples.append({"id": rec["id"], "question": question, "answer": reply, "reference": reference, "correct": ok})
         if log and len(exact) % 64 == 0:
@@ -77,5 +92,29 @@ def evaluate(model, processor, urls, *, limit: int | None = None, max_new_tokens
         "accuracy": sum(total) / max(1, len(total)),
         "per_task": {k: {"n": len(v), "accuracy": sum(v) / len(v)} for k, v in sorted(per_task.items())},
         "exact_match": sum(exact) / max(1, len(exact)),
+        "describe_objects_named": {k: {"n": len(v), "rate": sum(v) / max(1, len(v))} for k, v in naming.items()},
         "examples": examples,
     }
+
+
+@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="evaluate_target")
+def main(cfg: DictConfig) -> None:
+    """``python -m specvlm_lit.embedded.evaluate [split=val] [target_dir=...]``: accuracy of a built target."""
+    from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+    from ..synthetic.generate import CorpusSpec, ensure_corpus
+
+    if cfg.split not in ("train", "val", "test"):
+        raise ValueError(f"split={cfg.split!r}: use test (held-out pairs), val or train")
+    corpus = Path(cfg.corpus_dir)
+    if not any(corpus.glob(f"{cfg.split}-*.tar")):  # first use: build the default corpus
+        corpus = ensure_corpus(corpus, CorpusSpec())
+    urls = sorted(str(p) for p in corpus.glob(f"{cfg.split}-*.tar"))
+    model = LlavaForConditionalGeneration.from_pretrained(cfg.target_dir).eval()
+    results = evaluate(model, AutoProcessor.from_pretrained(cfg.target_dir), urls, limit=cfg.limit,
+                       max_new_tokens=cfg.max_new_tokens, log=print)
+    print(json.dumps({"split": cfg.split, **{k: v for k, v in results.items() if k != "examples"}}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
