@@ -283,3 +283,77 @@ def test_stage2_starts_from_the_same_state_with_or_without_stage1_in_process(sma
     run_build(split)
     a, b = (LlavaForConditionalGeneration.from_pretrained(tmp_path / d).state_dict() for d in ("inline", "split"))
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_swap_attribute_words_changes_only_answer_attribute_inputs():
+    import torch
+
+    from specvlm_lit.embedded.recipe import swap_attribute_words
+
+    colours, shapes = [10, 11, 12], [20, 21]
+    ids = torch.tensor([[10, 20, 5, 11, 21, 6, 12, 20, 7] * 50])
+    answer = torch.ones_like(ids, dtype=torch.bool)
+    answer[:, :9] = False  # the first copy plays the prompt: never touched
+    gen = torch.Generator().manual_seed(0)
+    noisy = swap_attribute_words(ids, answer, [colours, shapes], 0.5, generator=gen)
+    changed = noisy != ids
+    assert not changed[:, :9].any()
+    assert not changed[~torch.isin(ids, torch.tensor(colours + shapes))].any()  # other words never change
+    for group in (colours, shapes):
+        at = torch.isin(ids, torch.tensor(group))
+        assert torch.isin(noisy[at], torch.tensor(group)).all()  # a colour stays a colour, a shape a shape
+    rate = changed[answer & torch.isin(ids, torch.tensor(colours + shapes))].float().mean().item()
+    assert 0.4 < rate < 0.6  # every hit is a different word, so the change rate is p
+    assert torch.equal(swap_attribute_words(ids, answer, [colours, shapes], 0.0), ids)
+
+
+def test_attribute_swap_feeds_noisy_inputs_but_scores_clean_labels(tiny_build, monkeypatch):
+    import torch
+
+    from specvlm_lit.embedded import recipe
+
+    config = LlavaForConditionalGeneration.from_pretrained(tiny_build[0]).config
+    module = recipe.TargetPretraining(config, attribute_swap_p=0.9, attribute_groups=[[3, 4]])
+    seen = {}
+
+    def fake_forward(self, batch, input_ids=None):
+        seen["input"] = input_ids
+        return torch.zeros(*batch["input_ids"].shape, 8, requires_grad=True)
+
+    def fake_loss(logits, gold, mask):
+        seen["gold"] = gold
+        return logits.sum(), torch.tensor(0.0)
+
+    monkeypatch.setattr(recipe.TargetPretraining, "forward", fake_forward)
+    monkeypatch.setattr(recipe.TargetPretraining, "log_dict", lambda self, *a, **k: None)
+    monkeypatch.setattr(recipe, "answer_loss", fake_loss)
+    ids = torch.tensor([[1, 3, 3, 3, 3, 4, 4, 4, 4, 2] * 4])
+    torch.manual_seed(0)
+    module.training_step({"input_ids": ids, "loss_mask": torch.ones_like(ids, dtype=torch.bool)}, 0)
+    assert torch.equal(seen["gold"], ids) and not torch.equal(seen["input"], ids)
+
+
+def test_attribute_swap_runs_in_a_build_and_checks_its_words(tiny_build, small_corpus, tmp_path):
+    """augment.attribute_swap_p runs in a build; bad probabilities and multi-token words are rejected."""
+    from hydra import compose, initialize_config_dir
+
+    from specvlm_lit.embedded.build import CONF_DIR, run_build
+    from specvlm_lit.embedded.recipe import TargetPretraining, attribute_word_groups
+    from tests.conftest import TINY_TARGET_OVERRIDES
+
+    source_dir, _ = tiny_build
+    tok = AutoTokenizer.from_pretrained(source_dir)
+    groups = attribute_word_groups(tok, {"colour": ["red", "blue"], "shape": ["circle", "square"]})
+    assert [len(g) for g in groups] == [2, 2]
+    with pytest.raises(ValueError, match="'zqxjvk' is .* tokens"):
+        attribute_word_groups(tok, {"colour": ["zqxjvk"]})
+    config = LlavaForConditionalGeneration.from_pretrained(source_dir).config
+    with pytest.raises(ValueError, match="attribute_swap_p=1.0"):
+        TargetPretraining(config, attribute_swap_p=1.0, attribute_groups=groups)
+    overrides = [f"log_dir={tmp_path / 'logs'}", f"corpus.dir={small_corpus}", "corpus.n_train=120", "corpus.n_val=16",
+                 "corpus.n_test=32", "corpus.samples_per_shard=50", f"init_from={source_dir}",
+                 f"out_dir={tmp_path / 'noisy'}", "augment.attribute_swap_p=0.5"] + TINY_TARGET_OVERRIDES
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        cfg = compose(config_name="target_recipe", overrides=overrides)
+    report = run_build(cfg)
+    assert report["recipe"]["augment"]["attribute_swap_p"] == 0.5 and report["steps"] > 0

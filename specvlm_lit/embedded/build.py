@@ -18,7 +18,8 @@ from ..synthetic.generate import CorpusSpec, ensure_corpus
 from ..utils.atomic import atomic_directory
 from . import CONF_DIR
 from .evaluate import evaluate
-from .recipe import TargetPretraining, build_target_config, check_same_shape
+from ..synthetic.scenes import COLOURS, SHAPES
+from .recipe import TargetPretraining, attribute_word_groups, build_target_config, check_same_shape
 from .tokenizer import build_processor, train_tokenizer
 from .vision_pretrain import check_tower_shape, load_tower, run_stage1
 
@@ -127,8 +128,10 @@ def run_build(cfg: DictConfig) -> dict:
         print(f"vision pre-training: {json.dumps(report['vision_pretrain'])}")
     # Re-seed: stage 2 starts from the same random state whether stage 1 ran in this process or not.
     L.seed_everything(cfg.seed, workers=True)
+    swap_p = cfg.augment.attribute_swap_p
+    groups = attribute_word_groups(tokenizer, {"colour": list(COLOURS), "shape": SHAPES}) if swap_p > 0 else None
     module = TargetPretraining(config, **cfg.optim, vision_state=vision_state, freeze_vision=cfg.freeze_vision,
-                               init_state=init_state)
+                               init_state=init_state, attribute_swap_p=swap_p, attribute_groups=groups)
     n_params = sum(p.numel() for p in module.model.parameters())
     print(f"embedded target: {n_params / 1e6:.2f}M parameters, vocab {len(tokenizer)}")
     shards = sorted(str(p) for p in corpus.glob("train-*.tar"))

@@ -72,6 +72,49 @@ def answer_loss(logits: torch.Tensor, input_ids: torch.Tensor, loss_mask: torch.
     return F.cross_entropy(pred.float(), gold), (pred.argmax(-1) == gold).float().mean()
 
 
+def attribute_word_groups(tokenizer, groups: dict[str, Sequence[str]]) -> list[list[int]]:
+    """Token ids of each group's words as they appear mid-sentence (" orange"), one token per word.
+
+    ``swap_attribute_words`` needs single-token words; a tokenizer that splits one is rejected here.
+    """
+    out = []
+    for name, words in groups.items():
+        ids = []
+        for w in words:
+            enc = tokenizer.encode(" " + w, add_special_tokens=False)
+            if len(enc) != 1:
+                raise ValueError(f"augment.attribute_swap_p: the {name} word {w!r} is {len(enc)} tokens in this "
+                                 "tokenizer, not one; set augment.attribute_swap_p=0 or use the corpus tokenizer")
+            ids.append(enc[0])
+        out.append(ids)
+    return out
+
+
+def swap_attribute_words(input_ids: torch.Tensor, answer_mask: torch.Tensor, groups: list[list[int]], p: float,
+                         generator: torch.Generator | None = None) -> torch.Tensor:
+    """Input-side noise: each answer token from a group becomes another word of its group with probability ``p``.
+
+    Only the model's *input* changes; the loss keeps the clean tokens as labels. A small LM otherwise learns
+    which shape follows which colour word in its own answer ("orange" -> never "circle" in training) and
+    trusts that over the image; with the colour it just wrote sometimes wrong, the shape must come from
+    the picture. No image changes, so the held-out colour+shape pairs are still never drawn in training.
+    """
+    if p <= 0:
+        return input_ids
+    noisy = input_ids.clone()
+    coin = torch.rand(input_ids.shape, generator=generator, device=input_ids.device) < p
+    for ids in groups:
+        members = torch.tensor(ids, device=input_ids.device)
+        hit = torch.isin(input_ids, members) & answer_mask & coin
+        if not hit.any():
+            continue
+        # Index of each hit within its group, shifted by 1..n-1: always a different word of the group.
+        index = (input_ids[hit].unsqueeze(-1) == members).float().argmax(-1)
+        shift = torch.randint(1, len(ids), index.shape, generator=generator, device=input_ids.device)
+        noisy[hit] = members[(index + shift) % len(ids)]
+    return noisy
+
+
 def warmup_cosine(optimizer, warmup_steps: int, total_steps: int, min_lr_ratio: float) -> dict:
     """Per-step LR schedule for Lightning: linear warm-up, then cosine decay to ``min_lr_ratio``."""
     def schedule(step: int) -> float:
@@ -93,9 +136,14 @@ class TargetPretraining(L.LightningModule):
 
     def __init__(self, config: LlavaConfig, lr: float = 1e-3, weight_decay: float = 0.01, warmup_steps: int = 100,
                  betas: tuple[float, float] = (0.9, 0.98), min_lr_ratio: float = 0.1,
-                 vision_state: dict | None = None, freeze_vision: bool = False, init_state: dict | None = None):
+                 vision_state: dict | None = None, freeze_vision: bool = False, init_state: dict | None = None,
+                 attribute_swap_p: float = 0.0, attribute_groups: list[list[int]] | None = None):
         super().__init__()
         self.save_hyperparameters(ignore=["config", "vision_state", "init_state"])
+        if not 0.0 <= attribute_swap_p < 1.0:
+            raise ValueError(f"augment.attribute_swap_p={attribute_swap_p}: use a probability in [0, 1)")
+        if attribute_swap_p > 0 and not attribute_groups:
+            raise ValueError("attribute_swap_p > 0 needs attribute_groups (token ids of the colour and shape words)")
         self.model = LlavaForConditionalGeneration(config)
         if init_state is not None:  # continue from a built target (``init_from``): every weight, tower included
             self.model.load_state_dict(init_state)
@@ -107,13 +155,17 @@ class TargetPretraining(L.LightningModule):
                                  "(or vision_pretrain.from_tower / from_target, or init_from)")
             self.model.model.vision_tower.requires_grad_(False)
 
-    def forward(self, batch: dict) -> torch.Tensor:
+    def forward(self, batch: dict, input_ids: torch.Tensor | None = None) -> torch.Tensor:
         feats = encode_images_with_grad(self.model, batch["pixel_values"])
-        return self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+        ids = batch["input_ids"] if input_ids is None else input_ids
+        return self.model(input_ids=ids, attention_mask=batch["attention_mask"],
                           mm_encoder_outputs={"image": feats}).logits
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-        loss, acc = answer_loss(self(batch), batch["input_ids"], batch["loss_mask"])
+        hp = self.hparams
+        noisy = swap_attribute_words(batch["input_ids"], batch["loss_mask"], hp.attribute_groups or [],
+                                     hp.attribute_swap_p)
+        loss, acc = answer_loss(self(batch, noisy), batch["input_ids"], batch["loss_mask"])
         bs = batch["input_ids"].shape[0]
         self.log_dict({"train/loss": loss, "train/token_acc": acc}, prog_bar=True, batch_size=bs)
         return loss
