@@ -232,6 +232,32 @@ def test_object_naming_separates_held_out_pairs():
     assert object_naming(f"A {held[0]} {held[1]} sits next to a {seen[0]} {seen[1]}.", scene) == [(True, True), (False, True)]
 
 
+def test_question_kind_names_how_each_generated_question_asks():
+    import random
+
+    from specvlm_lit.embedded.evaluate import question_kind
+    from specvlm_lit.synthetic.scenes import sample_scene
+    from specvlm_lit.synthetic.tasks import make_turn
+
+    rng = random.Random(0)
+    kinds = set()
+    for _ in range(400):
+        scene = sample_scene(rng, held_out="require")
+        for task in ("attribute", "count", "spatial"):
+            turn = make_turn(task, scene, rng)
+            kind = question_kind(task, turn["checks"], turn["question"])
+            assert kind.startswith(task + "/")
+            kinds.add(kind)
+            if kind == "count/total":
+                assert "total" in turn["question"] or "all the" in turn["question"] or "objects does" in turn["question"]
+            if kind == "attribute/exists-yes":
+                assert turn["answer"].startswith("Yes")
+            if kind == "spatial/relation":
+                assert "relative" in turn["question"] or "compared" in turn["question"] or "left, right" in turn["question"]
+    assert kinds == {"attribute/colour", "attribute/shape", "attribute/exists-yes", "attribute/exists-no",
+                     "count/colour", "count/shape", "count/total", "spatial/relation", "spatial/cell"}
+
+
 def test_evaluate_cli_reports_object_naming(tiny_build, small_corpus):
     import subprocess
     import sys
@@ -244,6 +270,7 @@ def test_evaluate_cli_reports_object_naming(tiny_build, small_corpus):
     report = json.loads(run.stdout[run.stdout.index("{"):])
     assert report["split"] == "val" and report["samples"] == 4
     assert set(report["describe_objects_named"]) == {"seen", "held_out"}
+    assert sum(v["n"] for v in report["per_kind"].values()) == 4
     bad = subprocess.run([sys.executable, "-m", "specvlm_lit.embedded.evaluate", f"target_dir={out}", "split=dev",
                           f"hydra.run.dir={out.parent / 'eval'}"], capture_output=True, text=True, timeout=300)
     assert bad.returncode != 0 and "split='dev'" in bad.stderr

@@ -44,6 +44,21 @@ def object_naming(answer: str, scene: dict) -> list[tuple[bool, bool]]:
              re.search(rf"\b{o['colour']} {o['shape']}\b", answer) is not None) for o in scene["objects"]]
 
 
+def question_kind(task: str, checks: list[str], question: str) -> str:
+    """Finer label than the task, from the stored checks: which way of asking an answer got wrong."""
+    if task == "attribute":
+        if checks[0] in ("Yes", "No"):
+            return f"attribute/exists-{checks[0].lower()}"
+        return "attribute/colour" if checks[0] in COLOURS else "attribute/shape"
+    if task == "spatial":
+        return "spatial/relation" if len(checks) == 3 else "spatial/cell"
+    if task == "count":
+        q = question.lower()
+        return ("count/colour" if any(c in q for c in COLOURS) else
+                "count/shape" if any(s in q for s in SHAPES) else "count/total")
+    return task
+
+
 def iter_test_samples(urls, limit: int | None = None):
     for i, s in enumerate(wds.WebDataset(urls, shardshuffle=False)):
         if limit is not None and i >= limit:
@@ -68,6 +83,7 @@ def answer(adapter: TargetAdapter, processor, image: Image.Image, question: str,
 def evaluate(model, processor, urls, *, limit: int | None = None, max_new_tokens: int = 128, log=None) -> dict:
     adapter = TargetAdapter(model)
     per_task: dict[str, list[int]] = defaultdict(list)
+    per_kind: dict[str, list[int]] = defaultdict(list)
     exact = []
     examples = []
     # Descriptions name every object: how often held-out vs seen colour+shape pairs come out right.
@@ -78,6 +94,7 @@ def evaluate(model, processor, urls, *, limit: int | None = None, max_new_tokens
         reply = answer(adapter, processor, image, question, max_new_tokens)
         ok = answer_is_correct(reply, rec["checks"][0], rec["tasks"][0], rec["scene"])
         per_task[rec["tasks"][0]].append(int(ok))
+        per_kind[question_kind(rec["tasks"][0], rec["checks"][0], question)].append(int(ok))
         exact.append(int(reply == reference))
         if rec["tasks"][0] == "describe":
             for held_out, named in object_naming(reply, rec["scene"]):
@@ -91,6 +108,7 @@ def evaluate(model, processor, urls, *, limit: int | None = None, max_new_tokens
         "samples": len(total),
         "accuracy": sum(total) / max(1, len(total)),
         "per_task": {k: {"n": len(v), "accuracy": sum(v) / len(v)} for k, v in sorted(per_task.items())},
+        "per_kind": {k: {"n": len(v), "accuracy": sum(v) / len(v)} for k, v in sorted(per_kind.items())},
         "exact_match": sum(exact) / max(1, len(exact)),
         "describe_objects_named": {k: {"n": len(v), "rate": sum(v) / max(1, len(v))} for k, v in naming.items()},
         "examples": examples,
