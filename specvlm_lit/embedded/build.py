@@ -15,10 +15,10 @@ from omegaconf import DictConfig, OmegaConf
 
 from ..data.datamodule import ShardDataModule, llava_visual_tokens
 from ..synthetic.generate import CorpusSpec, ensure_corpus
+from ..synthetic.scenes import COLOURS, SHAPES
 from ..utils.atomic import atomic_directory
 from . import CONF_DIR
 from .evaluate import evaluate
-from ..synthetic.scenes import COLOURS, SHAPES
 from .recipe import TargetPretraining, attribute_word_groups, build_target_config, check_same_shape
 from .tokenizer import build_processor, train_tokenizer
 from .vision_pretrain import check_tower_shape, load_tower, run_stage1
@@ -98,14 +98,12 @@ def run_build(cfg: DictConfig) -> dict:
                       samples_per_shard=cfg.corpus.samples_per_shard)
     corpus = ensure_corpus(cfg.corpus.dir, spec)
     check_tower_sources(cfg)
+    from transformers import AutoTokenizer
+
     init_from = cfg.get("init_from")
     if init_from:  # continuing a built target: its tokenizer, exactly
-        from transformers import AutoTokenizer
-
         tokenizer = AutoTokenizer.from_pretrained(_built_target_dir(init_from, "init_from"))
     elif cfg.tokenizer.get("from_dir"):  # share another build's tokenizer exactly (assistant VLMs must)
-        from transformers import AutoTokenizer
-
         tokenizer = AutoTokenizer.from_pretrained(cfg.tokenizer.from_dir)
     else:
         tokenizer = train_tokenizer(corpus_texts(corpus), vocab_size=cfg.tokenizer.vocab_size)

@@ -45,7 +45,11 @@ def object_naming(answer: str, scene: dict) -> list[tuple[bool, bool]]:
 
 
 def question_kind(task: str, checks: list[str], question: str) -> str:
-    """Finer label than the task, from the stored checks: which way of asking an answer got wrong."""
+    """Finer label than the task: which way of asking an answer got wrong.
+
+    Read off the stored checks; count checks hold only the number, so counts look at the question's
+    words (plural shape nouns such as "circles" contain the shape name).
+    """
     if task == "attribute":
         if checks[0] in ("Yes", "No"):
             return f"attribute/exists-{checks[0].lower()}"
@@ -53,9 +57,9 @@ def question_kind(task: str, checks: list[str], question: str) -> str:
     if task == "spatial":
         return "spatial/relation" if len(checks) == 3 else "spatial/cell"
     if task == "count":
-        q = question.lower()
-        return ("count/colour" if any(c in q for c in COLOURS) else
-                "count/shape" if any(s in q for s in SHAPES) else "count/total")
+        words = set(re.findall(r"[a-z]+", question.lower()))
+        return ("count/colour" if words & set(COLOURS) else
+                "count/shape" if any(w.startswith(s) for w in words for s in SHAPES) else "count/total")
     return task
 
 
