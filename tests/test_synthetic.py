@@ -174,3 +174,93 @@ def test_unnamed_colours_name_no_colour_and_repaint_only_their_object():
     scene = sample_scene(random.Random(2), resolutions=(64,), min_objects=2)
     a, b = np.asarray(render(scene)), np.asarray(render(scene, {0: unnamed_colour(rng)}))
     assert (a != b).any() and np.array_equal(a, np.asarray(render(scene, {})))
+
+
+def test_default_corpus_records_are_pinned():
+    # The committed target was trained on this corpus: options added later must leave it unchanged.
+    import hashlib
+
+    h = hashlib.sha256()
+    for split, n in (("train", 200), ("val", 50), ("test", 50)):
+        for i in range(n):
+            h.update(json.dumps(make_sample(CorpusSpec(), split, i)["json"], sort_keys=True).encode())
+    assert h.hexdigest() == "00c1dfae042745c9d0449f110fc433893d5065bc7b4a68307eb9e11e8bfcf367"
+
+
+def _named_colours(text: str) -> set[str]:
+    from specvlm_lit.synthetic.scenes import COLOURS
+
+    return {w for w in text.lower().replace(".", " ").replace(",", " ").replace("?", " ").split() if w in COLOURS}
+
+
+def test_unnamed_colour_objects_in_the_train_split_are_named_by_shape_alone():
+    import math
+    import re
+
+    import numpy as np
+
+    from specvlm_lit.synthetic.scenes import BACKGROUNDS, COLOURS, SHAPES, Scene
+
+    spec = CorpusSpec(unnamed_colour_prob=0.3)
+    for split in ("val", "test"):  # evaluation splits never change
+        assert all(make_sample(spec, split, i) == make_sample(CorpusSpec(), split, i) for i in range(40))
+    objects = unnamed = 0
+    for i in range(400):
+        sample = make_sample(spec, "train", i)
+        rec = sample["json"]
+        scene = Scene.from_dict(rec["scene"])
+        assert Scene.from_dict(scene.to_dict()) == scene
+        image = np.asarray(Image.open(io.BytesIO(sample["png"])))
+        for o in scene.objects:
+            objects += 1
+            if o.colour is not None:
+                assert o.paint is None and (o.colour, o.shape) not in HELD_OUT_PAIRS
+                continue
+            unnamed += 1
+            assert min(math.dist(o.paint, c) for c in [*COLOURS.values(), *BACKGROUNDS.values()]) >= 90
+        # The rendered pixels carry the paint (objects drawn later may cover an earlier one's centre).
+        top = scene.objects[-1]
+        r = scene.resolution
+        centre = image[min(int(top.cy * r), r - 1), min(int(top.cx * r), r - 1)]
+        assert np.abs(centre.astype(int) - np.array(top.fill)).max() <= 8
+        named_colours = {o.colour for o in scene.objects if o.colour}
+        for task, checks, (q, a) in zip(rec["tasks"], rec["checks"], zip(rec["conversations"][::2], rec["conversations"][1::2])):
+            text = q["value"] + " " + a["value"]
+            # No colour word is ever attached to an unnamed object's shape: every colour+shape written is a
+            # named object of the scene (bar the absent pair a "No" question asks about).
+            for colour, shape in re.findall(r"\b(" + "|".join(COLOURS) + r") (" + "|".join(SHAPES) + r")\b", text):
+                assert any(o.colour == colour and o.shape == shape for o in scene.objects) or \
+                    (task == "attribute" and checks[0] == "No" and f"no {colour} {shape}" in text)
+            if task == "attribute" and checks[0] in COLOURS:  # colour questions ask about named objects only
+                assert checks[0] in named_colours
+            if task == "count" and _named_colours(q["value"]):  # unnamed objects never count towards a colour
+                (colour,) = _named_colours(q["value"])
+                n = sum(o.colour == colour for o in scene.objects)
+                assert checks == [("no", "one", "two", "three", "four", "five")[n]]
+            # "the cross" in a relation must pick out exactly one object.
+            related = [checks[0], checks[2]] if task == "spatial" and len(checks) == 3 else []
+            if task == "describe":
+                # (Two named objects of one colour+shape were always possible here; only unnamed ones are new.)
+                relation = r"(?:above|below|to the left of|to the right of)(?: and to the (?:left|right) of)?"
+                related = [n for pair in re.findall(rf"The ([a-z ]+?) is {relation} the ([a-z ]+)\.", a["value"])
+                           for n in pair if " " not in n]
+            if related:
+                for name in related:
+                    matching = [o for o in scene.objects if o.name == name or (" " not in name and o.shape == name)]
+                    assert len(matching) == 1, (name, rec["scene"])
+    assert 0.2 < unnamed / objects < 0.4
+
+
+def test_unnamed_colour_prob_is_validated():
+    for bad in (-0.1, 1.0):
+        with pytest.raises(ValueError, match="unnamed_colour_prob"):
+            CorpusSpec(unnamed_colour_prob=bad).validate()
+
+
+def test_patch_labels_leave_unnamed_colours_unlabelled():
+    from specvlm_lit.synthetic.scenes import patch_labels, repaint_unnamed
+
+    scene = repaint_unnamed(sample_scene(random.Random(5), resolutions=(64,), min_objects=2), 0.999, random.Random(0))
+    labels = patch_labels(scene)
+    owned = [j for j, inst in enumerate(labels["instance"]) if inst]
+    assert owned and all(labels["colour"][j] == -100 and labels["shape"][j] > 0 for j in owned)

@@ -95,7 +95,8 @@ def run_build(cfg: DictConfig) -> dict:
     t0 = time.perf_counter()
     spec = CorpusSpec(n_train=cfg.corpus.n_train, n_val=cfg.corpus.n_val, n_test=cfg.corpus.n_test,
                       seed=cfg.corpus.seed, resolutions=tuple(cfg.corpus.resolutions),
-                      samples_per_shard=cfg.corpus.samples_per_shard)
+                      samples_per_shard=cfg.corpus.samples_per_shard,
+                      unnamed_colour_prob=cfg.corpus.unnamed_colour_prob)
     corpus = ensure_corpus(cfg.corpus.dir, spec)
     check_tower_sources(cfg)
     from transformers import AutoTokenizer

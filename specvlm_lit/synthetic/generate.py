@@ -26,7 +26,7 @@ from pathlib import Path
 
 import webdataset as wds
 
-from .scenes import DEFAULT_RESOLUTIONS, MAX_OBJECTS, render, sample_scene, validate_scene_args
+from .scenes import DEFAULT_RESOLUTIONS, MAX_OBJECTS, render, repaint_unnamed, sample_scene, validate_scene_args
 from ..utils.atomic import atomic_directory
 from .tasks import TASKS, make_turn, to_llava_conversation
 
@@ -46,6 +46,10 @@ class CorpusSpec:
     # Training conversations get 1..max_turns turns (more supervision per encoded image);
     # val/test are single-turn so each prompt is one question about a fresh image.
     max_turns: int = 3
+    # Share of train-split objects repainted in a random colour that names none and named by shape
+    # alone ("a small cross"): the model must then read shape from the outline, not from the colour,
+    # which is what held-out colour+shape pairs need. val/test never get them.
+    unnamed_colour_prob: float = 0.0
     version: int = field(default=CORPUS_VERSION)
 
     def validate(self) -> None:
@@ -59,6 +63,9 @@ class CorpusSpec:
             raise ValueError(f"samples_per_shard must be a positive integer, got {self.samples_per_shard!r}")
         if not isinstance(self.max_turns, int) or self.max_turns < 1:
             raise ValueError(f"max_turns must be a positive integer, got {self.max_turns!r}")
+        if not 0.0 <= self.unnamed_colour_prob < 1.0:
+            raise ValueError(f"unnamed_colour_prob must be in [0, 1) (some objects must keep a named colour), "
+                             f"got {self.unnamed_colour_prob!r}")
         validate_scene_args(tuple(self.resolutions), self.max_objects)
 
 
@@ -75,6 +82,8 @@ def make_sample(spec: CorpusSpec, split: str, index: int) -> dict:
         # Detailed descriptions need two or more objects to reach 40+ tokens.
         min_objects=2 if "describe" in tasks and spec.max_objects >= 2 else 1,
     )
+    if split == "train" and spec.unnamed_colour_prob > 0:
+        scene = repaint_unnamed(scene, spec.unnamed_colour_prob, random.Random(f"{spec.seed}/{split}/{index}/unnamed"))
     turns = [make_turn(t, scene, rng) for t in tasks]
     key = f"{split}-{index:07d}"
     buf = io.BytesIO()

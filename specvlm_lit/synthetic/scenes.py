@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import math
 import random
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 from PIL import Image, ImageDraw
 
@@ -56,17 +56,23 @@ MAX_OBJECTS = 5
 
 @dataclass(frozen=True)
 class SceneObject:
-    colour: str
+    colour: str | None  # None: painted in ``paint``, an RGB colour that names no colour
     shape: str
     size: str
     cell: int  # index into CELLS
     # Centre in image-relative coordinates (0..1); jittered inside the cell.
     cx: float
     cy: float
+    paint: tuple[int, int, int] | None = None
 
     @property
     def name(self) -> str:
-        return f"{self.colour} {self.shape}"
+        """"red circle"; just "circle" for an object in an unnamed colour."""
+        return f"{self.colour} {self.shape}" if self.colour else self.shape
+
+    @property
+    def fill(self) -> tuple[int, int, int]:
+        return tuple(self.paint) if self.paint is not None else COLOURS[self.colour]
 
     @property
     def where(self) -> str:
@@ -88,15 +94,14 @@ class Scene:
     objects: tuple[SceneObject, ...]
 
     def to_dict(self) -> dict:
-        return {
-            "resolution": self.resolution,
-            "background": self.background,
-            "objects": [asdict(o) for o in self.objects],
-        }
+        # ``paint`` is written only where set, so corpora without unnamed colours keep their old records.
+        objects = [{k: v for k, v in asdict(o).items() if k != "paint" or v is not None} for o in self.objects]
+        return {"resolution": self.resolution, "background": self.background, "objects": objects}
 
     @classmethod
     def from_dict(cls, d: dict) -> "Scene":
-        return cls(d["resolution"], d["background"], tuple(SceneObject(**o) for o in d["objects"]))
+        objects = tuple(SceneObject(**{**o, "paint": tuple(o["paint"]) if o.get("paint") else None}) for o in d["objects"])
+        return cls(d["resolution"], d["background"], objects)
 
     def reading_order(self) -> list[SceneObject]:
         """Objects sorted top-to-bottom, left-to-right: the order descriptions list them in."""
@@ -184,7 +189,7 @@ def render(scene: Scene, fills: dict[int, tuple[int, int, int]] | None = None) -
     img = Image.new("RGB", (s, s), BACKGROUNDS[scene.background])
     draw = ImageDraw.Draw(img)
     for i, o in enumerate(scene.objects):
-        _draw_object(draw, o, s, (fills or {}).get(i, COLOURS[o.colour]))
+        _draw_object(draw, o, s, (fills or {}).get(i, o.fill))
     return img.resize((scene.resolution, scene.resolution), Image.BILINEAR)
 
 
@@ -210,6 +215,15 @@ def unnamed_colour(rng: random.Random, min_distance: float = 90.0) -> tuple[int,
         c = tuple(rng.randrange(256) for _ in range(3))
         if min(math.dist(c, n) for n in named) >= min_distance:
             return c
+
+
+def repaint_unnamed(scene: Scene, p: float, rng: random.Random) -> Scene:
+    """Each object, with probability ``p``, repainted in an ``unnamed_colour`` (its colour becomes None).
+
+    Its shape stays, so no held-out colour+shape pair can appear: the object simply has no colour name.
+    """
+    objects = tuple(replace(o, colour=None, paint=unnamed_colour(rng)) if rng.random() < p else o for o in scene.objects)
+    return replace(scene, objects=objects)
 
 
 def _draw_object(draw: "ImageDraw.ImageDraw", o: SceneObject, side: int, fill) -> None:
@@ -257,7 +271,7 @@ def patch_labels(scene: Scene, patch_size: int = 8, min_cover: float = 0.25) -> 
         if i < 0:
             continue
         o = scene.objects[i]
-        labels["colour"][j] = 1 + colours.index(o.colour)
+        labels["colour"][j] = 1 + colours.index(o.colour) if o.colour else -100  # unnamed: no colour label
         labels["shape"][j] = 1 + shapes.index(o.shape)
         labels["size"][j] = 1 + SIZES.index(o.size)
         labels["cell"][j] = 1 + o.cell

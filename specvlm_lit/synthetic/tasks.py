@@ -8,6 +8,10 @@ model trained on them gives varied text):
 - ``count``: counting by shape, by colour or in total, with the counted objects listed;
 - ``spatial``: which object is in a grid cell, or where one object is relative to another.
 
+Objects in an unnamed colour (``SceneObject.colour is None``, training corpora with
+``unnamed_colour_prob``) are named by their shape alone, are never asked about by colour, and never
+count towards a colour.
+
 Every answer carries ``checks``: the key facts (colour+shape names, counts, relations) a correct
 answer must state. Held-out accuracy of the embedded target is measured against them.
 """
@@ -66,6 +70,17 @@ def _unique(scene: Scene, key) -> list[SceneObject]:
     return [o for o in scene.objects if counts[key(o)] == 1]
 
 
+def _referable(scene: Scene) -> list[SceneObject]:
+    """Objects that "the <name>" picks out alone: a unique colour+shape, or a unique shape when unnamed."""
+    shapes = Counter(o.shape for o in scene.objects)
+    return [o for o in _unique(scene, lambda o: o.name) if o.colour or shapes[o.shape] == 1]
+
+
+def _named(scene: Scene) -> list[SceneObject]:
+    """Objects whose colour has a name (questions that key on colour may only ask about these)."""
+    return [o for o in scene.objects if o.colour]
+
+
 def describe(scene: Scene, rng: random.Random) -> tuple[str, str, list[str]]:
     q = rng.choice([
         "Describe the image in detail.",
@@ -91,11 +106,12 @@ def describe(scene: Scene, rng: random.Random) -> tuple[str, str, list[str]]:
             sentences.append(f"{_cap(_a(o.size))} {o.name} sits {place(o)}.")
         else:
             sentences.append(f"{_cap(place(o))}, there is {_a(o.size)} {o.name}.")
-    if len(objs) >= 2:
+    # "The cross is above ..." would be ambiguous for an unnamed cross next to a named one.
+    if len(objs) >= 2 and all(o.colour or o in _referable(scene) for o in (objs[0], objs[-1])):
         a, b = objs[0], objs[-1]
         sentences.append(f"The {a.name} is {relation(a, b)} the {b.name}.")
-    colours = Counter(o.colour for o in objs)
-    top, k = colours.most_common(1)[0]
+    colours = Counter(o.colour for o in objs if o.colour)
+    top, k = colours.most_common(1)[0] if colours else (None, 1)
     if k > 1:
         sentences.append(f"The most common color is {top}, used by {NUMBER_WORDS[k]} shapes.")
     else:
@@ -105,8 +121,8 @@ def describe(scene: Scene, rng: random.Random) -> tuple[str, str, list[str]]:
 
 def attribute(scene: Scene, rng: random.Random) -> tuple[str, str, list[str]]:
     options = []
-    by_shape = _unique(scene, lambda o: o.shape)
-    by_colour = _unique(scene, lambda o: o.colour)
+    by_shape = [o for o in _unique(scene, lambda o: o.shape) if o.colour]
+    by_colour = [o for o in _unique(scene, lambda o: o.colour) if o.colour]
     if by_shape:
         options.append("colour")
     if by_colour:
@@ -133,8 +149,8 @@ def attribute(scene: Scene, rng: random.Random) -> tuple[str, str, list[str]]:
         return q, a, [o.shape]
     # Yes/no: half the time ask about an object that is there, otherwise one that is not.
     present = {o.name for o in scene.objects}
-    if rng.random() < 0.5:
-        o = rng.choice(scene.objects)
+    if rng.random() < 0.5 and _named(scene):
+        o = rng.choice(_named(scene))
         colour, shape = o.colour, o.shape
     else:
         colour, shape = _absent_pair(scene, rng)
@@ -153,12 +169,12 @@ def attribute(scene: Scene, rng: random.Random) -> tuple[str, str, list[str]]:
 def _absent_pair(scene: Scene, rng: random.Random) -> tuple[str, str]:
     # Ask about a colour or a shape that is in the scene, paired wrongly: the hard negative.
     present = {o.name for o in scene.objects}
-    colours = sorted({o.colour for o in scene.objects})
+    colours = sorted({o.colour for o in scene.objects if o.colour})
     shapes = sorted({o.shape for o in scene.objects})
     from .scenes import COLOURS, SHAPES
 
     for _ in range(50):
-        colour = rng.choice(colours) if rng.random() < 0.5 else rng.choice(sorted(COLOURS))
+        colour = rng.choice(colours) if colours and rng.random() < 0.5 else rng.choice(sorted(COLOURS))
         shape = rng.choice(shapes) if rng.random() < 0.5 else rng.choice(SHAPES)
         if f"{colour} {shape}" not in present:
             return colour, shape
@@ -175,9 +191,9 @@ def count(scene: Scene, rng: random.Random) -> tuple[str, str, list[str]]:
         q = rng.choice([f"How many {_plural(shape)} are there?", f"Count the {_plural(shape)} in the picture.",
                         f"How many {_plural(shape)} can you see?"])
         what = _plural(shape) if len(hits) != 1 else shape
-        listed = [f"{_a(o.colour)} one {place(o)}" for o in hits]
+        listed = [f"{_a(o.colour)} one {place(o)}" if o.colour else f"one {place(o)}" for o in hits]
     elif kind == "colour":
-        colour = rng.choice([o.colour for o in scene.objects] + list(COLOURS))
+        colour = rng.choice([o.colour for o in _named(scene)] + list(COLOURS))
         hits = [o for o in scene.reading_order() if o.colour == colour]
         q = rng.choice([f"How many {colour} shapes are in the image?", f"Count the {colour} objects.",
                         f"How many shapes are {colour}?"])
@@ -200,7 +216,7 @@ def count(scene: Scene, rng: random.Random) -> tuple[str, str, list[str]]:
 
 
 def spatial(scene: Scene, rng: random.Random) -> tuple[str, str, list[str]]:
-    names = _unique(scene, lambda o: o.name)
+    names = _referable(scene)
     if len(names) >= 2 and rng.random() < 0.6:
         a_obj, b_obj = rng.sample(names, 2)
         rel = relation(a_obj, b_obj)
