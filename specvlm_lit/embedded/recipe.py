@@ -72,10 +72,12 @@ def answer_loss(logits: torch.Tensor, input_ids: torch.Tensor, loss_mask: torch.
     return F.cross_entropy(pred.float(), gold), (pred.argmax(-1) == gold).float().mean()
 
 
-def attribute_word_groups(tokenizer, groups: dict[str, Sequence[str]]) -> list[list[int]]:
+def attribute_word_groups(tokenizer, groups: dict[str, Sequence[str]], *, user: str = "augment.attribute_swap_p",
+                          fix: str = "set augment.attribute_swap_p=0 or use the corpus tokenizer") -> list[list[int]]:
     """Token ids of each group's words as they appear mid-sentence (" orange"), one token per word.
 
-    ``swap_attribute_words`` needs single-token words; a tokenizer that splits one is rejected here.
+    ``swap_attribute_words`` (and the diagnosis probes) need single-token words; a tokenizer that
+    splits one is rejected here, naming ``user`` and the ``fix``.
     """
     out = []
     for name, words in groups.items():
@@ -83,8 +85,7 @@ def attribute_word_groups(tokenizer, groups: dict[str, Sequence[str]]) -> list[l
         for w in words:
             enc = tokenizer.encode(" " + w, add_special_tokens=False)
             if len(enc) != 1:
-                raise ValueError(f"augment.attribute_swap_p: the {name} word {w!r} is {len(enc)} tokens in this "
-                                 "tokenizer, not one; set augment.attribute_swap_p=0 or use the corpus tokenizer")
+                raise ValueError(f"{user}: the {name} word {w!r} is {len(enc)} tokens in this tokenizer, not one; {fix}")
             ids.append(enc[0])
         out.append(ids)
     return out
