@@ -264,3 +264,30 @@ def test_patch_labels_leave_unnamed_colours_unlabelled():
     labels = patch_labels(scene)
     owned = [j for j, inst in enumerate(labels["instance"]) if inst]
     assert owned and all(labels["colour"][j] == -100 and labels["shape"][j] > 0 for j in owned)
+
+
+def test_task_weights_repeat_look_up_tasks_without_repeating_questions():
+    spec = CorpusSpec(task_weights={"describe": 0, "attribute": 3, "count": 1, "spatial": 2}, max_turns=6)
+    spec.validate()
+    tasks = []
+    for i in range(300):
+        rec = make_sample(spec, "train", i)["json"]
+        questions = [m["value"].removeprefix("<image>\n") for m in rec["conversations"][::2]]
+        assert len(set(questions)) == len(questions) and len(rec["tasks"]) == len(rec["checks"]) == len(questions)
+        tasks += rec["tasks"]
+    counts = {t: tasks.count(t) for t in TASKS}
+    assert counts["describe"] == 0 and counts["attribute"] > counts["spatial"] > counts["count"] > 0
+    assert len(tasks) / 300 > 2.5  # more turns per image than the default 1..3 distinct ones
+    for split in ("val", "test"):  # single-turn, evenly drawn, unchanged
+        assert all(make_sample(spec, split, i) == make_sample(CorpusSpec(), split, i) for i in range(30))
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(max_turns=5), "needs repeated tasks"),
+    (dict(task_weights={"describe": 1, "caption": 2}), "task_weights"),
+    (dict(task_weights={"describe": 0, "count": 0}), "task_weights"),
+    (dict(task_weights={"count": -1, "spatial": 2}), "task_weights"),
+])
+def test_bad_task_mix_is_rejected(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        CorpusSpec(**kwargs).validate()

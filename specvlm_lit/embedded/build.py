@@ -96,7 +96,8 @@ def run_build(cfg: DictConfig) -> dict:
     spec = CorpusSpec(n_train=cfg.corpus.n_train, n_val=cfg.corpus.n_val, n_test=cfg.corpus.n_test,
                       seed=cfg.corpus.seed, resolutions=tuple(cfg.corpus.resolutions),
                       samples_per_shard=cfg.corpus.samples_per_shard,
-                      unnamed_colour_prob=cfg.corpus.unnamed_colour_prob)
+                      unnamed_colour_prob=cfg.corpus.unnamed_colour_prob, max_turns=cfg.corpus.max_turns,
+                      task_weights=OmegaConf.to_container(cfg.corpus.task_weights) if cfg.corpus.task_weights else None)
     corpus = ensure_corpus(cfg.corpus.dir, spec)
     check_tower_sources(cfg)
     from transformers import AutoTokenizer

@@ -50,6 +50,10 @@ class CorpusSpec:
     # alone ("a small cross"): the model must then read shape from the outline, not from the colour,
     # which is what held-out colour+shape pairs need. val/test never get them.
     unnamed_colour_prob: float = 0.0
+    # Train-split task mix: None draws 1..max_turns distinct tasks evenly (the default corpus). A
+    # {task: weight} dict draws each turn's task by weight, repeats allowed (never the same question
+    # twice), so look-up questions can get more of the steps than long descriptions.
+    task_weights: dict[str, float] | None = None
     version: int = field(default=CORPUS_VERSION)
 
     def validate(self) -> None:
@@ -63,6 +67,16 @@ class CorpusSpec:
             raise ValueError(f"samples_per_shard must be a positive integer, got {self.samples_per_shard!r}")
         if not isinstance(self.max_turns, int) or self.max_turns < 1:
             raise ValueError(f"max_turns must be a positive integer, got {self.max_turns!r}")
+        if self.task_weights is None:
+            if self.max_turns > len(TASKS):
+                raise ValueError(f"max_turns={self.max_turns} needs repeated tasks: at most {len(TASKS)} distinct "
+                                 "tasks exist; set task_weights to allow repeats or lower max_turns")
+        else:
+            unknown = set(self.task_weights) - set(TASKS)
+            weights = list(self.task_weights.values())
+            if unknown or not all(isinstance(w, (int, float)) and w >= 0 for w in weights) or not sum(weights) > 0:
+                raise ValueError(f"task_weights={self.task_weights!r}: give non-negative weights, not all zero, "
+                                 f"for tasks among {', '.join(TASKS)}")
         if not 0.0 <= self.unnamed_colour_prob < 1.0:
             raise ValueError(f"unnamed_colour_prob must be in [0, 1) (some objects must keep a named colour), "
                              f"got {self.unnamed_colour_prob!r}")
@@ -73,7 +87,10 @@ def make_sample(spec: CorpusSpec, split: str, index: int) -> dict:
     """One sample, a pure function of (seed, split, index)."""
     rng = random.Random(f"{spec.seed}/{split}/{index}")
     n_turns = rng.randint(1, spec.max_turns) if split == "train" else 1
-    tasks = rng.sample(TASKS, n_turns)
+    if split == "train" and spec.task_weights is not None:
+        tasks = rng.choices(TASKS, weights=[spec.task_weights.get(t, 0.0) for t in TASKS], k=n_turns)
+    else:
+        tasks = rng.sample(TASKS, n_turns)
     scene = sample_scene(
         rng,
         resolutions=tuple(spec.resolutions),
@@ -84,7 +101,16 @@ def make_sample(spec: CorpusSpec, split: str, index: int) -> dict:
     )
     if split == "train" and spec.unnamed_colour_prob > 0:
         scene = repaint_unnamed(scene, spec.unnamed_colour_prob, random.Random(f"{spec.seed}/{split}/{index}/unnamed"))
-    turns = [make_turn(t, scene, rng) for t in tasks]
+    turns = []
+    for t in tasks:
+        turn = make_turn(t, scene, rng)
+        for _ in range(10):  # a repeated task asks something new (small scenes have few questions)
+            if all(turn["question"] != u["question"] for u in turns):
+                break
+            turn = make_turn(t, scene, rng)
+        else:
+            continue
+        turns.append(turn)
     key = f"{split}-{index:07d}"
     buf = io.BytesIO()
     render(scene).save(buf, format="PNG", optimize=False)
