@@ -52,3 +52,17 @@ def test_probes_run_on_a_built_target(tiny_target, small_corpus):
     assert probe["true_word"]["n"] == probe["swapped_word"]["n"] > 0
     assert all(0 <= probe[k]["mean_p"] <= 1 for k in ("seen_pairs", "true_word", "swapped_word"))
     json.dumps(probe)
+
+
+def test_diagnose_cli_writes_its_report(tiny_target, small_corpus, tmp_path):
+    """The Hydra entry point wires both probes to its config and writes diagnosis.json in the run dir."""
+    import subprocess
+    import sys
+
+    run_dir = tmp_path / "run"
+    subprocess.run([sys.executable, "-m", "specvlm_lit.embedded.diagnose", f"target_dir={tiny_target}",
+                    f"corpus_dir={small_corpus}", "shape_probe.train_scenes=32", "shape_probe.test_scenes=16",
+                    "colour_word_probe.limit=12", f"hydra.run.dir={run_dir}"], check=True, capture_output=True)
+    report = json.loads((run_dir / "diagnosis.json").read_text())
+    assert report["target_dir"] == str(tiny_target)
+    assert set(report["shape_probe"]) == {"tower", "projector"} and report["colour_word_probe"]["true_word"]["n"] > 0

@@ -3,6 +3,7 @@
 import json
 
 import pytest
+import webdataset as wds
 from transformers import AutoProcessor, AutoTokenizer, LlavaForConditionalGeneration
 
 from specvlm_lit.embedded.evaluate import answer_is_correct
@@ -404,8 +405,6 @@ def test_corpus_options_feed_a_build(tiny_build, tmp_path):
     spec = json.loads((corpus / "manifest.json").read_text())["spec"]
     assert spec["unnamed_colour_prob"] == 0.3 and spec["task_weights"] == {"describe": 1, "attribute": 3}
     assert spec["max_turns"] == 5
-    import webdataset as wds
-
     records = [json.loads(s["json"]) for s in wds.WebDataset(str(corpus / "train-000000.tar"), shardshuffle=False)]
     assert any(o["colour"] is None and o["paint"] for r in records for o in r["scene"]["objects"])
     assert {t for r in records for t in r["tasks"]} == {"describe", "attribute"}

@@ -93,11 +93,10 @@ def run_build(cfg: DictConfig) -> dict:
     """Corpus -> tokenizer -> trained target -> saved + evaluated. Returns the build report."""
     L.seed_everything(cfg.seed, workers=True)
     t0 = time.perf_counter()
-    spec = CorpusSpec(n_train=cfg.corpus.n_train, n_val=cfg.corpus.n_val, n_test=cfg.corpus.n_test,
-                      seed=cfg.corpus.seed, resolutions=tuple(cfg.corpus.resolutions),
-                      samples_per_shard=cfg.corpus.samples_per_shard,
-                      unnamed_colour_prob=cfg.corpus.unnamed_colour_prob, max_turns=cfg.corpus.max_turns,
-                      task_weights=OmegaConf.to_container(cfg.corpus.task_weights) if cfg.corpus.task_weights else None)
+    # Every key of the corpus group but its directory is a CorpusSpec field: new generator options
+    # reach the build without another hand-written argument here.
+    fields = {k: v for k, v in OmegaConf.to_container(cfg.corpus, resolve=True).items() if k != "dir"}
+    spec = CorpusSpec(**{**fields, "resolutions": tuple(fields["resolutions"])})
     corpus = ensure_corpus(cfg.corpus.dir, spec)
     check_tower_sources(cfg)
     from transformers import AutoTokenizer

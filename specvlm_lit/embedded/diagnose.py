@@ -57,20 +57,26 @@ def fit_linear_probe(x_train: torch.Tensor, y_train: torch.Tensor, n_classes: in
 
 
 @torch.no_grad()
-def _tower_and_projector(model, image_processor, scenes) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-patch features [B, n, d] of the vision tower (the layer the target uses) and of its projector."""
-    cfg = model.config
+def _tower_and_projector(adapter: TargetAdapter, image_processor, scenes) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-patch features [B, n, d] of the vision tower (the projector's input) and of the projector.
+
+    The images go through ``TargetAdapter.encode_images``, the path training and decoding use; a hook
+    on the projector keeps its input, so the tower layer and CLS handling are the target's own.
+    """
     pixels = image_processor(images=[render(s) for s in scenes], return_tensors="pt")["pixel_values"]
-    out = model.model.vision_tower(pixels.to(model.dtype), interpolate_pos_encoding=True, output_hidden_states=True)
-    tower = out.hidden_states[cfg.vision_feature_layer]
-    if cfg.vision_feature_select_strategy == "default":  # drop CLS, as LLaVA does
-        tower = tower[:, 1:]
-    return tower.float(), model.model.multi_modal_projector(tower).float()
+    tower: list[torch.Tensor] = []
+    hook = adapter.model.model.multi_modal_projector.register_forward_hook(lambda _m, args, _out: tower.append(args[0]))
+    try:
+        projected = adapter.encode_images(pixels)
+    finally:
+        hook.remove()
+    return torch.cat(tower).float(), torch.stack(projected).float()
 
 
 def _object_features(model, image_processor, held_out: str, n_scenes: int, seed: int, batch: int = 16):
     """Features pooled over each visible object's patches, with its shape and (colour, shape) pair."""
     rng = random.Random(seed)
+    adapter = TargetAdapter(model)
     patch = model.config.vision_config.patch_size
     feats: dict[str, list[torch.Tensor]] = {"tower": [], "projector": []}
     shapes, pairs = [], []
@@ -78,7 +84,7 @@ def _object_features(model, image_processor, held_out: str, n_scenes: int, seed:
     for b in range(max(1, n_scenes // batch)):
         res = resolutions[b % len(resolutions)]
         scenes = [sample_scene(rng, resolutions=(res,), held_out=held_out) for _ in range(batch)]
-        tower, projector = _tower_and_projector(model, image_processor, scenes)
+        tower, projector = _tower_and_projector(adapter, image_processor, scenes)
         for i, scene in enumerate(scenes):
             owner = torch.tensor(patch_labels(scene, patch)["instance"])
             for k, o in enumerate(scene.objects):

@@ -103,14 +103,11 @@ def make_sample(spec: CorpusSpec, split: str, index: int) -> dict:
         scene = repaint_unnamed(scene, spec.unnamed_colour_prob, random.Random(f"{spec.seed}/{split}/{index}/unnamed"))
     turns = []
     for t in tasks:
-        turn = make_turn(t, scene, rng)
-        for _ in range(10):  # a repeated task asks something new (small scenes have few questions)
-            if all(turn["question"] != u["question"] for u in turns):
-                break
-            turn = make_turn(t, scene, rng)
-        else:
-            continue
-        turns.append(turn)
+        # A repeated task asks something new; small scenes have few questions, so give up after 10 draws.
+        asked = {u["question"] for u in turns}
+        turn = next((x for x in (make_turn(t, scene, rng) for _ in range(10)) if x["question"] not in asked), None)
+        if turn is not None:
+            turns.append(turn)
     key = f"{split}-{index:07d}"
     buf = io.BytesIO()
     render(scene).save(buf, format="PNG", optimize=False)

@@ -107,7 +107,8 @@ def describe(scene: Scene, rng: random.Random) -> tuple[str, str, list[str]]:
         else:
             sentences.append(f"{_cap(place(o))}, there is {_a(o.size)} {o.name}.")
     # "The cross is above ..." would be ambiguous for an unnamed cross next to a named one.
-    if len(objs) >= 2 and all(o.colour or o in _referable(scene) for o in (objs[0], objs[-1])):
+    referable = _referable(scene)
+    if len(objs) >= 2 and all(o.colour or o in referable for o in (objs[0], objs[-1])):
         a, b = objs[0], objs[-1]
         sentences.append(f"The {a.name} is {relation(a, b)} the {b.name}.")
     colours = Counter(o.colour for o in objs if o.colour)
