@@ -388,7 +388,7 @@ def test_attribute_swap_runs_in_a_build_and_checks_its_words(tiny_build, small_c
 
 
 def test_corpus_options_feed_a_build(tiny_build, tmp_path):
-    """corpus.unnamed_colour_prob / task_weights / max_turns reach the generator of the build's own corpus."""
+    """corpus.unnamed_colour_prob / extra_colour_prob / task_weights / max_turns reach the build's own corpus."""
     from hydra import compose, initialize_config_dir
 
     from specvlm_lit.embedded.build import CONF_DIR, run_build
@@ -397,6 +397,7 @@ def test_corpus_options_feed_a_build(tiny_build, tmp_path):
     corpus = tmp_path / "corpus_unnamed"
     overrides = [f"log_dir={tmp_path / 'logs'}", f"corpus.dir={corpus}", "corpus.n_train=60", "corpus.n_val=16",
                  "corpus.n_test=16", "corpus.samples_per_shard=50", "corpus.unnamed_colour_prob=0.3",
+                 "corpus.extra_colour_prob=0.3",
                  "corpus.task_weights={describe: 1, attribute: 3}", "corpus.max_turns=5", f"init_from={tiny_build[0]}", f"out_dir={tmp_path / 'out'}"] + TINY_TARGET_OVERRIDES
     with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
         cfg = compose(config_name="target_recipe", overrides=overrides)
@@ -404,7 +405,8 @@ def test_corpus_options_feed_a_build(tiny_build, tmp_path):
     assert report["recipe"]["corpus"]["unnamed_colour_prob"] == 0.3 and report["steps"] > 0
     spec = json.loads((corpus / "manifest.json").read_text())["spec"]
     assert spec["unnamed_colour_prob"] == 0.3 and spec["task_weights"] == {"describe": 1, "attribute": 3}
-    assert spec["max_turns"] == 5
+    assert spec["max_turns"] == 5 and spec["extra_colour_prob"] == 0.3
     records = [json.loads(s["json"]) for s in wds.WebDataset(str(corpus / "train-000000.tar"), shardshuffle=False)]
     assert any(o["colour"] is None and o["paint"] for r in records for o in r["scene"]["objects"])
+    assert any(o["colour"] == "brown" for r in records for o in r["scene"]["objects"])
     assert {t for r in records for t in r["tasks"]} == {"describe", "attribute"}

@@ -291,3 +291,85 @@ def test_task_weights_repeat_look_up_tasks_without_repeating_questions():
 def test_bad_task_mix_is_rejected(kwargs, message):
     with pytest.raises(ValueError, match=message):
         CorpusSpec(**kwargs).validate()
+
+
+def test_extra_colours_are_far_from_every_other_colour():
+    import itertools
+    import math
+
+    from specvlm_lit.synthetic.scenes import BACKGROUNDS, COLOURS, EXTRA_COLOURS
+
+    assert not set(EXTRA_COLOURS) & (set(COLOURS) | set(BACKGROUNDS))
+    every = {**COLOURS, **BACKGROUNDS, **EXTRA_COLOURS}
+    for a, b in itertools.combinations(every, 2):
+        if a in EXTRA_COLOURS or b in EXTRA_COLOURS:
+            assert math.dist(every[a], every[b]) >= 85, (a, b)
+
+
+def test_extra_colours_go_with_every_shape_in_the_train_split_only():
+    import re
+
+    import numpy as np
+
+    from specvlm_lit.synthetic.scenes import COLOURS, EXTRA_COLOURS, SHAPES, Scene
+
+    spec = CorpusSpec(extra_colour_prob=0.4)
+    spec.validate()
+    for split in ("val", "test"):  # evaluation splits never change
+        assert all(make_sample(spec, split, i) == make_sample(CorpusSpec(), split, i) for i in range(40))
+    names = "|".join([*COLOURS, *EXTRA_COLOURS])
+    pairs, objects, extra = set(), 0, 0
+    for i in range(400):
+        sample = make_sample(spec, "train", i)
+        rec = sample["json"]
+        scene = Scene.from_dict(rec["scene"])
+        assert Scene.from_dict(scene.to_dict()) == scene
+        for o in scene.objects:
+            objects += 1
+            assert o.paint is None and (o.colour, o.shape) not in HELD_OUT_PAIRS
+            if o.colour in EXTRA_COLOURS:
+                extra += 1
+                pairs.add((o.colour, o.shape))
+        # The image shows the extra colour (the last-drawn object's centre is never covered).
+        image = np.asarray(Image.open(io.BytesIO(sample["png"])))
+        top, r = scene.objects[-1], scene.resolution
+        centre = image[min(int(top.cy * r), r - 1), min(int(top.cx * r), r - 1)]
+        assert np.abs(centre.astype(int) - np.array(top.fill)).max() <= 8
+        for task, checks, (q, a) in zip(rec["tasks"], rec["checks"], zip(rec["conversations"][::2], rec["conversations"][1::2])):
+            text = q["value"] + " " + a["value"]
+            # Every colour+shape written is an object of the scene (bar the pair a "No" question asks about).
+            for colour, shape in re.findall(rf"\b({names}) ({'|'.join(SHAPES)})\b", text):
+                assert any(o.colour == colour and o.shape == shape for o in scene.objects) or \
+                    (task == "attribute" and checks[0] == "No" and f"no {colour} {shape}" in text)
+            asked = [c for c in EXTRA_COLOURS if re.search(rf"\b{c}\b", q["value"])]
+            if task == "count" and asked:  # counting by an extra colour counts its objects
+                n = sum(o.colour == asked[0] for o in scene.objects)
+                assert checks == [("no", "one", "two", "three", "four", "five")[n]]
+    assert pairs == {(c, s) for c in EXTRA_COLOURS for s in SHAPES}
+    assert 0.3 < extra / objects < 0.5
+
+
+def test_extra_colour_prob_is_validated():
+    for bad in (-0.1, 1.0):
+        with pytest.raises(ValueError, match="extra_colour_prob"):
+            CorpusSpec(extra_colour_prob=bad).validate()
+
+
+def test_patch_labels_leave_extra_colours_unlabelled():
+    from specvlm_lit.synthetic.scenes import patch_labels, repaint_extra
+
+    scene = repaint_extra(sample_scene(random.Random(5), resolutions=(64,), min_objects=2), 0.999, random.Random(0))
+    labels = patch_labels(scene)
+    owned = [j for j, inst in enumerate(labels["instance"]) if inst]
+    assert owned and all(labels["colour"][j] == -100 and labels["shape"][j] > 0 for j in owned)
+
+
+def test_a_corpus_written_before_a_new_option_existed_is_still_current(small_corpus, tmp_path):
+    # Its manifest lacks the option; the corpus was generated as if at the default, so no rebuild.
+    manifest = json.loads((small_corpus / "manifest.json").read_text())
+    del manifest["spec"]["extra_colour_prob"]
+    (tmp_path / "manifest.json").write_text(json.dumps(manifest))
+    spec = dict(n_train=120, n_val=16, n_test=32, samples_per_shard=50)
+    assert corpus_is_current(tmp_path, CorpusSpec(**spec))
+    assert not corpus_is_current(tmp_path, CorpusSpec(**spec, extra_colour_prob=0.2))
+    assert not corpus_is_current(tmp_path, CorpusSpec(**{**spec, "n_train": 121}))

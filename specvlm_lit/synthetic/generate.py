@@ -26,7 +26,9 @@ from pathlib import Path
 
 import webdataset as wds
 
-from .scenes import DEFAULT_RESOLUTIONS, MAX_OBJECTS, render, repaint_unnamed, sample_scene, validate_scene_args
+from .scenes import (
+    DEFAULT_RESOLUTIONS, MAX_OBJECTS, render, repaint_extra, repaint_unnamed, sample_scene, validate_scene_args,
+)
 from ..utils.atomic import atomic_directory
 from .tasks import TASKS, make_turn, to_llava_conversation
 
@@ -50,6 +52,9 @@ class CorpusSpec:
     # alone ("a small cross"): the model must then read shape from the outline, not from the colour,
     # which is what held-out colour+shape pairs need. val/test never get them.
     unnamed_colour_prob: float = 0.0
+    # Share of train-split objects repainted in one of the train-only EXTRA_COLOURS ("a brown cross"),
+    # each seen with every shape, so colour and shape vary independently over more of the data.
+    extra_colour_prob: float = 0.0
     # Train-split task mix: None draws 1..max_turns distinct tasks evenly (the default corpus). A
     # {task: weight} dict draws each turn's task by weight, repeats allowed (never the same question
     # twice), so look-up questions can get more of the steps than long descriptions.
@@ -80,6 +85,9 @@ class CorpusSpec:
         if not 0.0 <= self.unnamed_colour_prob < 1.0:
             raise ValueError(f"unnamed_colour_prob must be in [0, 1) (some objects must keep a named colour), "
                              f"got {self.unnamed_colour_prob!r}")
+        if not 0.0 <= self.extra_colour_prob < 1.0:
+            raise ValueError(f"extra_colour_prob must be in [0, 1) (objects must keep the base colours that val/test "
+                             f"use), got {self.extra_colour_prob!r}")
         validate_scene_args(tuple(self.resolutions), self.max_objects)
 
 
@@ -101,6 +109,8 @@ def make_sample(spec: CorpusSpec, split: str, index: int) -> dict:
     )
     if split == "train" and spec.unnamed_colour_prob > 0:
         scene = repaint_unnamed(scene, spec.unnamed_colour_prob, random.Random(f"{spec.seed}/{split}/{index}/unnamed"))
+    if split == "train" and spec.extra_colour_prob > 0:
+        scene = repaint_extra(scene, spec.extra_colour_prob, random.Random(f"{spec.seed}/{split}/{index}/extra"))
     turns = []
     for t in tasks:
         # A repeated task asks something new; small scenes have few questions, so give up after 10 draws.
@@ -151,9 +161,13 @@ def corpus_is_current(out_dir: str | os.PathLike, spec: CorpusSpec) -> bool:
     if not path.is_file():
         return False
     try:
-        return json.loads(path.read_text())["spec"] == json.loads(json.dumps(asdict(spec)))
+        written = json.loads(path.read_text())["spec"]
     except (ValueError, KeyError):
         return False
+    # A field added to CorpusSpec after the corpus was written is absent from its manifest; the
+    # corpus was generated as if it had its default, so an unchanged default does not force a rebuild.
+    defaults = json.loads(json.dumps(asdict(CorpusSpec())))
+    return {**defaults, **written} == json.loads(json.dumps(asdict(spec)))
 
 
 def ensure_corpus(out_dir: str | os.PathLike, spec: CorpusSpec | None = None, *, log=print) -> Path:

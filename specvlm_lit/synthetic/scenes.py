@@ -27,6 +27,19 @@ COLOURS: dict[str, tuple[int, int, int]] = {
     "cyan": (40, 210, 220),
     "pink": (250, 130, 190),
 }
+# Train-only colour names (corpora with ``extra_colour_prob`` > 0). Each is seen with every shape, so
+# the base colours' few shapes stop being the only evidence of how colour and shape combine: a table
+# of seen combinations then costs the LM more than reading colour and shape separately. val/test
+# (and the held-out pairs, all in base colours) never use them. Every one is >= 85 RGB from all
+# other named and background colours.
+EXTRA_COLOURS: dict[str, tuple[int, int, int]] = {
+    "brown": (140, 80, 30),
+    "magenta": (230, 40, 230),
+    "navy": (20, 30, 120),
+    "maroon": (120, 0, 60),
+    "teal": (0, 128, 128),
+    "lime": (140, 240, 40),
+}
 SHAPES = ("circle", "square", "triangle", "diamond", "cross")
 SIZES = ("small", "medium", "large")
 # Object extent as a fraction of the image side: even "small" spans >= 1.5 patches at the
@@ -72,7 +85,9 @@ class SceneObject:
 
     @property
     def fill(self) -> tuple[int, int, int]:
-        return tuple(self.paint) if self.paint is not None else COLOURS[self.colour]
+        if self.paint is not None:
+            return tuple(self.paint)
+        return COLOURS[self.colour] if self.colour in COLOURS else EXTRA_COLOURS[self.colour]
 
     @property
     def where(self) -> str:
@@ -226,6 +241,16 @@ def repaint_unnamed(scene: Scene, p: float, rng: random.Random) -> Scene:
     return replace(scene, objects=objects)
 
 
+def repaint_extra(scene: Scene, p: float, rng: random.Random) -> Scene:
+    """Each object, with probability ``p``, repainted in one of the train-only ``EXTRA_COLOURS``.
+
+    Its shape stays and every extra colour goes with every shape, so no held-out pair can appear.
+    """
+    names = sorted(EXTRA_COLOURS)
+    objects = tuple(replace(o, colour=rng.choice(names), paint=None) if rng.random() < p else o for o in scene.objects)
+    return replace(scene, objects=objects)
+
+
 def _draw_object(draw: "ImageDraw.ImageDraw", o: SceneObject, side: int, fill) -> None:
     r = SIZE_FRACTION[o.size] * side / 2
     cx, cy = o.cx * side, o.cy * side
@@ -271,7 +296,8 @@ def patch_labels(scene: Scene, patch_size: int = 8, min_cover: float = 0.25) -> 
         if i < 0:
             continue
         o = scene.objects[i]
-        labels["colour"][j] = 1 + colours.index(o.colour) if o.colour else -100  # unnamed: no colour label
+        # Unnamed and train-only extra colours have no class of their own: no colour label.
+        labels["colour"][j] = 1 + colours.index(o.colour) if o.colour in COLOURS else -100
         labels["shape"][j] = 1 + shapes.index(o.shape)
         labels["size"][j] = 1 + SIZES.index(o.size)
         labels["cell"][j] = 1 + o.cell
