@@ -373,3 +373,40 @@ def test_a_corpus_written_before_a_new_option_existed_is_still_current(small_cor
     assert corpus_is_current(tmp_path, CorpusSpec(**spec))
     assert not corpus_is_current(tmp_path, CorpusSpec(**spec, extra_colour_prob=0.2))
     assert not corpus_is_current(tmp_path, CorpusSpec(**{**spec, "n_train": 121}))
+
+
+def test_relation_places_first_rewords_train_relations_only():
+    import re
+
+    from specvlm_lit.embedded.evaluate import answer_is_correct
+    from specvlm_lit.synthetic.tasks import PLACES
+
+    spec = CorpusSpec(relation_places_first=True)
+    spec.validate()
+    for split in ("val", "test"):  # evaluation splits keep the relation-first wording
+        assert all(make_sample(spec, split, i) == make_sample(CorpusSpec(), split, i) for i in range(40))
+    places = "|".join(PLACES)
+    relations = 0
+    for i in range(300):
+        new, old = make_sample(spec, "train", i)["json"], make_sample(CorpusSpec(), "train", i)["json"]
+        # Same scene, questions and checks: only relation answers are reworded.
+        assert new["scene"] == old["scene"] and new["checks"] == old["checks"] and new["tasks"] == old["tasks"]
+        assert new["conversations"][::2] == old["conversations"][::2]
+        for task, checks, a_new, a_old in zip(new["tasks"], new["checks"], new["conversations"][1::2],
+                                              old["conversations"][1::2]):
+            if task == "spatial" and len(checks) == 3:
+                relations += 1
+                a_name, rel, b_name = checks
+                assert re.fullmatch(rf"The {a_name} is ({places}) and the {b_name} is ({places}), "
+                                    rf"so the {a_name} is {rel} the {b_name}\.", a_new["value"]), a_new["value"]
+                # The evaluation credits either wording.
+                assert answer_is_correct(a_new["value"], checks, task, new["scene"])
+                assert answer_is_correct(a_old["value"], checks, task, old["scene"])
+            else:
+                assert a_new == a_old
+    assert relations > 20
+
+
+def test_relation_places_first_is_validated():
+    with pytest.raises(ValueError, match="relation_places_first"):
+        CorpusSpec(relation_places_first="yes").validate()

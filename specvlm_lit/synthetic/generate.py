@@ -55,6 +55,9 @@ class CorpusSpec:
     # Share of train-split objects repainted in one of the train-only EXTRA_COLOURS ("a brown cross"),
     # each seen with every shape, so colour and shape vary independently over more of the data.
     extra_colour_prob: float = 0.0
+    # Train-split relation answers written places first ("The A is on the left and the B is at the
+    # top, so the A is below and to the left of the B"); val/test keep the relation-first wording.
+    relation_places_first: bool = False
     # Train-split task mix: None draws 1..max_turns distinct tasks evenly (the default corpus). A
     # {task: weight} dict draws each turn's task by weight, repeats allowed (never the same question
     # twice), so look-up questions can get more of the steps than long descriptions.
@@ -85,6 +88,8 @@ class CorpusSpec:
         if not 0.0 <= self.unnamed_colour_prob < 1.0:
             raise ValueError(f"unnamed_colour_prob must be in [0, 1) (some objects must keep a named colour), "
                              f"got {self.unnamed_colour_prob!r}")
+        if not isinstance(self.relation_places_first, bool):
+            raise ValueError(f"relation_places_first must be true or false, got {self.relation_places_first!r}")
         if not 0.0 <= self.extra_colour_prob < 1.0:
             raise ValueError(f"extra_colour_prob must be in [0, 1) (objects must keep the base colours that val/test "
                              f"use), got {self.extra_colour_prob!r}")
@@ -111,11 +116,13 @@ def make_sample(spec: CorpusSpec, split: str, index: int) -> dict:
         scene = repaint_unnamed(scene, spec.unnamed_colour_prob, random.Random(f"{spec.seed}/{split}/{index}/unnamed"))
     if split == "train" and spec.extra_colour_prob > 0:
         scene = repaint_extra(scene, spec.extra_colour_prob, random.Random(f"{spec.seed}/{split}/{index}/extra"))
+    places_first = split == "train" and spec.relation_places_first
     turns = []
     for t in tasks:
         # A repeated task asks something new; small scenes have few questions, so give up after 10 draws.
         asked = {u["question"] for u in turns}
-        turn = next((x for x in (make_turn(t, scene, rng) for _ in range(10)) if x["question"] not in asked), None)
+        turns_of_t = (make_turn(t, scene, rng, relation_places_first=places_first) for _ in range(10))
+        turn = next((x for x in turns_of_t if x["question"] not in asked), None)
         if turn is not None:
             turns.append(turn)
     key = f"{split}-{index:07d}"

@@ -216,7 +216,9 @@ def count(scene: Scene, rng: random.Random) -> tuple[str, str, list[str]]:
     return q, a, [n]
 
 
-def spatial(scene: Scene, rng: random.Random) -> tuple[str, str, list[str]]:
+def spatial(scene: Scene, rng: random.Random, places_first: bool = False) -> tuple[str, str, list[str]]:
+    """places_first: a relation answer states both places before the relation that follows from them,
+    so a model can derive it from what it has already written instead of deciding it first."""
     names = _referable(scene)
     if len(names) >= 2 and rng.random() < 0.6:
         a_obj, b_obj = rng.sample(names, 2)
@@ -224,7 +226,11 @@ def spatial(scene: Scene, rng: random.Random) -> tuple[str, str, list[str]]:
         q = rng.choice([f"Where is the {a_obj.name} relative to the {b_obj.name}?",
                         f"What is the position of the {a_obj.name} compared to the {b_obj.name}?",
                         f"Is the {a_obj.name} left, right, above or below the {b_obj.name}?"])
-        a = f"The {a_obj.name} is {rel} the {b_obj.name}. It is {place(a_obj)}, while the {b_obj.name} is {place(b_obj)}."
+        if places_first:
+            a = (f"The {a_obj.name} is {place(a_obj)} and the {b_obj.name} is {place(b_obj)}, "
+                 f"so the {a_obj.name} is {rel} the {b_obj.name}.")
+        else:
+            a = f"The {a_obj.name} is {rel} the {b_obj.name}. It is {place(a_obj)}, while the {b_obj.name} is {place(b_obj)}."
         return q, a, [a_obj.name, rel, b_obj.name]
     o = rng.choice(scene.objects)
     cell = CELLS[o.cell]
@@ -237,10 +243,13 @@ def spatial(scene: Scene, rng: random.Random) -> tuple[str, str, list[str]]:
 TASK_FNS = {"describe": describe, "attribute": attribute, "count": count, "spatial": spatial}
 
 
-def make_turn(task: str, scene: Scene, rng: random.Random) -> dict:
+def make_turn(task: str, scene: Scene, rng: random.Random, *, relation_places_first: bool = False) -> dict:
     if task not in TASK_FNS:
         raise ValueError(f"unknown task {task!r}; choose from {', '.join(TASKS)}")
-    q, a, checks = TASK_FNS[task](scene, rng)
+    if task == "spatial":
+        q, a, checks = spatial(scene, rng, places_first=relation_places_first)
+    else:
+        q, a, checks = TASK_FNS[task](scene, rng)
     return {"task": task, "question": q, "answer": a, "checks": checks}
 
 
