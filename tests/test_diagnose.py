@@ -51,7 +51,40 @@ def test_probes_run_on_a_built_target(tiny_target, small_corpus):
     probe = colour_word_probe(model, processor, urls, limit=12)
     assert probe["true_word"]["n"] == probe["swapped_word"]["n"] > 0
     assert all(0 <= probe[k]["mean_p"] <= 1 for k in ("seen_pairs", "true_word", "swapped_word"))
+    slot = probe["colour_slot"]
+    assert slot["held_out"]["n"] == probe["true_word"]["n"] and slot["seen_pairs"]["n"] == probe["seen_pairs"]["n"]
     json.dumps(probe)
+
+
+@pytest.mark.parametrize("writes", ["the reference", "always brown"])
+def test_colour_slot_reports_the_word_written_instead(tiny_target, small_corpus, writes):
+    """A stub LM that predicts the reference's next token scores p = 1 at every colour slot; one that
+    always writes "brown" scores ~0 and is reported as writing "brown" for every held-out pair."""
+    from types import SimpleNamespace
+
+    from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+    model = LlavaForConditionalGeneration.from_pretrained(tiny_target).eval()
+    processor = AutoProcessor.from_pretrained(tiny_target)
+    vocab = model.config.text_config.vocab_size
+    brown = processor.tokenizer.encode(" brown", add_special_tokens=False)[0]
+
+    def stub_forward(input_ids, **_):
+        ids = input_ids[0]
+        target = torch.cat([ids[1:], ids[-1:]]) if writes == "the reference" else torch.full_like(ids, brown)
+        return SimpleNamespace(logits=50.0 * torch.nn.functional.one_hot(target, vocab).float()[None])
+
+    model.forward = stub_forward
+    urls = sorted(str(p) for p in small_corpus.glob("test-*.tar"))
+    slot = colour_word_probe(model, processor, urls, limit=24)["colour_slot"]
+    assert slot["held_out"]["n"] > 0 and slot["per_pair"]
+    if writes == "the reference":
+        assert slot["held_out"]["mean_p"] > 0.99 and slot["seen_pairs"]["mean_p"] > 0.99
+        assert all(not p["written_instead"] for p in slot["per_pair"].values())
+    else:
+        assert slot["held_out"]["mean_p"] < 0.01
+        decoded = processor.tokenizer.decode([brown]).strip()
+        assert all(p["written_instead"] == {decoded: p["n"]} for p in slot["per_pair"].values())
 
 
 def test_diagnose_cli_writes_its_report(tiny_target, small_corpus, tmp_path):

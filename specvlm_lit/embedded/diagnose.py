@@ -10,7 +10,9 @@ Two measurements, each reported per held-out (colour, shape) pair:
   of a held-out pair in the test descriptions, with the true colour word and with the colour word
   swapped for one that was seen with that shape. Equal figures mean the language model does not read
   the shape off the colour word; low figures on both mean it reads the shape through the colour it
-  sees in the image.
+  sees in the image. The same pass also scores the colour slot: the probability of the right colour
+  word where the reference writes it, and the word the model would write instead when it is wrong
+  (a model can keep the shape right and name a colour that was seen with that shape instead).
 
 ``python -m specvlm_lit.embedded.diagnose [target_dir=...]`` (conf/diagnose_target.yaml) prints both
 and writes ``diagnosis.json`` to the run directory. LLaVA-architecture targets only (the embedded one).
@@ -120,7 +122,8 @@ def shape_probe(model, processor, *, train_scenes: int = 1500, test_scenes: int 
 
 @torch.no_grad()
 def colour_word_probe(model, processor, urls, *, limit: int | None = None, seed: int = 0) -> dict:
-    """Teacher-forced p(right shape) after held-out pairs' colour words: true vs swapped colour word."""
+    """Teacher-forced p(right shape) after held-out pairs' colour words (true vs swapped colour word), and
+    p(right colour word) at the colour slot with the model's own choice there when it is another word."""
     tok = processor.tokenizer
     adapter = TargetAdapter(model)
     colour_tokens, shape_tokens = attribute_word_groups(
@@ -131,6 +134,9 @@ def colour_word_probe(model, processor, urls, *, limit: int | None = None, seed:
     rng = random.Random(seed)
     probs: dict[str, list[float]] = {"seen_pairs": [], "true_word": [], "swapped_word": []}
     per_pair: dict[str, dict[str, list[float]]] = defaultdict(lambda: {"true_word": [], "swapped_word": []})
+    colour_slot: dict[str, list[float]] = {"seen_pairs": [], "held_out": []}
+    colour_slot_pairs: dict[str, list[float]] = defaultdict(list)
+    colour_slot_choice: dict[str, Counter] = defaultdict(Counter)  # held-out pair -> the word written instead
     for image, rec in iter_test_samples(urls, limit):
         if rec["tasks"][0] != "describe":
             continue
@@ -159,13 +165,25 @@ def colour_word_probe(model, processor, urls, *, limit: int | None = None, seed:
                     per_pair[f"{c} {s}"][variant].append(value)
                 elif variant == "true_word":
                     probs["seen_pairs"].append(value)
+                if variant == "true_word":
+                    # logits one step earlier predict the colour word itself
+                    held_out = (c, s) in HELD_OUT_PAIRS
+                    colour_slot["held_out" if held_out else "seen_pairs"].append(p[i - 1, x[i]].item())
+                    if held_out:
+                        colour_slot_pairs[f"{c} {s}"].append(p[i - 1, x[i]].item())
+                        choice = int(p[i - 1].argmax())
+                        if choice != int(x[i]):
+                            colour_slot_choice[f"{c} {s}"][tok.decode([choice]).strip() or repr(tok.decode([choice]))] += 1
 
     def summary(values: list[float]) -> dict:
         return {"n": len(values), "mean_p": sum(values) / max(1, len(values)),
                 "share_above_half": sum(v > 0.5 for v in values) / max(1, len(values))}
 
     return {**{k: summary(v) for k, v in probs.items()},
-            "per_pair": {name: {k: summary(v) for k, v in d.items()} for name, d in sorted(per_pair.items())}}
+            "per_pair": {name: {k: summary(v) for k, v in d.items()} for name, d in sorted(per_pair.items())},
+            "colour_slot": {**{k: summary(v) for k, v in colour_slot.items()},
+                            "per_pair": {name: {**summary(v), "written_instead": dict(colour_slot_choice[name])}
+                                         for name, v in sorted(colour_slot_pairs.items())}}}
 
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="diagnose_target")
