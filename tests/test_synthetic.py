@@ -355,6 +355,17 @@ def test_extra_colour_prob_is_validated():
             CorpusSpec(extra_colour_prob=bad).validate()
 
 
+def test_extra_colours_leave_unnamed_objects_unnamed():
+    from specvlm_lit.synthetic.scenes import EXTRA_COLOURS, repaint_extra, repaint_unnamed
+
+    scene = sample_scene(random.Random(3), resolutions=(64,), min_objects=3)
+    unnamed = repaint_unnamed(scene, 0.5, random.Random(1))
+    both = repaint_extra(unnamed, 0.999, random.Random(0))
+    assert any(o.colour is None for o in unnamed.objects) and any(o.colour for o in unnamed.objects)
+    for before, after in zip(unnamed.objects, both.objects):
+        assert after == before if before.colour is None else (after.colour in EXTRA_COLOURS and after.shape == before.shape)
+
+
 def test_patch_labels_leave_extra_colours_unlabelled():
     from specvlm_lit.synthetic.scenes import patch_labels, repaint_extra
 

@@ -245,9 +245,11 @@ def repaint_extra(scene: Scene, p: float, rng: random.Random) -> Scene:
     """Each object, with probability ``p``, repainted in one of the train-only ``EXTRA_COLOURS``.
 
     Its shape stays and every extra colour goes with every shape, so no held-out pair can appear.
+    Objects already in an unnamed colour keep it, so ``unnamed_colour_prob`` keeps its meaning.
     """
     names = sorted(EXTRA_COLOURS)
-    objects = tuple(replace(o, colour=rng.choice(names), paint=None) if rng.random() < p else o for o in scene.objects)
+    objects = tuple(replace(o, colour=rng.choice(names)) if o.colour is not None and rng.random() < p else o
+                    for o in scene.objects)
     return replace(scene, objects=objects)
 
 
