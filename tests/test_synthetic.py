@@ -193,11 +193,20 @@ def _named_colours(text: str) -> set[str]:
     return {w for w in text.lower().replace(".", " ").replace(",", " ").replace("?", " ").split() if w in COLOURS}
 
 
+def _assert_last_object_painted(sample: dict, scene) -> None:
+    """The rendered pixels carry the last-drawn object's fill (nothing covers its centre; earlier
+    objects' centres may be covered)."""
+    import numpy as np
+
+    image = np.asarray(Image.open(io.BytesIO(sample["png"])))
+    top, r = scene.objects[-1], scene.resolution
+    centre = image[min(int(top.cy * r), r - 1), min(int(top.cx * r), r - 1)]
+    assert np.abs(centre.astype(int) - np.array(top.fill)).max() <= 8
+
+
 def test_unnamed_colour_objects_in_the_train_split_are_named_by_shape_alone():
     import math
     import re
-
-    import numpy as np
 
     from specvlm_lit.synthetic.scenes import BACKGROUNDS, COLOURS, SHAPES, Scene
 
@@ -210,7 +219,6 @@ def test_unnamed_colour_objects_in_the_train_split_are_named_by_shape_alone():
         rec = sample["json"]
         scene = Scene.from_dict(rec["scene"])
         assert Scene.from_dict(scene.to_dict()) == scene
-        image = np.asarray(Image.open(io.BytesIO(sample["png"])))
         for o in scene.objects:
             objects += 1
             if o.colour is not None:
@@ -218,11 +226,7 @@ def test_unnamed_colour_objects_in_the_train_split_are_named_by_shape_alone():
                 continue
             unnamed += 1
             assert min(math.dist(o.paint, c) for c in [*COLOURS.values(), *BACKGROUNDS.values()]) >= 90
-        # The rendered pixels carry the paint (objects drawn later may cover an earlier one's centre).
-        top = scene.objects[-1]
-        r = scene.resolution
-        centre = image[min(int(top.cy * r), r - 1), min(int(top.cx * r), r - 1)]
-        assert np.abs(centre.astype(int) - np.array(top.fill)).max() <= 8
+        _assert_last_object_painted(sample, scene)
         named_colours = {o.colour for o in scene.objects if o.colour}
         for task, checks, (q, a) in zip(rec["tasks"], rec["checks"], zip(rec["conversations"][::2], rec["conversations"][1::2])):
             text = q["value"] + " " + a["value"]
@@ -257,11 +261,13 @@ def test_unnamed_colour_prob_is_validated():
             CorpusSpec(unnamed_colour_prob=bad).validate()
 
 
-def test_patch_labels_leave_unnamed_colours_unlabelled():
-    from specvlm_lit.synthetic.scenes import patch_labels, repaint_unnamed
+@pytest.mark.parametrize("repaint", ["repaint_unnamed", "repaint_extra"])
+def test_patch_labels_leave_unnamed_and_extra_colours_unlabelled(repaint):
+    from specvlm_lit.synthetic import scenes
 
-    scene = repaint_unnamed(sample_scene(random.Random(5), resolutions=(64,), min_objects=2), 0.999, random.Random(0))
-    labels = patch_labels(scene)
+    scene = getattr(scenes, repaint)(sample_scene(random.Random(5), resolutions=(64,), min_objects=2), 0.999,
+                                     random.Random(0))
+    labels = scenes.patch_labels(scene)
     owned = [j for j, inst in enumerate(labels["instance"]) if inst]
     assert owned and all(labels["colour"][j] == -100 and labels["shape"][j] > 0 for j in owned)
 
@@ -309,8 +315,6 @@ def test_extra_colours_are_far_from_every_other_colour():
 def test_extra_colours_go_with_every_shape_in_the_train_split_only():
     import re
 
-    import numpy as np
-
     from specvlm_lit.synthetic.scenes import COLOURS, EXTRA_COLOURS, SHAPES, Scene
 
     spec = CorpusSpec(extra_colour_prob=0.4)
@@ -330,11 +334,7 @@ def test_extra_colours_go_with_every_shape_in_the_train_split_only():
             if o.colour in EXTRA_COLOURS:
                 extra += 1
                 pairs.add((o.colour, o.shape))
-        # The image shows the extra colour (the last-drawn object's centre is never covered).
-        image = np.asarray(Image.open(io.BytesIO(sample["png"])))
-        top, r = scene.objects[-1], scene.resolution
-        centre = image[min(int(top.cy * r), r - 1), min(int(top.cx * r), r - 1)]
-        assert np.abs(centre.astype(int) - np.array(top.fill)).max() <= 8
+        _assert_last_object_painted(sample, scene)
         for task, checks, (q, a) in zip(rec["tasks"], rec["checks"], zip(rec["conversations"][::2], rec["conversations"][1::2])):
             text = q["value"] + " " + a["value"]
             # Every colour+shape written is an object of the scene (bar the pair a "No" question asks about).
@@ -364,15 +364,6 @@ def test_extra_colours_leave_unnamed_objects_unnamed():
     assert any(o.colour is None for o in unnamed.objects) and any(o.colour for o in unnamed.objects)
     for before, after in zip(unnamed.objects, both.objects):
         assert after == before if before.colour is None else (after.colour in EXTRA_COLOURS and after.shape == before.shape)
-
-
-def test_patch_labels_leave_extra_colours_unlabelled():
-    from specvlm_lit.synthetic.scenes import patch_labels, repaint_extra
-
-    scene = repaint_extra(sample_scene(random.Random(5), resolutions=(64,), min_objects=2), 0.999, random.Random(0))
-    labels = patch_labels(scene)
-    owned = [j for j, inst in enumerate(labels["instance"]) if inst]
-    assert owned and all(labels["colour"][j] == -100 and labels["shape"][j] > 0 for j in owned)
 
 
 def test_a_corpus_written_before_a_new_option_existed_is_still_current(small_corpus, tmp_path):

@@ -168,9 +168,10 @@ def colour_word_probe(model, processor, urls, *, limit: int | None = None, seed:
                 if variant == "true_word":
                     # logits one step earlier predict the colour word itself
                     held_out = (c, s) in HELD_OUT_PAIRS
-                    colour_slot["held_out" if held_out else "seen_pairs"].append(p[i - 1, x[i]].item())
+                    p_colour = p[i - 1, x[i]].item()
+                    colour_slot["held_out" if held_out else "seen_pairs"].append(p_colour)
                     if held_out:
-                        colour_slot_pairs[f"{c} {s}"].append(p[i - 1, x[i]].item())
+                        colour_slot_pairs[f"{c} {s}"].append(p_colour)
                         choice = int(p[i - 1].argmax())
                         if choice != int(x[i]):
                             colour_slot_choice[f"{c} {s}"][tok.decode([choice]).strip() or repr(tok.decode([choice]))] += 1
