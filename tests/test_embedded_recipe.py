@@ -40,6 +40,8 @@ def test_answer_checker():
     assert not answer_is_correct(hallucinated, ["two", "red circle", "blue square"], "describe", scene)
     in_a_train_only_colour = ok + " There is a brown cross on the right."
     assert not answer_is_correct(in_a_train_only_colour, ["two", "red circle", "blue square"], "describe", scene)
+    as_a_train_only_shape = ok + " There is a blue star on the right."
+    assert not answer_is_correct(as_a_train_only_shape, ["two", "red circle", "blue square"], "describe", scene)
     assert answer_is_correct("Yes, there is a small red circle.", ["Yes"], "attribute", scene)
     assert not answer_is_correct("No, there is none.", ["Yes"], "attribute", scene)
     assert not answer_is_correct("There are twenty circles.", ["two"], "count", scene)
@@ -399,7 +401,7 @@ def test_corpus_options_feed_a_build(tiny_build, tmp_path):
     corpus = tmp_path / "corpus_unnamed"
     overrides = [f"log_dir={tmp_path / 'logs'}", f"corpus.dir={corpus}", "corpus.n_train=60", "corpus.n_val=16",
                  "corpus.n_test=16", "corpus.samples_per_shard=50", "corpus.unnamed_colour_prob=0.3",
-                 "corpus.extra_colour_prob=0.3", "corpus.relation_places_first=true",
+                 "corpus.extra_colour_prob=0.3", "corpus.extra_shape_prob=0.3", "corpus.relation_places_first=true",
                  "corpus.task_weights={describe: 1, attribute: 3}", "corpus.max_turns=5", f"init_from={tiny_build[0]}", f"out_dir={tmp_path / 'out'}"] + TINY_TARGET_OVERRIDES
     with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
         cfg = compose(config_name="target_recipe", overrides=overrides)
@@ -407,8 +409,10 @@ def test_corpus_options_feed_a_build(tiny_build, tmp_path):
     assert report["recipe"]["corpus"]["unnamed_colour_prob"] == 0.3 and report["steps"] > 0
     spec = json.loads((corpus / "manifest.json").read_text())["spec"]
     assert spec["unnamed_colour_prob"] == 0.3 and spec["task_weights"] == {"describe": 1, "attribute": 3}
-    assert spec["max_turns"] == 5 and spec["extra_colour_prob"] == 0.3 and spec["relation_places_first"] is True
+    assert spec["max_turns"] == 5 and spec["extra_colour_prob"] == spec["extra_shape_prob"] == 0.3
+    assert spec["relation_places_first"] is True
     records = [json.loads(s["json"]) for s in wds.WebDataset(str(corpus / "train-000000.tar"), shardshuffle=False)]
     assert any(o["colour"] is None and o["paint"] for r in records for o in r["scene"]["objects"])
     assert any(o["colour"] == "brown" for r in records for o in r["scene"]["objects"])
+    assert any(o["shape"] == "star" for r in records for o in r["scene"]["objects"])
     assert {t for r in records for t in r["tasks"]} == {"describe", "attribute"}

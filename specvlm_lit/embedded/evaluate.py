@@ -20,12 +20,12 @@ from omegaconf import DictConfig
 from PIL import Image
 
 from ..data.conversation import prompt_ids
-from ..synthetic.scenes import COLOURS, EXTRA_COLOURS, HELD_OUT_PAIRS, SHAPES
+from ..synthetic.scenes import COLOURS, EXTRA_COLOURS, EXTRA_SHAPES, HELD_OUT_PAIRS, SHAPES
 from ..target import TargetAdapter
 from . import CONF_DIR
 
-# Train-only colour names too: a description that names a "brown cross" on a test image is wrong.
-_PAIR = re.compile(r"\b(" + "|".join([*COLOURS, *EXTRA_COLOURS]) + r") (" + "|".join(SHAPES) + r")\b")
+# Train-only colour and shape names too: a "brown cross" or "blue star" named on a test image is wrong.
+_PAIR = re.compile(r"\b(" + "|".join([*COLOURS, *EXTRA_COLOURS]) + r") (" + "|".join([*SHAPES, *EXTRA_SHAPES]) + r")\b")
 
 
 def answer_is_correct(answer: str, checks: list[str], task: str, scene: dict) -> bool:

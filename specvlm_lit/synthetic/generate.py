@@ -27,7 +27,7 @@ from pathlib import Path
 import webdataset as wds
 
 from .scenes import (
-    DEFAULT_RESOLUTIONS, MAX_OBJECTS, render, repaint_extra, repaint_unnamed, sample_scene, validate_scene_args,
+    DEFAULT_RESOLUTIONS, MAX_OBJECTS, render, repaint_extra, repaint_unnamed, reshape_extra, sample_scene, validate_scene_args,
 )
 from ..utils.atomic import atomic_directory
 from .tasks import TASKS, make_turn, to_llava_conversation
@@ -55,6 +55,9 @@ class CorpusSpec:
     # Share of train-split objects repainted in one of the train-only EXTRA_COLOURS ("a brown cross"),
     # each seen with every shape, so colour and shape vary independently over more of the data.
     extra_colour_prob: float = 0.0
+    # Share of train-split objects redrawn as one of the train-only EXTRA_SHAPES ("a blue star"), each
+    # seen in every base colour: the shape-side twin of extra_colour_prob.
+    extra_shape_prob: float = 0.0
     # Train-split relation answers written places first ("The A is on the left and the B is at the
     # top, so the A is below and to the left of the B"); val/test keep the relation-first wording.
     relation_places_first: bool = False
@@ -93,6 +96,9 @@ class CorpusSpec:
         if not 0.0 <= self.extra_colour_prob < 1.0:
             raise ValueError(f"extra_colour_prob must be in [0, 1) (objects must keep the base colours that val/test "
                              f"use), got {self.extra_colour_prob!r}")
+        if not 0.0 <= self.extra_shape_prob < 1.0:
+            raise ValueError(f"extra_shape_prob must be in [0, 1) (objects must keep the base shapes that val/test "
+                             f"use), got {self.extra_shape_prob!r}")
         validate_scene_args(tuple(self.resolutions), self.max_objects)
 
 
@@ -116,6 +122,8 @@ def make_sample(spec: CorpusSpec, split: str, index: int) -> dict:
         scene = repaint_unnamed(scene, spec.unnamed_colour_prob, random.Random(f"{spec.seed}/{split}/{index}/unnamed"))
     if split == "train" and spec.extra_colour_prob > 0:
         scene = repaint_extra(scene, spec.extra_colour_prob, random.Random(f"{spec.seed}/{split}/{index}/extra"))
+    if split == "train" and spec.extra_shape_prob > 0:
+        scene = reshape_extra(scene, spec.extra_shape_prob, random.Random(f"{spec.seed}/{split}/{index}/extra_shape"))
     places_first = split == "train" and spec.relation_places_first
     turns = []
     for t in tasks:

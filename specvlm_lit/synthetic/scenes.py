@@ -41,6 +41,11 @@ EXTRA_COLOURS: dict[str, tuple[int, int, int]] = {
     "lime": (140, 240, 40),
 }
 SHAPES = ("circle", "square", "triangle", "diamond", "cross")
+# Train-only shape names (corpora with ``extra_shape_prob`` > 0), the shape-side twin of
+# EXTRA_COLOURS: each is drawn in every base colour, so every base colour (and each colour of a
+# held-out pair) is seen with more shapes. Outlines are chosen to be unlike the base shapes at 64 px
+# (no ring or hexagon, which read as a circle); val/test never use them.
+EXTRA_SHAPES = ("star", "arrow", "bar", "hourglass")
 SIZES = ("small", "medium", "large")
 # Object extent as a fraction of the image side: even "small" spans >= 1.5 patches at the
 # lowest resolution, so every object is visible to the vision tower.
@@ -191,7 +196,17 @@ def _polygon(shape: str, cx: float, cy: float, r: float) -> list[tuple[float, fl
             (cx + t, cy + t), (cx + t, cy + r), (cx - t, cy + r), (cx - t, cy + t), (cx - r, cy + t),
             (cx - r, cy - t), (cx - t, cy - t),
         ]
-    raise ValueError(f"unknown shape {shape!r}; known: {', '.join(SHAPES)}")
+    if shape == "star":  # five points, inner radius 0.45 r
+        return [(cx + (r if k % 2 == 0 else 0.45 * r) * math.cos(-math.pi / 2 + k * math.pi / 5),
+                 cy + (r if k % 2 == 0 else 0.45 * r) * math.sin(-math.pi / 2 + k * math.pi / 5)) for k in range(10)]
+    if shape == "arrow":  # pointing right: a shaft and a head
+        t = r / 3
+        return [(cx - r, cy - t), (cx, cy - t), (cx, cy - r), (cx + r, cy), (cx, cy + r), (cx, cy + t), (cx - r, cy + t)]
+    if shape == "bar":  # a wide rectangle, 5:2
+        return [(cx - r, cy - 0.4 * r), (cx + r, cy - 0.4 * r), (cx + r, cy + 0.4 * r), (cx - r, cy + 0.4 * r)]
+    if shape == "hourglass":  # two triangles meeting at their tips
+        return [(cx - r, cy - r), (cx + r, cy - r), (cx, cy), (cx + r, cy + r), (cx - r, cy + r), (cx, cy)]
+    raise ValueError(f"unknown shape {shape!r}; known: {', '.join((*SHAPES, *EXTRA_SHAPES))}")
 
 
 def render(scene: Scene, fills: dict[int, tuple[int, int, int]] | None = None) -> Image.Image:
@@ -253,6 +268,15 @@ def repaint_extra(scene: Scene, p: float, rng: random.Random) -> Scene:
     return replace(scene, objects=objects)
 
 
+def reshape_extra(scene: Scene, p: float, rng: random.Random) -> Scene:
+    """Each object, with probability ``p``, redrawn as one of the train-only ``EXTRA_SHAPES``.
+
+    Its colour stays and held-out pairs are all base shapes, so no held-out pair can appear.
+    """
+    objects = tuple(replace(o, shape=rng.choice(EXTRA_SHAPES)) if rng.random() < p else o for o in scene.objects)
+    return replace(scene, objects=objects)
+
+
 def _draw_object(draw: "ImageDraw.ImageDraw", o: SceneObject, side: int, fill) -> None:
     r = SIZE_FRACTION[o.size] * side / 2
     cx, cy = o.cx * side, o.cy * side
@@ -298,9 +322,9 @@ def patch_labels(scene: Scene, patch_size: int = 8, min_cover: float = 0.25) -> 
         if i < 0:
             continue
         o = scene.objects[i]
-        # Unnamed and train-only extra colours have no class of their own: no colour label.
+        # Unnamed and train-only extra colours (and shapes) have no class of their own: no label.
         labels["colour"][j] = 1 + colours.index(o.colour) if o.colour in COLOURS else -100
-        labels["shape"][j] = 1 + shapes.index(o.shape)
+        labels["shape"][j] = 1 + shapes.index(o.shape) if o.shape in SHAPES else -100  # train-only shapes too
         labels["size"][j] = 1 + SIZES.index(o.size)
         labels["cell"][j] = 1 + o.cell
     for i, o in enumerate(scene.objects):
