@@ -86,6 +86,21 @@ def test_cli_reports_bad_arguments(capsys):
     with pytest.raises(SystemExit):
         main(["--resolutions", "60"])
     assert "multiple of the patch size" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["--task-weights", "describe:1"])
+    assert "task=weight pairs" in capsys.readouterr().err
+
+
+def test_cli_passes_the_training_split_options(tmp_path):
+    from specvlm_lit.synthetic.generate import main
+
+    main(["--out", str(tmp_path / "c"), "--n-train", "20", "--n-val", "2", "--n-test", "2", "--max-turns", "5",
+          "--task-weights", "describe=1,attribute=3", "--extra-shape-prob", "0.3", "--extra-colour-prob", "0.2",
+          "--unnamed-colour-prob", "0.1", "--relation-places-first"])
+    spec = json.loads((tmp_path / "c" / "manifest.json").read_text())["spec"]
+    assert spec["task_weights"] == {"describe": 1.0, "attribute": 3.0} and spec["max_turns"] == 5
+    assert (spec["extra_shape_prob"], spec["extra_colour_prob"], spec["unnamed_colour_prob"]) == (0.3, 0.2, 0.1)
+    assert spec["relation_places_first"] is True
 
 
 def test_scene_sampler_rejects_bad_mode():

@@ -193,6 +193,14 @@ def ensure_corpus(out_dir: str | os.PathLike, spec: CorpusSpec | None = None, *,
     return generate_corpus(out_dir, spec, log=log)
 
 
+def _task_weights(text: str) -> dict[str, float]:
+    """``describe=1,attribute=3`` -> {"describe": 1.0, "attribute": 3.0} (the --task-weights syntax)."""
+    try:
+        return {k.strip(): float(v) for k, v in (item.split("=") for item in text.split(","))}
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: write task=weight pairs, e.g. describe=1,attribute=3") from None
+
+
 def main(argv: list[str] | None = None) -> None:
     d = CorpusSpec()
     p = argparse.ArgumentParser(description="Generate the synthetic visual-instruction corpus (webdataset shards).")
@@ -204,8 +212,18 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--resolutions", type=int, nargs="+", default=list(d.resolutions))
     p.add_argument("--max-objects", type=int, default=d.max_objects)
     p.add_argument("--samples-per-shard", type=int, default=d.samples_per_shard)
+    # Training-split options (see CorpusSpec); val/test are the same whatever they are.
+    p.add_argument("--max-turns", type=int, default=d.max_turns)
+    p.add_argument("--task-weights", type=_task_weights, default=d.task_weights, help="e.g. describe=1,attribute=3")
+    p.add_argument("--unnamed-colour-prob", type=float, default=d.unnamed_colour_prob)
+    p.add_argument("--extra-colour-prob", type=float, default=d.extra_colour_prob)
+    p.add_argument("--extra-shape-prob", type=float, default=d.extra_shape_prob)
+    p.add_argument("--relation-places-first", action="store_true")
     a = p.parse_args(argv)
-    spec = CorpusSpec(a.n_train, a.n_val, a.n_test, a.seed, tuple(a.resolutions), a.max_objects, a.samples_per_shard)
+    spec = CorpusSpec(a.n_train, a.n_val, a.n_test, a.seed, tuple(a.resolutions), a.max_objects, a.samples_per_shard,
+                      max_turns=a.max_turns, task_weights=a.task_weights, unnamed_colour_prob=a.unnamed_colour_prob,
+                      extra_colour_prob=a.extra_colour_prob, extra_shape_prob=a.extra_shape_prob,
+                      relation_places_first=a.relation_places_first)
     try:
         generate_corpus(a.out, spec)
     except ValueError as e:
