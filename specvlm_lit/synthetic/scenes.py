@@ -44,7 +44,7 @@ SHAPES = ("circle", "square", "triangle", "diamond", "cross")
 # Train-only shape names (corpora with ``extra_shape_prob`` > 0), the shape-side twin of
 # EXTRA_COLOURS: each is drawn in every base colour, so every base colour (and each colour of a
 # held-out pair) is seen with more shapes. Outlines are chosen to be unlike the base shapes at 64 px
-# (no ring or hexagon, which read as a circle); val/test never use them.
+# (a ring or hexagon would come close to a circle); val/test never use them.
 EXTRA_SHAPES = ("star", "arrow", "bar", "hourglass")
 SIZES = ("small", "medium", "large")
 # Object extent as a fraction of the image side: even "small" spans >= 1.5 patches at the
