@@ -91,8 +91,15 @@ def test_cli_reports_bad_arguments(capsys):
     assert "task=weight pairs" in capsys.readouterr().err
 
 
-def test_cli_passes_the_training_split_options(tmp_path):
+def test_cli_passes_the_training_split_options(tmp_path, capsys):
+    from dataclasses import fields
+
     from specvlm_lit.synthetic.generate import main
+
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    usage = capsys.readouterr().out
+    assert all("--" + f.name.replace("_", "-") in usage for f in fields(CorpusSpec) if f.name != "version")
 
     main(["--out", str(tmp_path / "c"), "--n-train", "20", "--n-val", "2", "--n-test", "2", "--max-turns", "5",
           "--task-weights", "describe=1,attribute=3", "--extra-shape-prob", "0.3", "--extra-colour-prob", "0.2",

@@ -21,7 +21,7 @@ import json
 import os
 import random
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import webdataset as wds
@@ -88,17 +88,12 @@ class CorpusSpec:
             if unknown or not all(isinstance(w, (int, float)) and w >= 0 for w in weights) or not sum(weights) > 0:
                 raise ValueError(f"task_weights={self.task_weights!r}: give non-negative weights, not all zero, "
                                  f"for tasks among {', '.join(TASKS)}")
-        if not 0.0 <= self.unnamed_colour_prob < 1.0:
-            raise ValueError(f"unnamed_colour_prob must be in [0, 1) (some objects must keep a named colour), "
-                             f"got {self.unnamed_colour_prob!r}")
+        for name in ("unnamed_colour_prob", "extra_colour_prob", "extra_shape_prob"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise ValueError(f"{name} must be in [0, 1) (some objects must keep the base colours and shapes "
+                                 f"that val/test use), got {getattr(self, name)!r}")
         if not isinstance(self.relation_places_first, bool):
             raise ValueError(f"relation_places_first must be true or false, got {self.relation_places_first!r}")
-        if not 0.0 <= self.extra_colour_prob < 1.0:
-            raise ValueError(f"extra_colour_prob must be in [0, 1) (objects must keep the base colours that val/test "
-                             f"use), got {self.extra_colour_prob!r}")
-        if not 0.0 <= self.extra_shape_prob < 1.0:
-            raise ValueError(f"extra_shape_prob must be in [0, 1) (objects must keep the base shapes that val/test "
-                             f"use), got {self.extra_shape_prob!r}")
         validate_scene_args(tuple(self.resolutions), self.max_objects)
 
 
@@ -118,12 +113,12 @@ def make_sample(spec: CorpusSpec, split: str, index: int) -> dict:
         # Detailed descriptions need two or more objects to reach 40+ tokens.
         min_objects=2 if "describe" in tasks and spec.max_objects >= 2 else 1,
     )
-    if split == "train" and spec.unnamed_colour_prob > 0:
-        scene = repaint_unnamed(scene, spec.unnamed_colour_prob, random.Random(f"{spec.seed}/{split}/{index}/unnamed"))
-    if split == "train" and spec.extra_colour_prob > 0:
-        scene = repaint_extra(scene, spec.extra_colour_prob, random.Random(f"{spec.seed}/{split}/{index}/extra"))
-    if split == "train" and spec.extra_shape_prob > 0:
-        scene = reshape_extra(scene, spec.extra_shape_prob, random.Random(f"{spec.seed}/{split}/{index}/extra_shape"))
+    if split == "train":  # each redraw has its own random stream, so turning one on leaves the others alone
+        for p, redraw, stream in ((spec.unnamed_colour_prob, repaint_unnamed, "unnamed"),
+                                  (spec.extra_colour_prob, repaint_extra, "extra"),
+                                  (spec.extra_shape_prob, reshape_extra, "extra_shape")):
+            if p > 0:
+                scene = redraw(scene, p, random.Random(f"{spec.seed}/{split}/{index}/{stream}"))
     places_first = split == "train" and spec.relation_places_first
     turns = []
     for t in tasks:
@@ -202,30 +197,26 @@ def _task_weights(text: str) -> dict[str, float]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    d = CorpusSpec()
     p = argparse.ArgumentParser(description="Generate the synthetic visual-instruction corpus (webdataset shards).")
     p.add_argument("--out", default="data/synthetic", help="output directory (replaced atomically)")
-    p.add_argument("--n-train", type=int, default=d.n_train)
-    p.add_argument("--n-val", type=int, default=d.n_val)
-    p.add_argument("--n-test", type=int, default=d.n_test)
-    p.add_argument("--seed", type=int, default=d.seed)
-    p.add_argument("--resolutions", type=int, nargs="+", default=list(d.resolutions))
-    p.add_argument("--max-objects", type=int, default=d.max_objects)
-    p.add_argument("--samples-per-shard", type=int, default=d.samples_per_shard)
-    # Training-split options (see CorpusSpec); val/test are the same whatever they are.
-    p.add_argument("--max-turns", type=int, default=d.max_turns)
-    p.add_argument("--task-weights", type=_task_weights, default=d.task_weights, help="e.g. describe=1,attribute=3")
-    p.add_argument("--unnamed-colour-prob", type=float, default=d.unnamed_colour_prob)
-    p.add_argument("--extra-colour-prob", type=float, default=d.extra_colour_prob)
-    p.add_argument("--extra-shape-prob", type=float, default=d.extra_shape_prob)
-    p.add_argument("--relation-places-first", action="store_true")
-    a = p.parse_args(argv)
-    spec = CorpusSpec(a.n_train, a.n_val, a.n_test, a.seed, tuple(a.resolutions), a.max_objects, a.samples_per_shard,
-                      max_turns=a.max_turns, task_weights=a.task_weights, unnamed_colour_prob=a.unnamed_colour_prob,
-                      extra_colour_prob=a.extra_colour_prob, extra_shape_prob=a.extra_shape_prob,
-                      relation_places_first=a.relation_places_first)
+    # One flag per CorpusSpec field (--n-train, --extra-shape-prob, ...), so a new option needs no code here.
+    for f in fields(CorpusSpec):
+        if f.name == "version":
+            continue
+        flag, default = "--" + f.name.replace("_", "-"), f.default
+        if isinstance(default, bool):
+            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=default)
+        elif isinstance(default, tuple):
+            p.add_argument(flag, type=int, nargs="+", default=list(default))
+        elif "dict" in str(f.type):
+            p.add_argument(flag, type=_task_weights, default=default, help="e.g. describe=1,attribute=3")
+        else:
+            p.add_argument(flag, type=type(default), default=default)
+    a = vars(p.parse_args(argv))
+    out = a.pop("out")
+    spec = CorpusSpec(**{**a, "resolutions": tuple(a["resolutions"])})
     try:
-        generate_corpus(a.out, spec)
+        generate_corpus(out, spec)
     except ValueError as e:
         p.error(str(e))
 
