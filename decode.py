@@ -23,17 +23,12 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
+from specvlm_lit.errors import UserError, one_line
+
 import specvlm_lit.utils.hydra_resolvers  # noqa: F401  (registers ${safe_dirname:...} for sweep dirs)
 
 ROOT = Path(__file__).resolve().parent
 os.environ.setdefault("PROJECT_ROOT", str(ROOT))
-
-# Errors that are the user's to fix: printed as one line, no traceback.
-USER_ERRORS = ("DecodeInputError", "TargetLoadError", "DrafterLoadError", "DrafterMismatchError", "ConversationError")
-
-
-def _one_line(e: BaseException) -> str:
-    return " ".join(str(e).split())
 
 
 def _scalar_text(v):
@@ -164,10 +159,8 @@ def main(cfg: DictConfig) -> None:
             print(Path(out).resolve())
         else:
             raise SystemExit(f"error: mode must be 'generate' or 'bench', got {mode!r}")
-    except ValueError as e:
-        if any(c.__name__ in USER_ERRORS for c in type(e).__mro__):
-            raise SystemExit(f"error: {_one_line(e)}") from None
-        raise
+    except UserError as e:  # the user's to fix: one line, no traceback
+        raise SystemExit(f"error: {one_line(e)}") from None
 
 
 def cli_aliases(argv: list[str]) -> list[str]:

@@ -21,13 +21,15 @@ import lightning as L
 import torch
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+from specvlm_lit.errors import UserError, one_line
+
 import specvlm_lit.utils.hydra_resolvers  # noqa: F401  (registers ${safe_dirname:...} for sweep dirs)
 
 ROOT = Path(__file__).resolve().parent
 os.environ.setdefault("PROJECT_ROOT", str(ROOT))
 
 
-class StartupError(ValueError):
+class StartupError(UserError):
     """A configuration that cannot run, caught before any model work."""
 
 
@@ -124,8 +126,8 @@ def run(cfg: DictConfig) -> dict:
 def main(cfg: DictConfig) -> None:
     try:
         result = run(cfg)
-    except StartupError as e:
-        raise SystemExit(f"error: {e}") from None
+    except UserError as e:  # the user's to fix: one line, no traceback
+        raise SystemExit(f"error: {one_line(e)}") from None
     if int(os.environ.get("LOCAL_RANK", "0")) == 0:
         for k, v in sorted(result["metrics"].items()):
             print(f"{k}: {v:.4f}")

@@ -43,6 +43,7 @@ from transformers import DynamicCache, LlavaForConditionalGeneration, PreTrained
 from transformers.cache_utils import Cache
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
+from .errors import UserError
 from .utils.visual_tokens import llava_visual_tokens
 
 __all__ = [
@@ -53,7 +54,7 @@ __all__ = [
 ]
 
 
-class TargetLoadError(ValueError):
+class TargetLoadError(UserError):
     """A target checkpoint / tokenizer cannot be used. The message names the offending file or value and the fix."""
 
 

@@ -11,11 +11,13 @@ from dataclasses import dataclass
 
 import torch
 
+from ..errors import UserError
+
 IMAGE_PLACEHOLDER = "<image>"
 ROLE_ALIASES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}
 
 
-class ConversationError(ValueError):
+class ConversationError(UserError):
     """A conversation that cannot be trained on (no answer, bad roles, no image placeholder, ...)."""
 
 

@@ -17,13 +17,14 @@ import torch
 import webdataset as wds
 from PIL import Image, UnidentifiedImageError
 
+from ..errors import UserError
 from .conversation import ConversationError, encode_conversation
 
 IMAGE_KEYS = ("png", "jpg", "jpeg", "webp")
 
 
-class TooManyBadSamples(RuntimeError):
-    pass
+class TooManyBadSamples(UserError):
+    """More of the data is unusable than ``max_bad_fraction`` allows: the shards need fixing."""
 
 
 class SampleEncoder:

@@ -27,6 +27,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
+from ..errors import UserError
+
 if TYPE_CHECKING:  # pragma: no cover
     import torch
     from PIL import Image
@@ -59,7 +61,7 @@ __all__ = [
 DTYPES = ("float32", "bfloat16", "float16")
 
 
-class DecodeInputError(ValueError):
+class DecodeInputError(UserError):
     """A request or configuration that cannot be decoded; the message says what is wrong and how to fix it."""
 
 

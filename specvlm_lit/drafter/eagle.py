@@ -43,6 +43,7 @@ from transformers.cache_utils import Cache
 from transformers.masking_utils import create_causal_mask
 from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRMSNorm, LlamaRotaryEmbedding
 
+from ..errors import UserError
 from ..target import TargetAdapter, TargetLoadError, _check_safetensors_file
 from .compressor import Compressor, build_compressor, normalize_compressor_config
 
@@ -56,11 +57,11 @@ __all__ = [
 ]
 
 
-class DrafterMismatchError(ValueError):
+class DrafterMismatchError(UserError):
     """The drafter was trained for a different target (hidden size, vocabulary or fingerprint differ)."""
 
 
-class DrafterLoadError(ValueError):
+class DrafterLoadError(UserError):
     """A drafter directory cannot be loaded; the message names the offending file and the fix."""
 
 

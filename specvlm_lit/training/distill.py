@@ -26,10 +26,11 @@ from ..data.shards import BadSampleMonitor
 from ..drafter.compressor import normalize_compressor_config
 from ..drafter.eagle import EagleVLMDrafter
 from ..drafter.sequence import build_draft_sequence
+from ..errors import UserError
 from ..target import TargetAdapter
 
 
-class ConfigMismatchError(ValueError):
+class ConfigMismatchError(UserError):
     """Resuming from a checkpoint that was trained with another target or compressor."""
 
 
