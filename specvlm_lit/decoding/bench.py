@@ -254,7 +254,7 @@ def collect_samples(urls: Sequence[str], resolutions: Sequence[int], n: int) -> 
     the split has too few) with the next samples resized to it (bicubic; marked ``resized``)."""
     from PIL import Image
 
-    from ..embedded.evaluate import iter_test_samples
+    from ..synthetic.samples import iter_test_samples
 
     native: dict[int, list] = {r: [] for r in resolutions}
     pool: list = []

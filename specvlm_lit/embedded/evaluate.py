@@ -20,6 +20,7 @@ from omegaconf import DictConfig
 from PIL import Image
 
 from ..data.conversation import prompt_ids
+from ..synthetic.samples import iter_test_samples  # noqa: F401  (re-exported for the recipe's callers)
 from ..synthetic.scenes import COLOURS, EXTRA_COLOURS, EXTRA_SHAPES, HELD_OUT_PAIRS, SHAPES
 from ..target import TargetAdapter
 from . import CONF_DIR
@@ -62,13 +63,6 @@ def question_kind(task: str, checks: list[str], question: str) -> str:
         return ("count/colour" if words & set(COLOURS) else
                 "count/shape" if any(w.startswith(s) for w in words for s in SHAPES) else "count/total")
     return task
-
-
-def iter_test_samples(urls, limit: int | None = None):
-    for i, s in enumerate(wds.WebDataset(urls, shardshuffle=False)):
-        if limit is not None and i >= limit:
-            return
-        yield Image.open(io.BytesIO(s["png"])).convert("RGB"), json.loads(s["json"])
 
 
 def answer(adapter: TargetAdapter, processor, image: Image.Image, question: str, max_new_tokens: int,
