@@ -25,25 +25,35 @@ REPO = Path(__file__).resolve().parents[1]
 @pytest.fixture(scope="module")
 def trained_drafter(small_corpus, tmp_path_factory) -> Path:
     if not (EMBEDDED_TARGET / "config.json").is_file():
-        pytest.skip("embedded target not built: python -m specvlm_lit.embedded.build")
+        pytest.skip("embedded target not built: python -m recipes.embedded_target.build")
     out = tmp_path_factory.mktemp("embedded_drafter")
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
-        cfg = compose(config_name="train", overrides=[
-            f"target.path={EMBEDDED_TARGET}", f"data.corpus_dir={small_corpus}", "data.generate_if_missing=false",
-            f"data.train_urls='{small_corpus}/train-{{000000..000002}}.tar'",
-            f"data.val_urls={small_corpus}/val-000000.tar", "data.batch_size=8", "data.num_workers=0",
-            "data.shuffle_buffer=32", "data.samples_per_epoch=120", "trainer.max_epochs=3", "compressor=select",
-            "logger=csv", "callbacks.rich_progress_bar=null", f"paths.output_dir={out}", f"paths.root_dir={REPO}",
-            "+trainer.enable_progress_bar=false", "trainer.limit_val_batches=1", "val_decode_samples=0",
-        ])
+        cfg = compose(
+            config_name="train",
+            overrides=[
+                "debug=tiny",
+                f"target.path={EMBEDDED_TARGET}",
+                f"data.corpus_dir={small_corpus}",
+                f"data.train_urls='{small_corpus}/train-{{000000..000002}}.tar'",
+                f"data.val_urls={small_corpus}/val-000000.tar",
+                "data.batch_size=8",
+                "data.shuffle_buffer=32",
+                "data.samples_per_epoch=120",
+                "trainer.max_epochs=3",
+                "compressor=select",
+                f"paths.output_dir={out}",
+                f"paths.root_dir={REPO}",
+                "callbacks.validation_decoding=null",
+            ],
+        )
     result = train_script.run(cfg)
     return Path(result["export_dir"])
 
 
 @pytest.fixture(scope="module")
 def prompts(small_corpus):
-    from specvlm_lit.embedded.evaluate import iter_test_samples
+    from specvlm_lit.synthetic.samples import iter_test_samples
 
     out = []
     for img, rec in iter_test_samples(sorted(str(p) for p in small_corpus.glob("test-*.tar")), 12):
@@ -51,18 +61,21 @@ def prompts(small_corpus):
     return out
 
 
-@pytest.mark.parametrize("tree", [
-    {"top_k": 10, "depth": 7, "total_tokens": 60},  # the paper's defaults
-    {"top_k": 4, "depth": 5, "total_tokens": 16},
-    {"top_k": 10, "depth": 7, "total_tokens": 60, "adaptive": True},
-])
+@pytest.mark.parametrize(
+    "tree",
+    [
+        {"top_k": 10, "depth": 7, "total_tokens": 60},  # the paper's defaults
+        {"top_k": 4, "depth": 5, "total_tokens": 16},
+        {"top_k": 10, "depth": 7, "total_tokens": 60, "adaptive": True},
+    ],
+)
 def test_trained_drafter_greedy_equals_generate_on_the_embedded_target(trained_drafter, prompts, tree):
     torch.manual_seed(0)
     pipe = SpecVLMPipeline(EMBEDDED_TARGET, trained_drafter, tree=tree)
     ends = {"eos": 0, "budget": 0}
     accepted = []
     for i, (image, question) in enumerate(prompts):
-        for max_new in ((3, 96) if i % 3 == 0 else (96,)):  # short and long generations
+        for max_new in (3, 96) if i % 3 == 0 else (96,):  # short and long generations
             spec = pipe.generate(image, question, max_new_tokens=max_new)
             ar = pipe.generate_ar(image, question, max_new_tokens=max_new)
             assert spec.tokens == ar.tokens, (i, max_new, spec.text, ar.text)
@@ -80,14 +93,20 @@ def test_adaptive_trees_with_fixed_cpu_and_gpu_costs_on_the_embedded_target(trai
     pipe = SpecVLMPipeline(EMBEDDED_TARGET, trained_drafter)
     sizes = {}
     for name, verify in (("cpu", {2: 0.010, 100: 0.150}), ("gpu", {2: 0.020, 100: 0.021})):
-        cost = RoundCostModel(verify, step=RunningMean(value=0.004, frozen=True),
-                              fixed=RunningMean(value=0.002, frozen=True))
+        cost = RoundCostModel(
+            verify, step=RunningMean(value=0.004, frozen=True), fixed=RunningMean(value=0.002, frozen=True)
+        )
         dec = SpeculativeDecoder(pipe.adapter, pipe.drafter, TreeConfig(adaptive=True), WarpConfig(), cost_model=cost)
         sizes[name] = []
         for image, question in prompts[:6]:
             inputs = pipe.prepare(image, question)
-            spec = dec.generate(inputs.input_ids, pixel_values=inputs.pixel_values, max_new_tokens=64,
-                                eos_token_id=pipe.eos_token_id, image_grid=inputs.grid)
+            spec = dec.generate(
+                inputs.input_ids,
+                pixel_values=inputs.pixel_values,
+                max_new_tokens=64,
+                eos_token_id=pipe.eos_token_id,
+                image_grid=inputs.grid,
+            )
             assert spec.tokens.tolist() == pipe.generate_ar(image, question, max_new_tokens=64).tokens
             sizes[name] += spec.stats.tree_sizes
     # A costly verification keeps trees small; a nearly free one lets them grow.

@@ -52,7 +52,7 @@ def test_detailed_descriptions_are_long(corpus_tokenizer):
     lengths = []
     for i in range(400):
         rec = make_sample(spec, "train", i)["json"]
-        for task, (q, a) in zip(rec["tasks"], zip(rec["conversations"][::2], rec["conversations"][1::2])):
+        for task, (_q, a) in zip(rec["tasks"], zip(rec["conversations"][::2], rec["conversations"][1::2])):
             if task == "describe":
                 lengths.append(len(corpus_tokenizer(a["value"], add_special_tokens=False)["input_ids"]))
     assert lengths and min(lengths) >= 40
@@ -64,16 +64,19 @@ def test_answers_vary_in_phrasing():
     assert len(openings) >= 5
 
 
-@pytest.mark.parametrize("kwargs, message", [
-    (dict(resolutions=(60,)), "multiple of the patch size"),
-    (dict(resolutions=(16,)), "out of range"),
-    (dict(resolutions=()), "at least one"),
-    (dict(max_objects=0), "max_objects"),
-    (dict(max_objects=12), "max_objects"),
-    (dict(n_train=-1), "n_train"),
-    (dict(n_train=0, n_val=0, n_test=0), "empty"),
-    (dict(samples_per_shard=0), "samples_per_shard"),
-])
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(resolutions=(60,)), "multiple of the patch size"),
+        (dict(resolutions=(16,)), "out of range"),
+        (dict(resolutions=()), "at least one"),
+        (dict(max_objects=0), "max_objects"),
+        (dict(max_objects=12), "max_objects"),
+        (dict(n_train=-1), "n_train"),
+        (dict(n_train=0, n_val=0, n_test=0), "empty"),
+        (dict(samples_per_shard=0), "samples_per_shard"),
+    ],
+)
 def test_invalid_generator_arguments(kwargs, message, tmp_path):
     with pytest.raises(ValueError, match=message):
         generate_corpus(tmp_path / "c", CorpusSpec(**kwargs), log=lambda *_: None)
@@ -101,13 +104,27 @@ def test_cli_passes_the_training_split_options(tmp_path, capsys):
     usage = capsys.readouterr().out
     assert all("--" + f.name.replace("_", "-") in usage for f in fields(CorpusSpec) if f.name != "version")
 
-    main(["--out", str(tmp_path / "c"), "--n-train", "20", "--n-val", "2", "--n-test", "2", "--max-turns", "5",
-          "--task-weights", "describe=1,attribute=3", "--extra-shape-prob", "0.3", "--extra-colour-prob", "0.2",
-          "--unnamed-colour-prob", "0.1", "--relation-places-first"])
+    main(
+        [
+            "--out",
+            str(tmp_path / "c"),
+            "--n-train",
+            "20",
+            "--n-val",
+            "2",
+            "--n-test",
+            "2",
+            "--max-turns",
+            "5",
+            "--task-weights",
+            "describe=1,attribute=3",
+            "--unnamed-colour-prob",
+            "0.1",
+        ]
+    )
     spec = json.loads((tmp_path / "c" / "manifest.json").read_text())["spec"]
     assert spec["task_weights"] == {"describe": 1.0, "attribute": 3.0} and spec["max_turns"] == 5
-    assert (spec["extra_shape_prob"], spec["extra_colour_prob"], spec["unnamed_colour_prob"]) == (0.3, 0.2, 0.1)
-    assert spec["relation_places_first"] is True
+    assert spec["unnamed_colour_prob"] == 0.1
 
 
 def test_scene_sampler_rejects_bad_mode():
@@ -151,35 +168,6 @@ def test_interrupted_generation_keeps_the_previous_corpus(tmp_path, monkeypatch)
     assert sorted(p.name for p in out.iterdir()) == before
     assert corpus_is_current(out, spec)
     assert [p.name for p in tmp_path.iterdir()] == ["c"]  # no half-written directory left behind
-
-
-def test_patch_labels_match_the_rendered_pixels():
-    import numpy as np
-
-    from specvlm_lit.synthetic.scenes import BACKGROUNDS, COLOURS, PATCH_LABEL_CLASSES, patch_labels, render, sample_scene
-
-    colours, backgrounds = sorted(COLOURS), sorted(BACKGROUNDS)
-    rng = random.Random(5)
-    for _ in range(12):
-        scene = sample_scene(rng, resolutions=(64, 96, 128))
-        g = scene.resolution // 8
-        labels = patch_labels(scene, patch_size=8)
-        assert set(labels) == set(PATCH_LABEL_CLASSES) | {"instance", "occupancy"}
-        assert all(len(labels[k]) == g * g and max(labels[k]) < n for k, n in PATCH_LABEL_CLASSES.items())
-        assert max(labels["instance"]) <= len(scene.objects) and len(labels["occupancy"]) == g * g
-        # Patches an object owns are mostly covered by it in the sub-patch mask, background patches mostly not.
-        for inst, occ in zip(labels["instance"], labels["occupancy"]):
-            assert (sum(occ) >= 3) if inst else (sum(occ) <= 8), (inst, occ)
-        pix = np.asarray(render(scene)).reshape(g, 8, g, 8, 3).transpose(0, 2, 1, 3, 4).reshape(g * g, 64, 3)
-        for j in range(g * g):
-            c = labels["colour"][j]
-            rgb = COLOURS[colours[c - 1]] if c else BACKGROUNDS[backgrounds[labels["background"][j]]]
-            share = (np.abs(pix[j].astype(int) - rgb).max(1) < 30).mean()
-            # An object owns >= 25% of its patches (anti-aliased edges blur a little); background owns > 50%.
-            assert share >= (0.15 if c else 0.5), (scene, j, c, share)
-            assert (labels["shape"][j] > 0) == (c > 0) == (labels["cell"][j] > 0)
-        # Every object whose centre is not covered by another object has exactly one centre patch.
-        assert 1 <= sum(labels["centre"]) <= len(scene.objects)
 
 
 def test_unnamed_colours_name_no_colour_and_repaint_only_their_object():
@@ -250,13 +238,16 @@ def test_unnamed_colour_objects_in_the_train_split_are_named_by_shape_alone():
             assert min(math.dist(o.paint, c) for c in [*COLOURS.values(), *BACKGROUNDS.values()]) >= 90
         _assert_last_object_painted(sample, scene)
         named_colours = {o.colour for o in scene.objects if o.colour}
-        for task, checks, (q, a) in zip(rec["tasks"], rec["checks"], zip(rec["conversations"][::2], rec["conversations"][1::2])):
+        for task, checks, (q, a) in zip(
+            rec["tasks"], rec["checks"], zip(rec["conversations"][::2], rec["conversations"][1::2])
+        ):
             text = q["value"] + " " + a["value"]
             # No colour word is ever attached to an unnamed object's shape: every colour+shape written is a
             # named object of the scene (bar the absent pair a "No" question asks about).
             for colour, shape in re.findall(r"\b(" + "|".join(COLOURS) + r") (" + "|".join(SHAPES) + r")\b", text):
-                assert any(o.colour == colour and o.shape == shape for o in scene.objects) or \
-                    (task == "attribute" and checks[0] == "No" and f"no {colour} {shape}" in text)
+                assert any(o.colour == colour and o.shape == shape for o in scene.objects) or (
+                    task == "attribute" and checks[0] == "No" and f"no {colour} {shape}" in text
+                )
             if task == "attribute" and checks[0] in COLOURS:  # colour questions ask about named objects only
                 assert checks[0] in named_colours
             if task == "count" and _named_colours(q["value"]):  # unnamed objects never count towards a colour
@@ -268,8 +259,12 @@ def test_unnamed_colour_objects_in_the_train_split_are_named_by_shape_alone():
             if task == "describe":
                 # (Two named objects of one colour+shape were always possible here; only unnamed ones are new.)
                 relation = r"(?:above|below|to the left of|to the right of)(?: and to the (?:left|right) of)?"
-                related = [n for pair in re.findall(rf"The ([a-z ]+?) is {relation} the ([a-z ]+)\.", a["value"])
-                           for n in pair if " " not in n]
+                related = [
+                    n
+                    for pair in re.findall(rf"The ([a-z ]+?) is {relation} the ([a-z ]+)\.", a["value"])
+                    for n in pair
+                    if " " not in n
+                ]
             if related:
                 for name in related:
                     matching = [o for o in scene.objects if o.name == name or (" " not in name and o.shape == name)]
@@ -281,17 +276,6 @@ def test_unnamed_colour_prob_is_validated():
     for bad in (-0.1, 1.0):
         with pytest.raises(ValueError, match="unnamed_colour_prob"):
             CorpusSpec(unnamed_colour_prob=bad).validate()
-
-
-@pytest.mark.parametrize("repaint", ["repaint_unnamed", "repaint_extra"])
-def test_patch_labels_leave_unnamed_and_extra_colours_unlabelled(repaint):
-    from specvlm_lit.synthetic import scenes
-
-    scene = getattr(scenes, repaint)(sample_scene(random.Random(5), resolutions=(64,), min_objects=2), 0.999,
-                                     random.Random(0))
-    labels = scenes.patch_labels(scene)
-    owned = [j for j, inst in enumerate(labels["instance"]) if inst]
-    assert owned and all(labels["colour"][j] == -100 and labels["shape"][j] > 0 for j in owned)
 
 
 def test_task_weights_repeat_look_up_tasks_without_repeating_questions():
@@ -310,162 +294,35 @@ def test_task_weights_repeat_look_up_tasks_without_repeating_questions():
         assert all(make_sample(spec, split, i) == make_sample(CorpusSpec(), split, i) for i in range(30))
 
 
-@pytest.mark.parametrize("kwargs, message", [
-    (dict(max_turns=5), "needs repeated tasks"),
-    (dict(task_weights={"describe": 1, "caption": 2}), "task_weights"),
-    (dict(task_weights={"describe": 0, "count": 0}), "task_weights"),
-    (dict(task_weights={"count": -1, "spatial": 2}), "task_weights"),
-])
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(max_turns=5), "needs repeated tasks"),
+        (dict(task_weights={"describe": 1, "caption": 2}), "task_weights"),
+        (dict(task_weights={"describe": 0, "count": 0}), "task_weights"),
+        (dict(task_weights={"count": -1, "spatial": 2}), "task_weights"),
+    ],
+)
 def test_bad_task_mix_is_rejected(kwargs, message):
     with pytest.raises(ValueError, match=message):
         CorpusSpec(**kwargs).validate()
 
 
-def test_extra_colours_are_far_from_every_other_colour():
-    import itertools
-    import math
-
-    from specvlm_lit.synthetic.scenes import BACKGROUNDS, COLOURS, EXTRA_COLOURS
-
-    assert not set(EXTRA_COLOURS) & (set(COLOURS) | set(BACKGROUNDS))
-    every = {**COLOURS, **BACKGROUNDS, **EXTRA_COLOURS}
-    for a, b in itertools.combinations(every, 2):
-        if a in EXTRA_COLOURS or b in EXTRA_COLOURS:
-            assert math.dist(every[a], every[b]) >= 85, (a, b)
-
-
-@pytest.mark.parametrize("option, axis", [("extra_colour_prob", "colour"), ("extra_shape_prob", "shape")])
-def test_train_only_names_go_with_every_base_partner_in_the_train_split_only(option, axis):
-    import re
-
-    from specvlm_lit.synthetic.scenes import COLOURS, EXTRA_COLOURS, EXTRA_SHAPES, SHAPES, Scene
-
-    extra_names = EXTRA_COLOURS if axis == "colour" else EXTRA_SHAPES
-    spec = CorpusSpec(**{option: 0.4})
-    spec.validate()
-    for split in ("val", "test"):  # evaluation splits never change
-        assert all(make_sample(spec, split, i) == make_sample(CorpusSpec(), split, i) for i in range(40))
-    colours, shapes = "|".join([*COLOURS, *EXTRA_COLOURS]), "|".join([*SHAPES, *EXTRA_SHAPES])
-    pairs, objects, extra = set(), 0, 0
-    for i in range(400):
-        sample = make_sample(spec, "train", i)
-        rec = sample["json"]
-        scene = Scene.from_dict(rec["scene"])
-        assert Scene.from_dict(scene.to_dict()) == scene
-        for o in scene.objects:
-            objects += 1
-            assert o.paint is None and (o.colour, o.shape) not in HELD_OUT_PAIRS
-            if getattr(o, axis) in extra_names:
-                extra += 1
-                pairs.add((o.colour, o.shape))
-        if axis == "colour":  # (an hourglass's centre is the pinch point between its halves)
-            _assert_last_object_painted(sample, scene)
-        for task, checks, (q, a) in zip(rec["tasks"], rec["checks"], zip(rec["conversations"][::2], rec["conversations"][1::2])):
-            text = q["value"] + " " + a["value"]
-            # Every colour+shape written is an object of the scene (bar the pair a "No" question asks about).
-            for colour, shape in re.findall(rf"\b({colours}) ({shapes})\b", text):
-                assert any(o.colour == colour and o.shape == shape for o in scene.objects) or \
-                    (task == "attribute" and checks[0] == "No" and f"no {colour} {shape}" in text)
-            asked = [v for v in extra_names if re.search(rf"\b{v}(es|s)?\b", q["value"])]
-            if task == "count" and asked:  # counting by a train-only name counts its objects
-                n = sum(getattr(o, axis) == asked[0] for o in scene.objects)
-                assert checks == [("no", "one", "two", "three", "four", "five")[n]]
-    base = SHAPES if axis == "colour" else COLOURS
-    assert pairs == {(e, b) if axis == "colour" else (b, e) for e in extra_names for b in base}
-    assert 0.3 < extra / objects < 0.5
-
-
-@pytest.mark.parametrize("option", ["extra_colour_prob", "extra_shape_prob"])
-def test_extra_name_probabilities_are_validated(option):
-    for bad in (-0.1, 1.0):
-        with pytest.raises(ValueError, match=option):
-            CorpusSpec(**{option: bad}).validate()
-
-
-def test_extra_shapes_are_no_closer_to_a_base_shape_than_base_shapes_are_to_each_other():
-    # A train-only shape that reads as a base one (a ring for a circle) would teach the wrong outline.
-    # Compared as drawn at the lowest resolution and smallest size, where outlines are hardest to tell.
-    import itertools
-
-    import numpy as np
-
-    from specvlm_lit.synthetic.scenes import BACKGROUNDS, EXTRA_SHAPES, SHAPES, Scene, SceneObject, render
-
-    def mask(shape):
-        image = render(Scene(64, "white", (SceneObject("red", shape, "small", 4, 0.5, 0.5),)))
-        return np.abs(np.asarray(image).astype(int) - BACKGROUNDS["white"]).sum(-1) > 150
-
-    def iou(a, b):
-        return (mask(a) & mask(b)).sum() / (mask(a) | mask(b)).sum()
-
-    closest_base_pair = max(iou(a, b) for a, b in itertools.combinations(SHAPES, 2))
-    for extra in EXTRA_SHAPES:
-        assert max(iou(extra, base) for base in SHAPES) <= closest_base_pair, extra
-
-
-def test_patch_labels_leave_extra_shapes_unlabelled():
-    from specvlm_lit.synthetic.scenes import patch_labels, reshape_extra
-
-    scene = reshape_extra(sample_scene(random.Random(5), resolutions=(64,), min_objects=2), 0.999, random.Random(0))
-    labels = patch_labels(scene)
-    owned = [j for j, inst in enumerate(labels["instance"]) if inst]
-    assert owned and all(labels["shape"][j] == -100 and labels["colour"][j] > 0 for j in owned)
-
-
-def test_extra_colours_leave_unnamed_objects_unnamed():
-    from specvlm_lit.synthetic.scenes import EXTRA_COLOURS, repaint_extra, repaint_unnamed
-
-    scene = sample_scene(random.Random(3), resolutions=(64,), min_objects=3)
-    unnamed = repaint_unnamed(scene, 0.5, random.Random(1))
-    both = repaint_extra(unnamed, 0.999, random.Random(0))
-    assert any(o.colour is None for o in unnamed.objects) and any(o.colour for o in unnamed.objects)
-    for before, after in zip(unnamed.objects, both.objects):
-        assert after == before if before.colour is None else (after.colour in EXTRA_COLOURS and after.shape == before.shape)
-
-
 def test_a_corpus_written_before_a_new_option_existed_is_still_current(small_corpus, tmp_path):
     # Its manifest lacks the option; the corpus was generated as if at the default, so no rebuild.
     manifest = json.loads((small_corpus / "manifest.json").read_text())
-    del manifest["spec"]["extra_colour_prob"]
+    del manifest["spec"]["unnamed_colour_prob"]
     (tmp_path / "manifest.json").write_text(json.dumps(manifest))
     spec = dict(n_train=120, n_val=16, n_test=32, samples_per_shard=50)
     assert corpus_is_current(tmp_path, CorpusSpec(**spec))
-    assert not corpus_is_current(tmp_path, CorpusSpec(**spec, extra_colour_prob=0.2))
+    assert not corpus_is_current(tmp_path, CorpusSpec(**spec, unnamed_colour_prob=0.2))
     assert not corpus_is_current(tmp_path, CorpusSpec(**{**spec, "n_train": 121}))
 
 
-def test_relation_places_first_rewords_train_relations_only():
-    import re
-
-    from specvlm_lit.embedded.evaluate import answer_is_correct
-    from specvlm_lit.synthetic.tasks import PLACES
-
-    spec = CorpusSpec(relation_places_first=True)
-    spec.validate()
-    for split in ("val", "test"):  # evaluation splits keep the relation-first wording
-        assert all(make_sample(spec, split, i) == make_sample(CorpusSpec(), split, i) for i in range(40))
-    places = "|".join(PLACES)
-    relations = 0
-    for i in range(300):
-        new, old = make_sample(spec, "train", i)["json"], make_sample(CorpusSpec(), "train", i)["json"]
-        # Same scene, questions and checks: only relation answers are reworded.
-        assert new["scene"] == old["scene"] and new["checks"] == old["checks"] and new["tasks"] == old["tasks"]
-        assert new["conversations"][::2] == old["conversations"][::2]
-        for task, checks, a_new, a_old in zip(new["tasks"], new["checks"], new["conversations"][1::2],
-                                              old["conversations"][1::2]):
-            if task == "spatial" and len(checks) == 3:
-                relations += 1
-                a_name, rel, b_name = checks
-                assert re.fullmatch(rf"The {a_name} is ({places}) and the {b_name} is ({places}), "
-                                    rf"so the {a_name} is {rel} the {b_name}\.", a_new["value"]), a_new["value"]
-                # The evaluation credits either wording.
-                assert answer_is_correct(a_new["value"], checks, task, new["scene"])
-                assert answer_is_correct(a_old["value"], checks, task, old["scene"])
-            else:
-                assert a_new == a_old
-    assert relations > 20
-
-
-def test_relation_places_first_is_validated():
-    with pytest.raises(ValueError, match="relation_places_first"):
-        CorpusSpec(relation_places_first="yes").validate()
+@pytest.mark.parametrize("retired, current", [(0.0, True), (False, True), (None, True), (0.4, False), (True, False)])
+def test_a_corpus_written_with_a_since_removed_option(small_corpus, tmp_path, retired, current):
+    # Removed options (such as extra_colour_prob) were off at a falsy value: off, the corpus is today's.
+    manifest = json.loads((small_corpus / "manifest.json").read_text())
+    manifest["spec"]["extra_colour_prob"] = retired
+    (tmp_path / "manifest.json").write_text(json.dumps(manifest))
+    assert corpus_is_current(tmp_path, CorpusSpec(n_train=120, n_val=16, n_test=32, samples_per_shard=50)) is current

@@ -4,5 +4,14 @@ from .generate import CorpusSpec, ensure_corpus, generate_corpus, make_sample
 from .scenes import HELD_OUT_PAIRS, Scene, render, sample_scene
 from .tasks import TASKS
 
-__all__ = ["CorpusSpec", "ensure_corpus", "generate_corpus", "make_sample", "HELD_OUT_PAIRS", "Scene",
-           "render", "sample_scene", "TASKS"]
+__all__ = [
+    "CorpusSpec",
+    "ensure_corpus",
+    "generate_corpus",
+    "make_sample",
+    "HELD_OUT_PAIRS",
+    "Scene",
+    "render",
+    "sample_scene",
+    "TASKS",
+]

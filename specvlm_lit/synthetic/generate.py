@@ -26,10 +26,8 @@ from pathlib import Path
 
 import webdataset as wds
 
-from .scenes import (
-    DEFAULT_RESOLUTIONS, MAX_OBJECTS, render, repaint_extra, repaint_unnamed, reshape_extra, sample_scene, validate_scene_args,
-)
 from ..utils.atomic import atomic_directory
+from .scenes import DEFAULT_RESOLUTIONS, MAX_OBJECTS, render, repaint_unnamed, sample_scene, validate_scene_args
 from .tasks import TASKS, make_turn, to_llava_conversation
 
 MANIFEST = "manifest.json"
@@ -52,15 +50,6 @@ class CorpusSpec:
     # alone ("a small cross"): the model must then read shape from the outline, not from the colour,
     # which is what held-out colour+shape pairs need. val/test never get them.
     unnamed_colour_prob: float = 0.0
-    # Share of train-split objects repainted in one of the train-only EXTRA_COLOURS ("a brown cross"),
-    # each seen with every shape, so colour and shape vary independently over more of the data.
-    extra_colour_prob: float = 0.0
-    # Share of train-split objects redrawn as one of the train-only EXTRA_SHAPES ("a blue star"), each
-    # seen in every base colour: the shape-side twin of extra_colour_prob.
-    extra_shape_prob: float = 0.0
-    # Train-split relation answers written places first ("The A is on the left and the B is at the
-    # top, so the A is below and to the left of the B"); val/test keep the relation-first wording.
-    relation_places_first: bool = False
     # Train-split task mix: None draws 1..max_turns distinct tasks evenly (the default corpus). A
     # {task: weight} dict draws each turn's task by weight, repeats allowed (never the same question
     # twice), so look-up questions can get more of the steps than long descriptions.
@@ -80,20 +69,23 @@ class CorpusSpec:
             raise ValueError(f"max_turns must be a positive integer, got {self.max_turns!r}")
         if self.task_weights is None:
             if self.max_turns > len(TASKS):
-                raise ValueError(f"max_turns={self.max_turns} needs repeated tasks: at most {len(TASKS)} distinct "
-                                 "tasks exist; set task_weights to allow repeats or lower max_turns")
+                raise ValueError(
+                    f"max_turns={self.max_turns} needs repeated tasks: at most {len(TASKS)} distinct "
+                    "tasks exist; set task_weights to allow repeats or lower max_turns"
+                )
         else:
             unknown = set(self.task_weights) - set(TASKS)
             weights = list(self.task_weights.values())
             if unknown or not all(isinstance(w, (int, float)) and w >= 0 for w in weights) or not sum(weights) > 0:
-                raise ValueError(f"task_weights={self.task_weights!r}: give non-negative weights, not all zero, "
-                                 f"for tasks among {', '.join(TASKS)}")
-        for name in ("unnamed_colour_prob", "extra_colour_prob", "extra_shape_prob"):
-            if not 0.0 <= getattr(self, name) < 1.0:
-                raise ValueError(f"{name} must be in [0, 1) (some objects must keep the base colours and shapes "
-                                 f"that val/test use), got {getattr(self, name)!r}")
-        if not isinstance(self.relation_places_first, bool):
-            raise ValueError(f"relation_places_first must be true or false, got {self.relation_places_first!r}")
+                raise ValueError(
+                    f"task_weights={self.task_weights!r}: give non-negative weights, not all zero, "
+                    f"for tasks among {', '.join(TASKS)}"
+                )
+        if not 0.0 <= self.unnamed_colour_prob < 1.0:
+            raise ValueError(
+                f"unnamed_colour_prob must be in [0, 1) (some objects must keep the named colours "
+                f"that val/test use), got {self.unnamed_colour_prob!r}"
+            )
         validate_scene_args(tuple(self.resolutions), self.max_objects)
 
 
@@ -113,18 +105,14 @@ def make_sample(spec: CorpusSpec, split: str, index: int) -> dict:
         # Detailed descriptions need two or more objects to reach 40+ tokens.
         min_objects=2 if "describe" in tasks and spec.max_objects >= 2 else 1,
     )
-    if split == "train":  # each redraw has its own random stream, so turning one on leaves the others alone
-        for p, redraw, stream in ((spec.unnamed_colour_prob, repaint_unnamed, "unnamed"),
-                                  (spec.extra_colour_prob, repaint_extra, "extra"),
-                                  (spec.extra_shape_prob, reshape_extra, "extra_shape")):
-            if p > 0:
-                scene = redraw(scene, p, random.Random(f"{spec.seed}/{split}/{index}/{stream}"))
-    places_first = split == "train" and spec.relation_places_first
+    if split == "train" and spec.unnamed_colour_prob > 0:
+        # Its own random stream: the scene draw and the questions stay those of the default corpus.
+        scene = repaint_unnamed(scene, spec.unnamed_colour_prob, random.Random(f"{spec.seed}/{split}/{index}/unnamed"))
     turns = []
     for t in tasks:
         # A repeated task asks something new; small scenes have few questions, so give up after 10 draws.
         asked = {u["question"] for u in turns}
-        turns_of_t = (make_turn(t, scene, rng, relation_places_first=places_first) for _ in range(10))
+        turns_of_t = (make_turn(t, scene, rng) for _ in range(10))
         turn = next((x for x in turns_of_t if x["question"] not in asked), None)
         if turn is not None:
             turns.append(turn)
@@ -149,7 +137,8 @@ def generate_corpus(out_dir: str | os.PathLike, spec: CorpusSpec | None = None, 
     out = Path(out_dir)
     t0 = time.perf_counter()
     counts = {}
-    with atomic_directory(out, "corpus") as tmp:
+    # A corpus written before directories carried the publisher's marker is recognised by its manifest.
+    with atomic_directory(out, "corpus", published_before=lambda d: (d / MANIFEST).is_file()) as tmp:
         for split, n in (("train", spec.n_train), ("val", spec.n_val), ("test", spec.n_test)):
             if n == 0:
                 continue
@@ -177,6 +166,11 @@ def corpus_is_current(out_dir: str | os.PathLike, spec: CorpusSpec) -> bool:
     # A field added to CorpusSpec after the corpus was written is absent from its manifest; the
     # corpus was generated as if it had its default, so an unchanged default does not force a rebuild.
     defaults = json.loads(json.dumps(asdict(CorpusSpec())))
+    # A field since removed from CorpusSpec was an option that is off at a falsy value (0, false, null):
+    # a corpus written with it off is today's corpus, one written with it on is not.
+    if any(value for key, value in written.items() if key not in defaults):
+        return False
+    written = {k: v for k, v in written.items() if k in defaults}
     return {**defaults, **written} == json.loads(json.dumps(asdict(spec)))
 
 
@@ -199,14 +193,12 @@ def _task_weights(text: str) -> dict[str, float]:
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description="Generate the synthetic visual-instruction corpus (webdataset shards).")
     p.add_argument("--out", default="data/synthetic", help="output directory (replaced atomically)")
-    # One flag per CorpusSpec field (--n-train, --extra-shape-prob, ...), so a new option needs no code here.
+    # One flag per CorpusSpec field (--n-train, --unnamed-colour-prob, ...), so a new option needs no code here.
     for f in fields(CorpusSpec):
         if f.name == "version":
             continue
         flag, default = "--" + f.name.replace("_", "-"), f.default
-        if isinstance(default, bool):
-            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=default)
-        elif isinstance(default, tuple):
+        if isinstance(default, tuple):
             p.add_argument(flag, type=int, nargs="+", default=list(default))
         elif "dict" in str(f.type):
             p.add_argument(flag, type=_task_weights, default=default, help="e.g. describe=1,attribute=3")

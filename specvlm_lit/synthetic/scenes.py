@@ -27,25 +27,7 @@ COLOURS: dict[str, tuple[int, int, int]] = {
     "cyan": (40, 210, 220),
     "pink": (250, 130, 190),
 }
-# Train-only colour names (corpora with ``extra_colour_prob`` > 0). Each is seen with every shape, so
-# the base colours' few shapes stop being the only evidence of how colour and shape combine: a table
-# of seen combinations then costs the LM more than reading colour and shape separately. val/test
-# (and the held-out pairs, all in base colours) never use them. Every one is >= 85 RGB from all
-# other named and background colours.
-EXTRA_COLOURS: dict[str, tuple[int, int, int]] = {
-    "brown": (140, 80, 30),
-    "magenta": (230, 40, 230),
-    "navy": (20, 30, 120),
-    "maroon": (120, 0, 60),
-    "teal": (0, 128, 128),
-    "lime": (140, 240, 40),
-}
 SHAPES = ("circle", "square", "triangle", "diamond", "cross")
-# Train-only shape names (corpora with ``extra_shape_prob`` > 0), the shape-side twin of
-# EXTRA_COLOURS: each is drawn in every base colour, so every base colour (and each colour of a
-# held-out pair) is seen with more shapes. Outlines are chosen to be unlike the base shapes at 64 px
-# (a ring or hexagon would come close to a circle); val/test never use them.
-EXTRA_SHAPES = ("star", "arrow", "bar", "hourglass")
 SIZES = ("small", "medium", "large")
 # Object extent as a fraction of the image side: even "small" spans >= 1.5 patches at the
 # lowest resolution, so every object is visible to the vision tower.
@@ -58,15 +40,27 @@ BACKGROUNDS: dict[str, tuple[int, int, int]] = {
 }
 # 3x3 grid cells, row-major; names read naturally in sentences ("in the top left").
 CELLS = (
-    "top left", "top", "top right",
-    "left", "center", "right",
-    "bottom left", "bottom", "bottom right",
+    "top left",
+    "top",
+    "top right",
+    "left",
+    "center",
+    "right",
+    "bottom left",
+    "bottom",
+    "bottom right",
 )
 # (colour, shape) pairs that only the test split contains.
-HELD_OUT_PAIRS = frozenset({
-    ("red", "triangle"), ("blue", "circle"), ("green", "diamond"),
-    ("yellow", "cross"), ("purple", "square"), ("orange", "circle"),
-})
+HELD_OUT_PAIRS = frozenset(
+    {
+        ("red", "triangle"),
+        ("blue", "circle"),
+        ("green", "diamond"),
+        ("yellow", "cross"),
+        ("purple", "square"),
+        ("orange", "circle"),
+    }
+)
 # Visual-token counts vary with resolution: 64 / 144 / 256 tokens at patch size 8.
 DEFAULT_RESOLUTIONS = (64, 96, 128)
 MAX_OBJECTS = 5
@@ -85,14 +79,14 @@ class SceneObject:
 
     @property
     def name(self) -> str:
-        """"red circle"; just "circle" for an object in an unnamed colour."""
+        """ "red circle"; just "circle" for an object in an unnamed colour."""
         return f"{self.colour} {self.shape}" if self.colour else self.shape
 
     @property
     def fill(self) -> tuple[int, int, int]:
         if self.paint is not None:
             return tuple(self.paint)
-        return COLOURS[self.colour] if self.colour in COLOURS else EXTRA_COLOURS[self.colour]
+        return COLOURS[self.colour]
 
     @property
     def where(self) -> str:
@@ -119,8 +113,10 @@ class Scene:
         return {"resolution": self.resolution, "background": self.background, "objects": objects}
 
     @classmethod
-    def from_dict(cls, d: dict) -> "Scene":
-        objects = tuple(SceneObject(**{**o, "paint": tuple(o["paint"]) if o.get("paint") else None}) for o in d["objects"])
+    def from_dict(cls, d: dict) -> Scene:
+        objects = tuple(
+            SceneObject(**{**o, "paint": tuple(o["paint"]) if o.get("paint") else None}) for o in d["objects"]
+        )
         return cls(d["resolution"], d["background"], objects)
 
     def reading_order(self) -> list[SceneObject]:
@@ -192,21 +188,20 @@ def _polygon(shape: str, cx: float, cy: float, r: float) -> list[tuple[float, fl
     if shape == "cross":
         t = r / 2.6
         return [
-            (cx - t, cy - r), (cx + t, cy - r), (cx + t, cy - t), (cx + r, cy - t), (cx + r, cy + t),
-            (cx + t, cy + t), (cx + t, cy + r), (cx - t, cy + r), (cx - t, cy + t), (cx - r, cy + t),
-            (cx - r, cy - t), (cx - t, cy - t),
+            (cx - t, cy - r),
+            (cx + t, cy - r),
+            (cx + t, cy - t),
+            (cx + r, cy - t),
+            (cx + r, cy + t),
+            (cx + t, cy + t),
+            (cx + t, cy + r),
+            (cx - t, cy + r),
+            (cx - t, cy + t),
+            (cx - r, cy + t),
+            (cx - r, cy - t),
+            (cx - t, cy - t),
         ]
-    if shape == "star":  # five points, inner radius 0.45 r
-        return [(cx + (r if k % 2 == 0 else 0.45 * r) * math.cos(-math.pi / 2 + k * math.pi / 5),
-                 cy + (r if k % 2 == 0 else 0.45 * r) * math.sin(-math.pi / 2 + k * math.pi / 5)) for k in range(10)]
-    if shape == "arrow":  # pointing right: a shaft and a head
-        t = r / 3
-        return [(cx - r, cy - t), (cx, cy - t), (cx, cy - r), (cx + r, cy), (cx, cy + r), (cx, cy + t), (cx - r, cy + t)]
-    if shape == "bar":  # a wide rectangle, 5:2
-        return [(cx - r, cy - 0.4 * r), (cx + r, cy - 0.4 * r), (cx + r, cy + 0.4 * r), (cx - r, cy + 0.4 * r)]
-    if shape == "hourglass":  # two triangles meeting at their tips
-        return [(cx - r, cy - r), (cx + r, cy - r), (cx, cy), (cx + r, cy + r), (cx - r, cy + r), (cx, cy)]
-    raise ValueError(f"unknown shape {shape!r}; known: {', '.join((*SHAPES, *EXTRA_SHAPES))}")
+    raise ValueError(f"unknown shape {shape!r}; known: {', '.join(SHAPES)}")
 
 
 def render(scene: Scene, fills: dict[int, tuple[int, int, int]] | None = None) -> Image.Image:
@@ -219,23 +214,8 @@ def render(scene: Scene, fills: dict[int, tuple[int, int, int]] | None = None) -
     img = Image.new("RGB", (s, s), BACKGROUNDS[scene.background])
     draw = ImageDraw.Draw(img)
     for i, o in enumerate(scene.objects):
-        _draw_object(draw, o, s, (fills or {}).get(i, o.fill))
+        draw_object(draw, o, s, (fills or {}).get(i, o.fill))
     return img.resize((scene.resolution, scene.resolution), Image.BILINEAR)
-
-
-# Dense per-patch labels for vision pre-training (see specvlm_lit/embedded/vision_pretrain.py).
-# Index 0 is always "no object here"; object attributes are shifted by one.
-PATCH_LABEL_CLASSES = {
-    "colour": 1 + len(COLOURS),
-    "shape": 1 + len(SHAPES),
-    "size": 1 + len(SIZES),
-    "cell": 1 + len(CELLS),
-    "centre": 2,  # the patch holds the centre of a visible object (what counting needs)
-    "background": len(BACKGROUNDS),
-}
-
-
-OCCUPANCY_GRID = 4
 
 
 def unnamed_colour(rng: random.Random, min_distance: float = 90.0) -> tuple[int, int, int]:
@@ -252,83 +232,17 @@ def repaint_unnamed(scene: Scene, p: float, rng: random.Random) -> Scene:
 
     Its shape stays, so no held-out colour+shape pair can appear: the object simply has no colour name.
     """
-    objects = tuple(replace(o, colour=None, paint=unnamed_colour(rng)) if rng.random() < p else o for o in scene.objects)
+    objects = tuple(
+        replace(o, colour=None, paint=unnamed_colour(rng)) if rng.random() < p else o for o in scene.objects
+    )
     return replace(scene, objects=objects)
 
 
-def repaint_extra(scene: Scene, p: float, rng: random.Random) -> Scene:
-    """Each object, with probability ``p``, repainted in one of the train-only ``EXTRA_COLOURS``.
-
-    Its shape stays and every extra colour goes with every shape, so no held-out pair can appear.
-    Objects already in an unnamed colour keep it, so ``unnamed_colour_prob`` keeps its meaning.
-    """
-    names = sorted(EXTRA_COLOURS)
-    objects = tuple(replace(o, colour=rng.choice(names)) if o.colour is not None and rng.random() < p else o
-                    for o in scene.objects)
-    return replace(scene, objects=objects)
-
-
-def reshape_extra(scene: Scene, p: float, rng: random.Random) -> Scene:
-    """Each object, with probability ``p``, redrawn as one of the train-only ``EXTRA_SHAPES``.
-
-    Its colour stays and held-out pairs are all base shapes, so no held-out pair can appear.
-    """
-    objects = tuple(replace(o, shape=rng.choice(EXTRA_SHAPES)) if rng.random() < p else o for o in scene.objects)
-    return replace(scene, objects=objects)
-
-
-def _draw_object(draw: "ImageDraw.ImageDraw", o: SceneObject, side: int, fill) -> None:
+def draw_object(draw: ImageDraw.ImageDraw, o: SceneObject, side: int, fill) -> None:
+    """Draw ``o`` on a ``side``-pixel canvas in ``fill`` (what ``render`` and instance maps share)."""
     r = SIZE_FRACTION[o.size] * side / 2
     cx, cy = o.cx * side, o.cy * side
     if o.shape == "circle":
         draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=fill)
     else:
         draw.polygon(_polygon(o.shape, cx, cy, r), fill=fill)
-
-
-def patch_labels(scene: Scene, patch_size: int = 8, min_cover: float = 0.25) -> dict[str, list[int]]:
-    """What each patch of the rendered image shows, row-major over the (res/patch)^2 grid.
-
-    One list per ``PATCH_LABEL_CLASSES`` key, plus ``instance`` (which object owns the patch) and
-    ``occupancy`` (a sub-patch foreground mask per patch).
-
-    The scene is re-drawn as an instance map (object i+1 painted in drawing order, so the top-most
-    object wins where shapes overlap, as in ``render``). A patch belongs to the object covering most
-    of it when that object covers at least ``min_cover`` of the patch, else to the background.
-    """
-    import numpy as np
-
-    scale = 2  # same supersampling as render(), so edges match the anti-aliased image
-    side = scene.resolution * scale
-    inst = Image.new("L", (side, side), 0)
-    draw = ImageDraw.Draw(inst)
-    for i, o in enumerate(scene.objects):
-        _draw_object(draw, o, side, i + 1)
-    g, p = scene.resolution // patch_size, patch_size * scale
-    blocks = np.asarray(inst).reshape(g, p, g, p).transpose(0, 2, 1, 3).reshape(g * g, p * p)
-    # owner[j]: index of the object that owns patch j, or -1 for background.
-    counts = np.stack([(blocks == i + 1).sum(1) for i in range(len(scene.objects))] + [np.zeros(g * g, int)], 1)
-    owner = np.where(counts.max(1) >= min_cover * p * p, counts.argmax(1), -1)
-    colours, shapes, backgrounds = sorted(COLOURS), list(SHAPES), sorted(BACKGROUNDS)
-    # occupancy[j]: which of the patch's OCCUPANCY_GRID^2 sub-cells an object covers (row-major bits):
-    # a colour-independent, purely local view of the outline, from which shape can be assembled.
-    sub = p // OCCUPANCY_GRID
-    cells = (blocks.reshape(g * g, OCCUPANCY_GRID, sub, OCCUPANCY_GRID, sub) > 0).mean((2, 4)) >= 0.5
-    labels = {k: [0] * (g * g) for k in PATCH_LABEL_CLASSES}
-    labels["occupancy"] = cells.reshape(g * g, -1).astype(int).tolist()
-    labels["instance"] = [i + 1 for i in owner.tolist()]  # 0 = background, i + 1 = scene.objects[i]
-    labels["background"] = [backgrounds.index(scene.background)] * (g * g)
-    for j, i in enumerate(owner.tolist()):
-        if i < 0:
-            continue
-        o = scene.objects[i]
-        # Unnamed and train-only extra colours (and shapes) have no class of their own: no label.
-        labels["colour"][j] = 1 + colours.index(o.colour) if o.colour in COLOURS else -100
-        labels["shape"][j] = 1 + shapes.index(o.shape) if o.shape in SHAPES else -100  # train-only shapes too
-        labels["size"][j] = 1 + SIZES.index(o.size)
-        labels["cell"][j] = 1 + o.cell
-    for i, o in enumerate(scene.objects):
-        j = min(int(o.cy * g), g - 1) * g + min(int(o.cx * g), g - 1)
-        if owner[j] == i:  # only a visible centre counts: a hidden object cannot be counted
-            labels["centre"][j] = 1
-    return labels

@@ -21,15 +21,21 @@ from __future__ import annotations
 import random
 from collections import Counter
 
-from .scenes import CELLS, Scene, SceneObject
+from .scenes import CELLS, COLOURS, SHAPES, Scene, SceneObject
 
 TASKS = ("describe", "attribute", "count", "spatial")
 IMAGE_PLACEHOLDER = "<image>"
 NUMBER_WORDS = ("no", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 PLACES = (
-    "in the top left corner", "at the top", "in the top right corner",
-    "on the left", "in the center", "on the right",
-    "in the bottom left corner", "at the bottom", "in the bottom right corner",
+    "in the top left corner",
+    "at the top",
+    "in the top right corner",
+    "on the left",
+    "in the center",
+    "on the right",
+    "in the bottom left corner",
+    "at the bottom",
+    "in the bottom right corner",
 )
 
 
@@ -82,21 +88,26 @@ def _named(scene: Scene) -> list[SceneObject]:
 
 
 def describe(scene: Scene, rng: random.Random) -> tuple[str, str, list[str]]:
-    q = rng.choice([
-        "Describe the image in detail.",
-        "Give a detailed description of this picture.",
-        "What do you see in this image? Describe every shape.",
-        "Please describe the scene thoroughly, including colors, shapes and positions.",
-        "Write a detailed description of the image.",
-    ])
+    q = rng.choice(
+        [
+            "Describe the image in detail.",
+            "Give a detailed description of this picture.",
+            "What do you see in this image? Describe every shape.",
+            "Please describe the scene thoroughly, including colors, shapes and positions.",
+            "Write a detailed description of the image.",
+        ]
+    )
     objs = scene.reading_order()
     n = NUMBER_WORDS[len(objs)]
     noun = "shape" if len(objs) == 1 else "shapes"
-    intro = rng.choice([
-        f"The image shows {n} {noun} on a {scene.background} background.",
-        f"This picture contains {n} {noun} against a {scene.background} background.",
-        f"There {'is' if len(objs) == 1 else 'are'} {n} {noun} in this image, drawn on a {scene.background} background.",
-    ])
+    intro = rng.choice(
+        [
+            f"The image shows {n} {noun} on a {scene.background} background.",
+            f"This picture contains {n} {noun} against a {scene.background} background.",
+            f"There {'is' if len(objs) == 1 else 'are'} {n} {noun} in this image, "
+            f"drawn on a {scene.background} background.",
+        ]
+    )
     style = rng.randrange(3)
     sentences = [intro]
     for o in objs:
@@ -120,6 +131,35 @@ def describe(scene: Scene, rng: random.Random) -> tuple[str, str, list[str]]:
     return q, " ".join(sentences), [n] + [o.name for o in objs]
 
 
+# Attribute questions about one object: (question wordings, answer wordings, the fact an answer must state).
+_ATTRIBUTE_ASKS = {
+    "colour": (
+        lambda o: [
+            f"What color is the {o.shape}?",
+            f"Which color does the {o.shape} have?",
+            f"Tell me the color of the {o.shape}.",
+        ],
+        lambda o: [
+            f"The {o.shape} is {o.colour}. It is {_a(o.size)} shape {place(o)}.",
+            f"It is {o.colour}. The {o.size} {o.shape} is located {place(o)}.",
+        ],
+        lambda o: o.colour,
+    ),
+    "shape": (
+        lambda o: [
+            f"What shape is the {o.colour} object?",
+            f"Which shape is {o.colour}?",
+            f"What is the {o.colour} shape?",
+        ],
+        lambda o: [
+            f"The {o.colour} object is a {o.shape}. It is {o.size} and located {place(o)}.",
+            f"It is {_a(o.size)} {o.shape}, {place(o)}.",
+        ],
+        lambda o: o.shape,
+    ),
+}
+
+
 def attribute(scene: Scene, rng: random.Random) -> tuple[str, str, list[str]]:
     options = []
     by_shape = [o for o in _unique(scene, lambda o: o.shape) if o.colour]
@@ -130,24 +170,10 @@ def attribute(scene: Scene, rng: random.Random) -> tuple[str, str, list[str]]:
         options.append("shape")
     options.append("exists")
     kind = rng.choice(options)
-    if kind == "colour":
-        o = rng.choice(by_shape)
-        q = rng.choice([f"What color is the {o.shape}?", f"Which color does the {o.shape} have?",
-                        f"Tell me the color of the {o.shape}."])
-        a = rng.choice([
-            f"The {o.shape} is {o.colour}. It is {_a(o.size)} shape {place(o)}.",
-            f"It is {o.colour}. The {o.size} {o.shape} is located {place(o)}.",
-        ])
-        return q, a, [o.colour]
-    if kind == "shape":
-        o = rng.choice(by_colour)
-        q = rng.choice([f"What shape is the {o.colour} object?", f"Which shape is {o.colour}?",
-                        f"What is the {o.colour} shape?"])
-        a = rng.choice([
-            f"The {o.colour} object is a {o.shape}. It is {o.size} and located {place(o)}.",
-            f"It is {_a(o.size)} {o.shape}, {place(o)}.",
-        ])
-        return q, a, [o.shape]
+    if kind in _ATTRIBUTE_ASKS:
+        questions, answers, fact = _ATTRIBUTE_ASKS[kind]
+        o = rng.choice(by_shape if kind == "colour" else by_colour)
+        return rng.choice(questions(o)), rng.choice(answers(o)), [fact(o)]
     # Yes/no: half the time ask about an object that is there, otherwise one that is not.
     present = {o.name for o in scene.objects}
     if rng.random() < 0.5 and _named(scene):
@@ -155,8 +181,13 @@ def attribute(scene: Scene, rng: random.Random) -> tuple[str, str, list[str]]:
         colour, shape = o.colour, o.shape
     else:
         colour, shape = _absent_pair(scene, rng)
-    q = rng.choice([f"Is there {_a(colour)} {shape} in the image?", f"Can you see {_a(colour)} {shape}?",
-                    f"Does the picture contain {_a(colour)} {shape}?"])
+    q = rng.choice(
+        [
+            f"Is there {_a(colour)} {shape} in the image?",
+            f"Can you see {_a(colour)} {shape}?",
+            f"Does the picture contain {_a(colour)} {shape}?",
+        ]
+    )
     name = f"{colour} {shape}"
     if name in present:
         o = next(x for x in scene.objects if x.name == name)
@@ -172,8 +203,6 @@ def _absent_pair(scene: Scene, rng: random.Random) -> tuple[str, str]:
     present = {o.name for o in scene.objects}
     colours = sorted({o.colour for o in scene.objects if o.colour})
     shapes = sorted({o.shape for o in scene.objects})
-    from .scenes import COLOURS, SHAPES
-
     for _ in range(50):
         colour = rng.choice(colours) if colours and rng.random() < 0.5 else rng.choice(sorted(COLOURS))
         shape = rng.choice(shapes) if rng.random() < 0.5 else rng.choice(SHAPES)
@@ -183,27 +212,40 @@ def _absent_pair(scene: Scene, rng: random.Random) -> tuple[str, str]:
 
 
 def count(scene: Scene, rng: random.Random) -> tuple[str, str, list[str]]:
-    from .scenes import COLOURS, SHAPES
-
     kind = rng.choice(["shape", "colour", "total"])
     if kind == "shape":
         shape = rng.choice([o.shape for o in scene.objects] + list(SHAPES))
         hits = [o for o in scene.reading_order() if o.shape == shape]
-        q = rng.choice([f"How many {_plural(shape)} are there?", f"Count the {_plural(shape)} in the picture.",
-                        f"How many {_plural(shape)} can you see?"])
+        q = rng.choice(
+            [
+                f"How many {_plural(shape)} are there?",
+                f"Count the {_plural(shape)} in the picture.",
+                f"How many {_plural(shape)} can you see?",
+            ]
+        )
         what = _plural(shape) if len(hits) != 1 else shape
         listed = [f"{_a(o.colour)} one {place(o)}" if o.colour else f"one {place(o)}" for o in hits]
     elif kind == "colour":
         colour = rng.choice([o.colour for o in _named(scene)] + list(COLOURS))
         hits = [o for o in scene.reading_order() if o.colour == colour]
-        q = rng.choice([f"How many {colour} shapes are in the image?", f"Count the {colour} objects.",
-                        f"How many shapes are {colour}?"])
+        q = rng.choice(
+            [
+                f"How many {colour} shapes are in the image?",
+                f"Count the {colour} objects.",
+                f"How many shapes are {colour}?",
+            ]
+        )
         what = f"{colour} shapes" if len(hits) != 1 else f"{colour} shape"
         listed = [f"{_a(o.shape)} {place(o)}" for o in hits]
     else:
         hits = scene.reading_order()
-        q = rng.choice(["How many shapes are there in total?", "Count all the shapes in the image.",
-                        "How many objects does the picture contain?"])
+        q = rng.choice(
+            [
+                "How many shapes are there in total?",
+                "Count all the shapes in the image.",
+                "How many objects does the picture contain?",
+            ]
+        )
         what = "shapes" if len(hits) != 1 else "shape"
         listed = [_a(o.name) for o in hits]
     n = NUMBER_WORDS[len(hits)]
@@ -216,26 +258,32 @@ def count(scene: Scene, rng: random.Random) -> tuple[str, str, list[str]]:
     return q, a, [n]
 
 
-def spatial(scene: Scene, rng: random.Random, places_first: bool = False) -> tuple[str, str, list[str]]:
-    """places_first: a relation answer states both places before the relation that follows from them,
-    so a model can derive it from what it has already written instead of deciding it first."""
+def spatial(scene: Scene, rng: random.Random) -> tuple[str, str, list[str]]:
     names = _referable(scene)
     if len(names) >= 2 and rng.random() < 0.6:
         a_obj, b_obj = rng.sample(names, 2)
         rel = relation(a_obj, b_obj)
-        q = rng.choice([f"Where is the {a_obj.name} relative to the {b_obj.name}?",
-                        f"What is the position of the {a_obj.name} compared to the {b_obj.name}?",
-                        f"Is the {a_obj.name} left, right, above or below the {b_obj.name}?"])
-        if places_first:
-            a = (f"The {a_obj.name} is {place(a_obj)} and the {b_obj.name} is {place(b_obj)}, "
-                 f"so the {a_obj.name} is {rel} the {b_obj.name}.")
-        else:
-            a = f"The {a_obj.name} is {rel} the {b_obj.name}. It is {place(a_obj)}, while the {b_obj.name} is {place(b_obj)}."
+        q = rng.choice(
+            [
+                f"Where is the {a_obj.name} relative to the {b_obj.name}?",
+                f"What is the position of the {a_obj.name} compared to the {b_obj.name}?",
+                f"Is the {a_obj.name} left, right, above or below the {b_obj.name}?",
+            ]
+        )
+        a = (
+            f"The {a_obj.name} is {rel} the {b_obj.name}. "
+            f"It is {place(a_obj)}, while the {b_obj.name} is {place(b_obj)}."
+        )
         return q, a, [a_obj.name, rel, b_obj.name]
     o = rng.choice(scene.objects)
     cell = CELLS[o.cell]
-    q = rng.choice([f"Which shape is in the {cell} of the image?", f"What is located in the {cell}?",
-                    f"What do you see in the {cell} part of the picture?"])
+    q = rng.choice(
+        [
+            f"Which shape is in the {cell} of the image?",
+            f"What is located in the {cell}?",
+            f"What do you see in the {cell} part of the picture?",
+        ]
+    )
     a = rng.choice([f"There is {_a(o.size)} {o.name} {place(o)}.", f"{_cap(_a(o.size))} {o.name} is {place(o)}."])
     return q, a, [o.name]
 
@@ -243,13 +291,10 @@ def spatial(scene: Scene, rng: random.Random, places_first: bool = False) -> tup
 TASK_FNS = {"describe": describe, "attribute": attribute, "count": count, "spatial": spatial}
 
 
-def make_turn(task: str, scene: Scene, rng: random.Random, *, relation_places_first: bool = False) -> dict:
+def make_turn(task: str, scene: Scene, rng: random.Random) -> dict:
     if task not in TASK_FNS:
         raise ValueError(f"unknown task {task!r}; choose from {', '.join(TASKS)}")
-    if task == "spatial":
-        q, a, checks = spatial(scene, rng, places_first=relation_places_first)
-    else:
-        q, a, checks = TASK_FNS[task](scene, rng)
+    q, a, checks = TASK_FNS[task](scene, rng)
     return {"task": task, "question": q, "answer": a, "checks": checks}
 
 

@@ -1,8 +1,7 @@
-"""Build the embedded target: ``python -m specvlm_lit.embedded.build [hydra overrides]``."""
+"""Build the embedded target: ``python -m recipes.embedded_target.build [hydra overrides]``."""
 
 from __future__ import annotations
 
-import functools
 import json
 import time
 from pathlib import Path
@@ -13,16 +12,16 @@ import torch
 import webdataset as wds
 from omegaconf import DictConfig, OmegaConf
 
-from ..data.datamodule import ShardDataModule, llava_visual_tokens
-from ..synthetic.generate import CorpusSpec, ensure_corpus
-from ..synthetic.scenes import COLOURS, SHAPES
-from ..utils.atomic import atomic_directory
+from specvlm_lit.data.datamodule import ShardDataModule
+from specvlm_lit.synthetic.generate import CorpusSpec, ensure_corpus
+from specvlm_lit.synthetic.scenes import COLOURS, SHAPES
+from specvlm_lit.utils.atomic import atomic_directory
+
 from . import CONF_DIR
 from .evaluate import evaluate
 from .recipe import TargetPretraining, attribute_word_groups, build_target_config, check_same_shape
 from .tokenizer import build_processor, train_tokenizer
 from .vision_pretrain import check_tower_shape, load_tower, run_stage1
-
 
 
 def corpus_texts(corpus_dir: Path):
@@ -34,7 +33,8 @@ def corpus_texts(corpus_dir: Path):
 
 def save_target(model, processor, out_dir: Path, report: dict) -> None:
     """Save weights (bf16 on disk, loaded as fp32) + processor atomically: all or nothing."""
-    with atomic_directory(out_dir, "target") as tmp:
+    # The committed targets predate the publisher's marker; their build report says this recipe wrote them.
+    with atomic_directory(out_dir, "target", published_before=lambda d: (d / "build_report.json").is_file()) as tmp:
         # bf16 on disk keeps the committed weights small; config dtype float32 makes
         # from_pretrained() upcast on load (bf16 matmuls are slow and inexact on CPUs).
         model.to(torch.bfloat16).save_pretrained(tmp, safe_serialization=True)
@@ -51,8 +51,10 @@ def save_target(model, processor, out_dir: Path, report: dict) -> None:
 def _built_target_dir(path, option: str) -> Path:
     path = Path(path)
     if not (path / "config.json").is_file() or not (path / "model.safetensors").is_file():
-        raise FileNotFoundError(f"{option}: no built target at {path} (config.json or model.safetensors missing); "
-                                "build it first with python -m specvlm_lit.embedded.build")
+        raise FileNotFoundError(
+            f"{option}: no built target at {path} (config.json or model.safetensors missing); "
+            "build it first with python -m recipes.embedded_target.build"
+        )
     return path
 
 
@@ -73,9 +75,20 @@ def init_weights(path, config) -> tuple[dict, dict]:
     path = _built_target_dir(path, "init_from")
     source = LlavaForConditionalGeneration.from_pretrained(path)
     check_tower_shape(source.config.vision_config, config.vision_config, "init_from", path)
-    check_same_shape(source.config.text_config, config.text_config,
-                     ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-                      "num_key_value_heads"), f"init_from: the language model at {path}", "model.text")
+    check_same_shape(
+        source.config.text_config,
+        config.text_config,
+        (
+            "vocab_size",
+            "hidden_size",
+            "intermediate_size",
+            "num_hidden_layers",
+            "num_attention_heads",
+            "num_key_value_heads",
+        ),
+        f"init_from: the language model at {path}",
+        "model.text",
+    )
     earlier = json.loads((path / "build_report.json").read_text()) if (path / "build_report.json").is_file() else {}
     steps = earlier.get("steps_total", earlier.get("steps", 0))
     return source.state_dict(), {"path": str(path), "steps_total": steps}
@@ -83,8 +96,11 @@ def init_weights(path, config) -> tuple[dict, dict]:
 
 def check_tower_sources(cfg: DictConfig) -> None:
     """Reject recipes that name two sources for the tower: only one can be used, and guessing which loses work."""
-    named = [k for k in ("vision_pretrain.from_target", "vision_pretrain.from_tower", "init_from")
-             if OmegaConf.select(cfg, k)]
+    named = [
+        k
+        for k in ("vision_pretrain.from_target", "vision_pretrain.from_tower", "init_from")
+        if OmegaConf.select(cfg, k)
+    ]
     if len(named) > 1:
         raise ValueError(f"{' and '.join(named)} are both set: each gives the tower its weights; keep one")
 
@@ -110,8 +126,12 @@ def run_build(cfg: DictConfig) -> dict:
         tokenizer = train_tokenizer(corpus_texts(corpus), vocab_size=cfg.tokenizer.vocab_size)
     patch = cfg.model.vision.patch_size
     processor = build_processor(tokenizer, patch_size=patch)
-    config = build_target_config(tokenizer, OmegaConf.to_container(cfg.model.vision),
-                                 OmegaConf.to_container(cfg.model.text), cfg.model.vision_feature_layer)
+    config = build_target_config(
+        tokenizer,
+        OmegaConf.to_container(cfg.model.vision),
+        OmegaConf.to_container(cfg.model.text),
+        cfg.model.vision_feature_layer,
+    )
     vision_state, init_state, report = None, None, {}
     stage1 = cfg.vision_pretrain
     if init_from:  # stage 2 continues from a built target; its tower already went through stage 1
@@ -119,7 +139,7 @@ def run_build(cfg: DictConfig) -> dict:
     elif stage1.get("from_target"):  # reuse another build's grounded tower (the assistant VLM shares the target's)
         vision_state = tower_from_target(stage1.from_target, config.vision_config)
         report["vision_pretrain"] = {"from_target": str(stage1.from_target)}
-    elif stage1.get("from_tower"):  # a tower saved by stage 1 (python -m specvlm_lit.embedded.vision_pretrain)
+    elif stage1.get("from_tower"):  # a tower saved by stage 1 (python -m recipes.embedded_target.vision_pretrain)
         vision_state, stage1_report = load_tower(stage1.from_tower, config.vision_config)
         report["vision_pretrain"] = {"from_tower": str(stage1.from_tower), **stage1_report}
     elif stage1.steps > 0:  # stage 1: ground the tower on dense patch labels
@@ -129,15 +149,26 @@ def run_build(cfg: DictConfig) -> dict:
     L.seed_everything(cfg.seed, workers=True)
     swap_p = cfg.augment.attribute_swap_p
     groups = attribute_word_groups(tokenizer, {"colour": list(COLOURS), "shape": SHAPES}) if swap_p > 0 else None
-    module = TargetPretraining(config, **cfg.optim, vision_state=vision_state, freeze_vision=cfg.freeze_vision,
-                               init_state=init_state, attribute_swap_p=swap_p, attribute_groups=groups)
+    module = TargetPretraining(
+        config,
+        **cfg.optim,
+        vision_state=vision_state,
+        freeze_vision=cfg.freeze_vision,
+        init_state=init_state,
+        attribute_swap_p=swap_p,
+        attribute_groups=groups,
+    )
     n_params = sum(p.numel() for p in module.model.parameters())
     print(f"embedded target: {n_params / 1e6:.2f}M parameters, vocab {len(tokenizer)}")
     shards = sorted(str(p) for p in corpus.glob("train-*.tar"))
     datamodule = ShardDataModule(
-        shards, sorted(str(p) for p in corpus.glob("val-*.tar")), tokenizer, processor.image_processor,
-        functools.partial(llava_visual_tokens, patch_size=patch), batch_size=cfg.data.batch_size,
-        max_length=cfg.data.max_length, shuffle_buffer=cfg.data.shuffle_buffer, num_workers=cfg.data.num_workers,
+        shards,
+        sorted(str(p) for p in corpus.glob("val-*.tar")),
+        processor,
+        batch_size=cfg.data.batch_size,
+        max_length=cfg.data.max_length,
+        shuffle_buffer=cfg.data.shuffle_buffer,
+        num_workers=cfg.data.num_workers,
         seed=cfg.seed,
     )
     trainer = hydra.utils.instantiate(cfg.trainer)
@@ -145,17 +176,28 @@ def run_build(cfg: DictConfig) -> dict:
     train_seconds = time.perf_counter() - t0
     model = module.model.eval()
     earlier = report.get("init_from", {}).get("steps_total", 0)
-    report = {**report, "parameters": n_params, "train_seconds": round(train_seconds, 1), "steps": trainer.global_step,
-              "steps_total": earlier + trainer.global_step,
-              "recipe": OmegaConf.to_container(cfg, resolve=True)}
+    report = {
+        **report,
+        "parameters": n_params,
+        "train_seconds": round(train_seconds, 1),
+        "steps": trainer.global_step,
+        "steps_total": earlier + trainer.global_step,
+        "recipe": OmegaConf.to_container(cfg, resolve=True),
+    }
     out_dir = Path(cfg.out_dir)
     save_target(model, processor, out_dir, report)
     # Evaluate what was saved (bf16-rounded weights), exactly as users will load it.
     from transformers import AutoProcessor, LlavaForConditionalGeneration
 
     saved = LlavaForConditionalGeneration.from_pretrained(out_dir)
-    results = evaluate(saved, AutoProcessor.from_pretrained(out_dir), sorted(str(p) for p in corpus.glob("test-*.tar")),
-                       limit=cfg.evaluate.limit, max_new_tokens=cfg.evaluate.max_new_tokens, log=print)
+    results = evaluate(
+        saved,
+        AutoProcessor.from_pretrained(out_dir),
+        sorted(str(p) for p in corpus.glob("test-*.tar")),
+        limit=cfg.evaluate.limit,
+        max_new_tokens=cfg.evaluate.max_new_tokens,
+        log=print,
+    )
     report["heldout_eval"] = results
     report["total_seconds"] = round(time.perf_counter() - t0, 1)
     (out_dir / "build_report.json").write_text(json.dumps(report, indent=2))

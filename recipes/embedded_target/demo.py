@@ -1,6 +1,6 @@
 """Answer a few held-out images with the embedded target (greedy, and one sampled answer at T=1).
 
-``python -m specvlm_lit.embedded.demo`` builds the synthetic corpus on first use (~40 s), loads the
+``python -m recipes.embedded_target.demo`` builds the synthetic corpus on first use (~40 s), loads the
 committed target through :class:`~specvlm_lit.target.TargetAdapter` and prints questions, answers,
 references and whether each answer states the right facts. The last line is the target directory.
 """
@@ -16,10 +16,12 @@ import torch
 from omegaconf import DictConfig
 from transformers import AutoProcessor
 
-from ..synthetic.generate import CorpusSpec, ensure_corpus
-from ..target import TargetAdapter
+from specvlm_lit.synthetic.generate import CorpusSpec, ensure_corpus
+from specvlm_lit.synthetic.samples import iter_test_samples
+from specvlm_lit.target import TargetAdapter
+
 from . import CONF_DIR
-from .evaluate import answer, answer_is_correct, iter_test_samples
+from .evaluate import answer, answer_is_correct
 
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="demo")
@@ -34,13 +36,17 @@ def main(cfg: DictConfig) -> None:
     print(f"embedded target {target_dir}: {n_params / 1e6:.1f}M parameters, fingerprint {adapter.fingerprint()}")
     correct = 0
     t0 = time.perf_counter()
-    for i, (image, rec) in enumerate(iter_test_samples(sorted(str(p) for p in corpus.glob("test-*.tar")), cfg.num_samples)):
+    for i, (image, rec) in enumerate(
+        iter_test_samples(sorted(str(p) for p in corpus.glob("test-*.tar")), cfg.num_samples)
+    ):
         q = rec["conversations"][0]["value"].replace("<image>\n", "")
         greedy = answer(adapter, processor, image, q, cfg.max_new_tokens)
         ok = answer_is_correct(greedy, rec["checks"][0], rec["tasks"][0], rec["scene"])
         correct += ok
-        print(f"\n[{rec['id']}] {image.size[0]}px, {rec['tasks'][0]}\n  Q: {q}\n  A (greedy): {greedy}\n"
-              f"  reference:  {rec['conversations'][1]['value']}\n  states the right facts: {ok}")
+        print(
+            f"\n[{rec['id']}] {image.size[0]}px, {rec['tasks'][0]}\n  Q: {q}\n  A (greedy): {greedy}\n"
+            f"  reference:  {rec['conversations'][1]['value']}\n  states the right facts: {ok}"
+        )
         if i == 0:
             sampled = answer(adapter, processor, image, q, cfg.max_new_tokens, temperature=cfg.sample_temperature)
             print(f"  A (T={cfg.sample_temperature}): {sampled}")

@@ -7,8 +7,9 @@ import random
 import pytest
 import torch
 
-from specvlm_lit.embedded.diagnose import colour_word_probe, fit_linear_probe, shape_probe
+from recipes.embedded_target.diagnose import colour_word_probe, fit_linear_probe, shape_probe
 from specvlm_lit.synthetic.scenes import COLOURS, HELD_OUT_PAIRS, SHAPES
+from tests.conftest import REPO
 
 
 def _objects(pairs, shape_signal: float, n: int, seed: int):
@@ -93,9 +94,22 @@ def test_diagnose_cli_writes_its_report(tiny_target, small_corpus, tmp_path):
     import sys
 
     run_dir = tmp_path / "run"
-    subprocess.run([sys.executable, "-m", "specvlm_lit.embedded.diagnose", f"target_dir={tiny_target}",
-                    f"corpus_dir={small_corpus}", "shape_probe.train_scenes=32", "shape_probe.test_scenes=16",
-                    "colour_word_probe.limit=12", f"hydra.run.dir={run_dir}"], check=True, capture_output=True)
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "recipes.embedded_target.diagnose",
+            f"target_dir={tiny_target}",
+            f"corpus_dir={small_corpus}",
+            "shape_probe.train_scenes=32",
+            "shape_probe.test_scenes=16",
+            "colour_word_probe.limit=12",
+            f"hydra.run.dir={run_dir}",
+        ],
+        check=True,
+        capture_output=True,
+        cwd=REPO,
+    )
     report = json.loads((run_dir / "diagnosis.json").read_text())
     assert report["target_dir"] == str(tiny_target)
     assert set(report["shape_probe"]) == {"tower", "projector"} and report["colour_word_probe"]["true_word"]["n"] > 0

@@ -14,7 +14,7 @@ Two measurements, each reported per held-out (colour, shape) pair:
   word where the reference writes it, and the word the model would write instead when it is wrong
   (a model can keep the shape right and name a colour that was seen with that shape instead).
 
-``python -m specvlm_lit.embedded.diagnose [target_dir=...]`` (conf/diagnose_target.yaml) prints both
+``python -m recipes.embedded_target.diagnose [target_dir=...]`` (conf/diagnose_target.yaml) prints both
 and writes ``diagnosis.json`` to the run directory. LLaVA-architecture targets only (the embedded one).
 """
 
@@ -29,16 +29,26 @@ import hydra
 import torch
 from omegaconf import DictConfig
 
-from ..data.conversation import encode_conversation
-from ..synthetic.scenes import COLOURS, HELD_OUT_PAIRS, SHAPES, patch_labels, render, sample_scene
-from ..target import TargetAdapter
+from specvlm_lit.data.conversation import encode_conversation
+from specvlm_lit.synthetic.samples import iter_test_samples
+from specvlm_lit.synthetic.scenes import COLOURS, HELD_OUT_PAIRS, SHAPES, render, sample_scene
+from specvlm_lit.target import TargetAdapter
+
 from . import CONF_DIR
-from .evaluate import iter_test_samples
+from .patch_labels import patch_labels
 from .recipe import attribute_word_groups
 
 
-def fit_linear_probe(x_train: torch.Tensor, y_train: torch.Tensor, n_classes: int, *, steps: int = 400,
-                     lr: float = 1e-2, weight_decay: float = 1e-4, seed: int = 0):
+def fit_linear_probe(
+    x_train: torch.Tensor,
+    y_train: torch.Tensor,
+    n_classes: int,
+    *,
+    steps: int = 400,
+    lr: float = 1e-2,
+    weight_decay: float = 1e-4,
+    seed: int = 0,
+):
     """A standardised multinomial logistic regression; returns ``predict(x) -> class ids`` and train accuracy."""
     gen = torch.Generator().manual_seed(seed)
     mean, std = x_train.mean(0), x_train.std(0) + 1e-5
@@ -114,8 +124,10 @@ def shape_probe(model, processor, *, train_scenes: int = 1500, test_scenes: int 
         report[where] = {
             "train_accuracy": train_acc,
             "heldout_accuracy": (predicted == y_test).float().mean().item(),
-            "per_pair": {name: {"n": sum(c.values()), "accuracy": c[name.split()[1]] / sum(c.values()),
-                                "predicted": dict(c)} for name, c in sorted(per_pair.items())},
+            "per_pair": {
+                name: {"n": sum(c.values()), "accuracy": c[name.split()[1]] / sum(c.values()), "predicted": dict(c)}
+                for name, c in sorted(per_pair.items())
+            },
         }
     return report
 
@@ -127,8 +139,11 @@ def colour_word_probe(model, processor, urls, *, limit: int | None = None, seed:
     tok = processor.tokenizer
     adapter = TargetAdapter(model)
     colour_tokens, shape_tokens = attribute_word_groups(
-        tok, {"colour": list(COLOURS), "shape": list(SHAPES)}, user="colour_word_probe",
-        fix="the probe reads one token per colour and shape word: use a target built on the synthetic corpus")
+        tok,
+        {"colour": list(COLOURS), "shape": list(SHAPES)},
+        user="colour_word_probe",
+        fix="the probe reads one token per colour and shape word: use a target built on the synthetic corpus",
+    )
     colour_ids, shape_ids = dict(zip(colour_tokens, COLOURS)), dict(zip(shape_tokens, SHAPES))
     shape_token = {s: t for t, s in shape_ids.items()}
     rng = random.Random(seed)
@@ -144,8 +159,11 @@ def colour_word_probe(model, processor, urls, *, limit: int | None = None, seed:
         feats = adapter.encode_images(pixels)
         ids = encode_conversation(rec["conversations"], tok, feats[0].shape[0]).input_ids
         # (position of the colour word, shape) for every "<colour> <shape>" in the reference answer
-        found = [(i, colour_ids[a], shape_ids[b]) for i, (a, b) in enumerate(zip(ids[:-1].tolist(), ids[1:].tolist()))
-                 if a in colour_ids and b in shape_ids]
+        found = [
+            (i, colour_ids[a], shape_ids[b])
+            for i, (a, b) in enumerate(zip(ids[:-1].tolist(), ids[1:].tolist()))
+            if a in colour_ids and b in shape_ids
+        ]
         held = [(i, c, s) for i, c, s in found if (c, s) in HELD_OUT_PAIRS]
         variants = {"true_word": ids}
         if held:
@@ -155,8 +173,11 @@ def colour_word_probe(model, processor, urls, *, limit: int | None = None, seed:
                 swapped[i] = next(t for t, name in colour_ids.items() if name == other)
             variants["swapped_word"] = swapped
         for variant, x in variants.items():
-            logits = model(input_ids=x.unsqueeze(0), attention_mask=torch.ones_like(x).unsqueeze(0),
-                           mm_encoder_outputs=adapter.as_mm_encoder_outputs(feats)).logits[0]
+            logits = model(
+                input_ids=x.unsqueeze(0),
+                attention_mask=torch.ones_like(x).unsqueeze(0),
+                mm_encoder_outputs=adapter.as_mm_encoder_outputs(feats),
+            ).logits[0]
             p = logits.float().softmax(-1)
             for i, c, s in found:
                 value = p[i, shape_token[s]].item()  # logits at the colour word predict the next token, the shape
@@ -174,24 +195,35 @@ def colour_word_probe(model, processor, urls, *, limit: int | None = None, seed:
                         colour_slot_pairs[f"{c} {s}"].append(p_colour)
                         choice = int(p[i - 1].argmax())
                         if choice != int(x[i]):
-                            colour_slot_choice[f"{c} {s}"][tok.decode([choice]).strip() or repr(tok.decode([choice]))] += 1
+                            colour_slot_choice[f"{c} {s}"][
+                                tok.decode([choice]).strip() or repr(tok.decode([choice]))
+                            ] += 1
 
     def summary(values: list[float]) -> dict:
-        return {"n": len(values), "mean_p": sum(values) / max(1, len(values)),
-                "share_above_half": sum(v > 0.5 for v in values) / max(1, len(values))}
+        return {
+            "n": len(values),
+            "mean_p": sum(values) / max(1, len(values)),
+            "share_above_half": sum(v > 0.5 for v in values) / max(1, len(values)),
+        }
 
-    return {**{k: summary(v) for k, v in probs.items()},
-            "per_pair": {name: {k: summary(v) for k, v in d.items()} for name, d in sorted(per_pair.items())},
-            "colour_slot": {**{k: summary(v) for k, v in colour_slot.items()},
-                            "per_pair": {name: {**summary(v), "written_instead": dict(colour_slot_choice[name])}
-                                         for name, v in sorted(colour_slot_pairs.items())}}}
+    return {
+        **{k: summary(v) for k, v in probs.items()},
+        "per_pair": {name: {k: summary(v) for k, v in d.items()} for name, d in sorted(per_pair.items())},
+        "colour_slot": {
+            **{k: summary(v) for k, v in colour_slot.items()},
+            "per_pair": {
+                name: {**summary(v), "written_instead": dict(colour_slot_choice[name])}
+                for name, v in sorted(colour_slot_pairs.items())
+            },
+        },
+    }
 
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="diagnose_target")
 def main(cfg: DictConfig) -> None:
     from transformers import AutoProcessor, LlavaForConditionalGeneration
 
-    from ..synthetic.generate import CorpusSpec, ensure_corpus
+    from specvlm_lit.synthetic.generate import CorpusSpec, ensure_corpus
 
     torch.manual_seed(cfg.seed)
     corpus = Path(cfg.corpus_dir)
@@ -201,10 +233,20 @@ def main(cfg: DictConfig) -> None:
     processor = AutoProcessor.from_pretrained(cfg.target_dir)
     report = {
         "target_dir": str(cfg.target_dir),
-        "shape_probe": shape_probe(model, processor, train_scenes=cfg.shape_probe.train_scenes,
-                                   test_scenes=cfg.shape_probe.test_scenes, seed=cfg.seed),
-        "colour_word_probe": colour_word_probe(model, processor, sorted(str(p) for p in corpus.glob("test-*.tar")),
-                                               limit=cfg.colour_word_probe.limit, seed=cfg.seed),
+        "shape_probe": shape_probe(
+            model,
+            processor,
+            train_scenes=cfg.shape_probe.train_scenes,
+            test_scenes=cfg.shape_probe.test_scenes,
+            seed=cfg.seed,
+        ),
+        "colour_word_probe": colour_word_probe(
+            model,
+            processor,
+            sorted(str(p) for p in corpus.glob("test-*.tar")),
+            limit=cfg.colour_word_probe.limit,
+            seed=cfg.seed,
+        ),
     }
     out = Path(hydra.core.hydra_config.HydraConfig.get().runtime.output_dir) / "diagnosis.json"
     out.write_text(json.dumps(report, indent=2))

@@ -1,11 +1,13 @@
-"""The committed embedded target: loads like any HF checkpoint, answers correctly, and is not trivial."""
+"""The committed embedded target: loads like any HF checkpoint, is grounded on seen pairs, and is not trivial.
+
+Its held-out accuracy is not tested here: `python -m recipes.embedded_target.evaluate` reports it (README.md).
+"""
 
 import pytest
 import torch
 from transformers import AutoProcessor, AutoTokenizer, LlavaForConditionalGeneration
 
-from specvlm_lit.embedded.demo import answer
-from specvlm_lit.embedded.evaluate import answer_is_correct, iter_test_samples
+from recipes.embedded_target.evaluate import answer, answer_is_correct
 from specvlm_lit.synthetic import CorpusSpec, make_sample
 from specvlm_lit.target import TargetAdapter
 from tests.conftest import EMBEDDED_TARGET
@@ -14,7 +16,7 @@ from tests.conftest import EMBEDDED_TARGET
 @pytest.fixture(scope="module")
 def target():
     if not (EMBEDDED_TARGET / "config.json").is_file():
-        pytest.skip("embedded target not built: python -m specvlm_lit.embedded.build")
+        pytest.skip("embedded target not built: python -m recipes.embedded_target.build")
     processor = AutoProcessor.from_pretrained(EMBEDDED_TARGET)
     return TargetAdapter.from_pretrained(EMBEDDED_TARGET), processor
 
@@ -42,25 +44,18 @@ def test_loads_with_plain_from_pretrained():
     assert tok.image_token_id == model.config.image_token_id and tok.chat_template
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "embedded target v2 states the right facts on 39.8% of held-out samples (docs/embedded_target.md): it names "
-    "95% of seen-pair objects but 12% of held-out-pair ones (a learned colour-to-shape prior); strict, so this "
-    "flags the fix when it lands"))
-def test_heldout_answers_state_the_right_facts(target):
-    adapter, processor = target
-    results = [answer_is_correct(answer(adapter, processor, img, rec["conversations"][0]["value"], 96),
-                                 rec["checks"][0], rec["tasks"][0], rec["scene"])
-               for img, rec in _test_samples(24)]
-    # The full 256-sample figure is in docs/embedded_target.md; 24 samples guard against regressions.
-    assert sum(results) / len(results) >= 0.75, results
-
-
 def test_answers_on_seen_pairs_are_grounded(target):
     """v2 answers 74% of val samples (seen colour+shape pairs) right; v1, with no stage 1, was not grounded."""
     adapter, processor = target
-    results = [answer_is_correct(answer(adapter, processor, img, rec["conversations"][0]["value"], 128),
-                                 rec["checks"][0], rec["tasks"][0], rec["scene"])
-               for img, rec in _test_samples(24, "val")]
+    results = [
+        answer_is_correct(
+            answer(adapter, processor, img, rec["conversations"][0]["value"], 128),
+            rec["checks"][0],
+            rec["tasks"][0],
+            rec["scene"],
+        )
+        for img, rec in _test_samples(24, "val")
+    ]
     assert sum(results) / len(results) >= 0.5, results
 
 

@@ -28,7 +28,8 @@ CHAT_TEMPLATE = (
     "{% endfor %}{% endif %} "
     "{% elif message['role'] == 'assistant' %}ASSISTANT: "
     "{% if message['content'] is string %}{{ message['content'] }}"
-    "{% else %}{% for item in message['content'] %}{% if item['type'] == 'text' %}{{ item['text'] }}{% endif %}{% endfor %}"
+    "{% else %}{% for item in message['content'] %}"
+    "{% if item['type'] == 'text' %}{{ item['text'] }}{% endif %}{% endfor %}"
     "{% endif %}{{ eos_token }}"
     "{% endif %}{% endfor %}"
     "{% if add_generation_prompt %}ASSISTANT:{% endif %}"
@@ -38,7 +39,9 @@ CHAT_TEMPLATE = (
 def train_tokenizer(texts: Iterable[str], vocab_size: int = 768) -> PreTrainedTokenizerFast:
     """Train a byte-level BPE on ``texts`` and wrap it as a Hugging Face fast tokenizer."""
     if vocab_size < 256 + len(SPECIAL_TOKENS):
-        raise ValueError(f"vocab_size must be at least {256 + len(SPECIAL_TOKENS)} (bytes + special tokens), got {vocab_size}")
+        raise ValueError(
+            f"vocab_size must be at least {256 + len(SPECIAL_TOKENS)} (bytes + special tokens), got {vocab_size}"
+        )
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
@@ -50,7 +53,10 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int = 768) -> PreTrainedTo
     )
     tok.train_from_iterator(texts, trainer=trainer)
     fast = PreTrainedTokenizerFast(
-        tokenizer_object=tok, bos_token=BOS, eos_token=EOS, pad_token=PAD,
+        tokenizer_object=tok,
+        bos_token=BOS,
+        eos_token=EOS,
+        pad_token=PAD,
         extra_special_tokens={"image_token": IMAGE},
     )
     fast.chat_template = CHAT_TEMPLATE
@@ -63,8 +69,9 @@ def build_image_processor():
         from transformers import CLIPImageProcessorPil as ImageProcessor
     except ImportError:  # pragma: no cover - older transformers
         from transformers import CLIPImageProcessor as ImageProcessor
-    return ImageProcessor(do_resize=False, do_center_crop=False, do_normalize=True,
-                          image_mean=[0.5, 0.5, 0.5], image_std=[0.5, 0.5, 0.5])
+    return ImageProcessor(
+        do_resize=False, do_center_crop=False, do_normalize=True, image_mean=[0.5, 0.5, 0.5], image_std=[0.5, 0.5, 0.5]
+    )
 
 
 def build_processor(tokenizer: PreTrainedTokenizerFast, patch_size: int) -> LlavaProcessor:
@@ -74,7 +81,11 @@ def build_processor(tokenizer: PreTrainedTokenizerFast, patch_size: int) -> Llav
     the embedded target sees several resolutions (64 / 144 / 256 tokens).
     """
     return LlavaProcessor(
-        image_processor=build_image_processor(), tokenizer=tokenizer, patch_size=patch_size,
-        vision_feature_select_strategy="default", num_additional_image_tokens=1,
-        image_token=IMAGE, chat_template=CHAT_TEMPLATE,
+        image_processor=build_image_processor(),
+        tokenizer=tokenizer,
+        patch_size=patch_size,
+        vision_feature_select_strategy="default",
+        num_additional_image_tokens=1,
+        image_token=IMAGE,
+        chat_template=CHAT_TEMPLATE,
     )

@@ -7,7 +7,6 @@ descriptions, names no colour+shape pair that is not in the image.
 
 from __future__ import annotations
 
-import io
 import json
 import re
 from collections import defaultdict
@@ -15,18 +14,17 @@ from pathlib import Path
 
 import hydra
 import torch
-import webdataset as wds
 from omegaconf import DictConfig
 from PIL import Image
 
-from ..data.conversation import prompt_ids
-from ..synthetic.samples import iter_test_samples  # noqa: F401  (re-exported for the recipe's callers)
-from ..synthetic.scenes import COLOURS, EXTRA_COLOURS, EXTRA_SHAPES, HELD_OUT_PAIRS, SHAPES
-from ..target import TargetAdapter
+from specvlm_lit.data.conversation import prompt_ids
+from specvlm_lit.synthetic.samples import iter_test_samples
+from specvlm_lit.synthetic.scenes import COLOURS, HELD_OUT_PAIRS, SHAPES
+from specvlm_lit.target import TargetAdapter
+
 from . import CONF_DIR
 
-# Train-only colour and shape names too: a "brown cross" or "blue star" named on a test image is wrong.
-_PAIR = re.compile(r"\b(" + "|".join([*COLOURS, *EXTRA_COLOURS]) + r") (" + "|".join([*SHAPES, *EXTRA_SHAPES]) + r")\b")
+_PAIR = re.compile(r"\b(" + "|".join(COLOURS) + r") (" + "|".join(SHAPES) + r")\b")
 
 
 def answer_is_correct(answer: str, checks: list[str], task: str, scene: dict) -> bool:
@@ -42,8 +40,10 @@ def answer_is_correct(answer: str, checks: list[str], task: str, scene: dict) ->
 
 def object_naming(answer: str, scene: dict) -> list[tuple[bool, bool]]:
     """Per object of ``scene``: (its colour+shape pair is held out, the answer names that pair)."""
-    return [((o["colour"], o["shape"]) in HELD_OUT_PAIRS,
-             re.search(rf"\b{o['colour']} {o['shape']}\b", answer) is not None) for o in scene["objects"]]
+    return [
+        ((o["colour"], o["shape"]) in HELD_OUT_PAIRS, re.search(rf"\b{o['colour']} {o['shape']}\b", answer) is not None)
+        for o in scene["objects"]
+    ]
 
 
 def question_kind(task: str, checks: list[str], question: str) -> str:
@@ -60,23 +60,36 @@ def question_kind(task: str, checks: list[str], question: str) -> str:
         return "spatial/relation" if len(checks) == 3 else "spatial/cell"
     if task == "count":
         words = set(re.findall(r"[a-z]+", question.lower()))
-        return ("count/colour" if words & set(COLOURS) else
-                "count/shape" if any(w.startswith(s) for w in words for s in SHAPES) else "count/total")
+        return (
+            "count/colour"
+            if words & set(COLOURS)
+            else "count/shape"
+            if any(w.startswith(s) for w in words for s in SHAPES)
+            else "count/total"
+        )
     return task
 
 
-def answer(adapter: TargetAdapter, processor, image: Image.Image, question: str, max_new_tokens: int,
-           temperature: float = 0.0) -> str:
+def answer(
+    adapter: TargetAdapter, processor, image: Image.Image, question: str, max_new_tokens: int, temperature: float = 0.0
+) -> str:
     """The target's answer via HF ``generate`` (greedy, or sampled at ``temperature``) on adapter-encoded images."""
     tok = processor.tokenizer
     pixels = processor.image_processor(images=image, return_tensors="pt")["pixel_values"]
     feats = adapter.encode_images(pixels)
     ids = prompt_ids(question, tok, feats[0].shape[0]).unsqueeze(0)
-    sampling = dict(do_sample=True, temperature=temperature, top_k=0, top_p=1.0) if temperature > 0 else dict(do_sample=False)
-    out = adapter.model.generate(input_ids=ids, attention_mask=torch.ones_like(ids),
-                                 mm_encoder_outputs=adapter.as_mm_encoder_outputs(feats),
-                                 max_new_tokens=max_new_tokens, pad_token_id=tok.pad_token_id, **sampling)
-    return tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True).strip()
+    sampling = (
+        dict(do_sample=True, temperature=temperature, top_k=0, top_p=1.0) if temperature > 0 else dict(do_sample=False)
+    )
+    out = adapter.model.generate(
+        input_ids=ids,
+        attention_mask=torch.ones_like(ids),
+        mm_encoder_outputs=adapter.as_mm_encoder_outputs(feats),
+        max_new_tokens=max_new_tokens,
+        pad_token_id=tok.pad_token_id,
+        **sampling,
+    )
+    return tok.decode(out[0, ids.shape[1] :], skip_special_tokens=True).strip()
 
 
 def evaluate(model, processor, urls, *, limit: int | None = None, max_new_tokens: int = 128, log=None) -> dict:
@@ -99,7 +112,9 @@ def evaluate(model, processor, urls, *, limit: int | None = None, max_new_tokens
             for held_out, named in object_naming(reply, rec["scene"]):
                 naming["held_out" if held_out else "seen"].append(int(named))
         if len(examples) < 8:
-            examples.append({"id": rec["id"], "question": question, "answer": reply, "reference": reference, "correct": ok})
+            examples.append(
+                {"id": rec["id"], "question": question, "answer": reply, "reference": reference, "correct": ok}
+            )
         if log and len(exact) % 64 == 0:
             log(f"evaluated {len(exact)} samples")
     total = [x for v in per_task.values() for x in v]
@@ -116,10 +131,10 @@ def evaluate(model, processor, urls, *, limit: int | None = None, max_new_tokens
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="evaluate_target")
 def main(cfg: DictConfig) -> None:
-    """``python -m specvlm_lit.embedded.evaluate [split=val] [target_dir=...]``: accuracy of a built target."""
+    """``python -m recipes.embedded_target.evaluate [split=val] [target_dir=...]``: accuracy of a built target."""
     from transformers import AutoProcessor, LlavaForConditionalGeneration
 
-    from ..synthetic.generate import CorpusSpec, ensure_corpus
+    from specvlm_lit.synthetic.generate import CorpusSpec, ensure_corpus
 
     if cfg.split not in ("train", "val", "test"):
         raise ValueError(f"split={cfg.split!r}: use test (held-out pairs), val or train")
@@ -128,8 +143,14 @@ def main(cfg: DictConfig) -> None:
         corpus = ensure_corpus(corpus, CorpusSpec())
     urls = sorted(str(p) for p in corpus.glob(f"{cfg.split}-*.tar"))
     model = LlavaForConditionalGeneration.from_pretrained(cfg.target_dir).eval()
-    results = evaluate(model, AutoProcessor.from_pretrained(cfg.target_dir), urls, limit=cfg.limit,
-                       max_new_tokens=cfg.max_new_tokens, log=print)
+    results = evaluate(
+        model,
+        AutoProcessor.from_pretrained(cfg.target_dir),
+        urls,
+        limit=cfg.limit,
+        max_new_tokens=cfg.max_new_tokens,
+        log=print,
+    )
     print(json.dumps({"split": cfg.split, **{k: v for k, v in results.items() if k != "examples"}}, indent=2))
 
 
