@@ -5,8 +5,8 @@ Speculative decoding needs more from the target than ``model(**inputs)``:
 * **training** a drafter needs the target's final hidden states and logits for every position, plus the
   target's (frozen) token embedding and LM head, and images at their native *or* other resolutions;
 * **decoding** needs a KV-cached *tree* verification pass (many candidate continuations scored in one forward
-  with a custom attention mask), and afterwards the cache must be compacted so that only the accepted path
-  remains.
+  with a custom attention mask, :mod:`specvlm_lit.attention_masks`); afterwards the cache is compacted to the
+  accepted path by :mod:`specvlm_lit.kv_cache`.
 
 :class:`TargetAdapter` provides exactly that on top of a loaded ``LlavaForConditionalGeneration`` and always
 *calls* into transformers (vision tower, projector, decoder layers, attention kernels) rather than re-implementing
@@ -21,21 +21,23 @@ Notes on transformers 5.x behaviour this module relies on (checked against 5.23)
   so a custom tree mask is not replaced by a causal one. Eager attention *adds* the mask to the scores without
   slicing it, so the mask must be additive (float, 0 / large negative) and exactly ``[B, 1, q_len, past + q_len]``;
   SDPA accepts the same float mask and disables its ``is_causal`` fast path when a mask is present.
-* ``DynamicCache`` is a list of ``cache.layers[i]`` objects (``DynamicLayer``) exposing ``.keys`` / ``.values``
-  tensors of shape ``[B, kv_heads, seq, head_dim]``. ``Cache.crop`` takes a *negative* number of tokens to remove
-  (positive values raise).
+
+The module also owns how an image becomes placeholder tokens (:func:`llava_visual_tokens`,
+:func:`llava_visual_grid`, :func:`visual_token_counter`) and how images of mixed sizes are encoded
+(:func:`encode_by_size`), so data pipelines and recipes use the same facts before any adapter exists.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
 import struct
-from collections import OrderedDict
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import ClassVar, Sequence
+from typing import ClassVar
 
 import torch
 from torch import nn
@@ -43,14 +45,22 @@ from transformers import DynamicCache, LlavaForConditionalGeneration, PreTrained
 from transformers.cache_utils import Cache
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
+from .attention_masks import prefix_mask
 from .errors import UserError
-from .utils.visual_tokens import llava_visual_tokens
 
 __all__ = [
     "TargetAdapter",
     "TargetLoadError",
     "TargetOutput",
+    "encode_by_size",
+    "image_list",
+    "llava_image_features",
+    "llava_visual_grid",
+    "llava_visual_tokens",
+    "read_model_config",
+    "square_grid",
     "supported_model_types",
+    "visual_token_counter",
 ]
 
 
@@ -80,7 +90,7 @@ class TargetOutput:
 
 
 # model_type -> adapter class. Filled by TargetAdapter.__init_subclass__ and the base class below.
-_ADAPTERS: dict[str, type["TargetAdapter"]] = {}
+_ADAPTERS: dict[str, type[TargetAdapter]] = {}
 
 
 def supported_model_types() -> list[str]:
@@ -88,6 +98,119 @@ def supported_model_types() -> list[str]:
     return sorted(_ADAPTERS)
 
 
+# ------------------------------------------------------------------------------------- visual tokens and images
+# How many placeholder tokens an image becomes and how they are laid out is a fact of the target family; these
+# functions are its one owner. They work from plain numbers (or the processor), so data pipelines can size prompts
+# before any model is loaded; TargetAdapter's methods apply them with the loaded model's config.
+
+
+def llava_visual_tokens(height: int, width: int, patch_size: int, strategy: str = "default") -> int:
+    """Image-placeholder tokens a LLaVA-style tower gives a ``height x width`` image.
+
+    One token per ``patch_size`` patch (the patch conv has stride ``patch_size``, so partial patches are dropped),
+    plus the CLS token unless the ``"default"`` select strategy removes it.
+    """
+    if height < patch_size or width < patch_size:
+        raise ValueError(f"Image {height}x{width} is smaller than one {patch_size}x{patch_size} patch.")
+    n = (height // patch_size) * (width // patch_size)
+    return n if strategy == "default" else n + 1
+
+
+def llava_visual_grid(height: int, width: int, patch_size: int, strategy: str = "default") -> tuple[int, int] | None:
+    """(rows, cols) of the patch grid a LLaVA-style image's tokens are laid out on, row-major; ``None`` when the
+    tokens are not a plain grid (a CLS token is kept), so grid-based compressors must not assume one."""
+    if strategy != "default":
+        return None
+    return height // patch_size, width // patch_size
+
+
+def square_grid(n_tokens: int) -> tuple[int, int]:
+    """The square grid ``n_tokens`` visual tokens form when nothing else says how they are laid out."""
+    side = int(round(n_tokens**0.5))
+    if side * side != n_tokens:
+        raise ValueError(f"{n_tokens} visual tokens are not a square grid: pass grid=(rows, cols)")
+    return side, side
+
+
+def visual_token_counter(processor) -> Callable[[int, int], int]:
+    """``count(height, width)``: image-placeholder tokens per image for the target whose (LLaVA) processor this is.
+
+    Usable before the model is loaded (datamodules size prompts with it). Gives the same numbers as
+    :meth:`TargetAdapter.num_visual_tokens` for the processor saved with the checkpoint.
+    """
+    patch = int(getattr(processor, "patch_size", 0) or 0)
+    if patch <= 0:
+        raise TargetLoadError(
+            f"The processor ({type(processor).__name__}) has no patch_size, so the number of image tokens per image "
+            f"is unknown. Use the processor saved with the target checkpoint (AutoProcessor.from_pretrained(<target "
+            f"dir>))."
+        )
+    # LlavaConfig's own default when a processor does not say.
+    strategy = getattr(processor, "vision_feature_select_strategy", None) or "default"
+    return functools.partial(llava_visual_tokens, patch_size=patch, strategy=strategy)
+
+
+def image_list(pixel_values: torch.Tensor | Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    """Images as a flat list of ``[3, h, w]`` tensors, from a ``[B, 3, h, w]`` / ``[3, h, w]`` tensor or a list of
+    ``[3, h, w]`` / ``[k, 3, h, w]`` tensors whose sizes may differ."""
+    if isinstance(pixel_values, torch.Tensor):
+        images = [pixel_values] if pixel_values.dim() == 3 else list(pixel_values)
+    else:
+        images = []
+        for item in pixel_values:
+            if item.dim() == 3:
+                images.append(item)
+            elif item.dim() == 4:
+                images.extend(item)
+            else:
+                raise ValueError(f"Expected image tensors [3,h,w] or [k,3,h,w], got shape {tuple(item.shape)}.")
+    for img in images:
+        if img.dim() != 3:
+            raise ValueError(f"Expected pixel_values [B,3,h,w], got an image of shape {tuple(img.shape)}.")
+    return images
+
+
+def encode_by_size(
+    pixel_values: torch.Tensor | Sequence[torch.Tensor],
+    encode_batch: Callable[[torch.Tensor], Sequence[torch.Tensor]],
+) -> list[torch.Tensor]:
+    """Encode images of possibly different sizes, one result per image in input order (see :func:`image_list`).
+
+    Images of equal size are stacked into one ``encode_batch([k, 3, h, w])`` call (a vision tower batches only equal
+    sizes), which returns one feature tensor per image. Gradients flow if ``encode_batch`` keeps them.
+    """
+    images = image_list(pixel_values)
+    groups: dict[tuple[int, int], list[int]] = {}
+    for i, img in enumerate(images):
+        groups.setdefault(tuple(img.shape[-2:]), []).append(i)
+    features: list[torch.Tensor | None] = [None] * len(images)
+    for indices in groups.values():
+        for i, feat in zip(indices, encode_batch(torch.stack([images[i] for i in indices]))):
+            features[i] = feat
+    return features  # type: ignore[return-value]
+
+
+def llava_image_features(
+    model: LlavaForConditionalGeneration, pixel_values: torch.Tensor, *, interpolate_pos_encoding: bool
+) -> list[torch.Tensor]:
+    """LM-space visual embeddings ``[n, H]`` per image of an equally sized batch ``[B, 3, h, w]`` (tower + projector).
+
+    ``interpolate_pos_encoding`` lets CLIP run on a non-native size by interpolating its learned position table.
+    """
+    cfg = model.config
+    kwargs = {"interpolate_pos_encoding": True} if interpolate_pos_encoding else {}
+    out = model.model.get_image_features(
+        pixel_values=pixel_values,
+        # Passed explicitly: the values must be those of *this* model's config, not whatever defaults a
+        # particular transformers version would fill in.
+        vision_feature_layer=cfg.vision_feature_layer,
+        vision_feature_select_strategy=cfg.vision_feature_select_strategy,
+        **kwargs,
+    )
+    return list(out.pooler_output)
+
+
+# ------------------------------------------------------------------------------------------ checkpoint checks
 # Weight files that ``PreTrainedModel.from_pretrained`` can read from a local directory, in preference order.
 _WEIGHT_FILES = (
     "model.safetensors",
@@ -135,9 +258,24 @@ def _check_safetensors_file(path: Path) -> None:
             raise TargetLoadError(f"Weights file {path}: tensor {name!r} has no valid data_offsets. {fix}") from e
     expected = 8 + header_len + data_end
     if size < expected:
-        raise TargetLoadError(
-            f"Weights file {path} is {size} bytes but its header describes {expected} bytes. {fix}"
-        )
+        raise TargetLoadError(f"Weights file {path} is {size} bytes but its header describes {expected} bytes. {fix}")
+
+
+def read_model_config(config_file: Path, error: type[UserError], *, missing: str, fix: str) -> dict:
+    """The parsed ``config.json`` of a saved model, which must name its ``model_type``.
+
+    Raises ``error`` naming the file: ``missing`` is appended when the file does not exist, ``fix`` when it is not
+    a JSON object with a ``model_type``.
+    """
+    if not config_file.is_file():
+        raise error(f"{config_file} is missing. {missing}")
+    try:
+        config = json.loads(config_file.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise error(f"{config_file} is not valid JSON ({e}). {fix}") from e
+    if not isinstance(config, dict) or "model_type" not in config:
+        raise error(f"{config_file} has no 'model_type' field, so the model family is unknown. {fix}")
+    return config
 
 
 def _check_checkpoint_dir(path: Path) -> dict:
@@ -154,23 +292,13 @@ def _check_checkpoint_dir(path: Path) -> dict:
     if not path.is_dir():
         raise TargetLoadError(f"Target checkpoint path {path} is not a directory. Pass the checkpoint directory.")
 
-    config_file = path / "config.json"
-    if not config_file.is_file():
-        raise TargetLoadError(
-            f"{config_file} is missing. The target directory must be a Hugging Face checkpoint saved with "
-            f"`save_pretrained` (config.json + model.safetensors)."
-        )
-    try:
-        config = json.loads(config_file.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise TargetLoadError(
-            f"{config_file} is not valid JSON ({e}). Restore it from the original checkpoint."
-        ) from e
-    if not isinstance(config, dict) or "model_type" not in config:
-        raise TargetLoadError(
-            f"{config_file} has no 'model_type' field, so the model family is unknown. Restore it from the original "
-            f"checkpoint."
-        )
+    config = read_model_config(
+        path / "config.json",
+        TargetLoadError,
+        missing="The target directory must be a Hugging Face checkpoint saved with `save_pretrained` "
+        "(config.json + model.safetensors).",
+        fix="Restore it from the original checkpoint.",
+    )
 
     weights = [name for name in _WEIGHT_FILES if (path / name).is_file()]
     if not weights:
@@ -252,7 +380,7 @@ class TargetAdapter:
         device: str | torch.device = "cpu",
         attn_implementation: str | None = None,
         interpolate_pos_encoding: bool = True,
-    ) -> "TargetAdapter":
+    ) -> TargetAdapter:
         """Load a local HF checkpoint directory and wrap it.
 
         The directory, ``config.json``, ``model_type`` and weight files are validated first so that every
@@ -382,25 +510,15 @@ class TargetAdapter:
         """Run tower + projector on a batch of equally sized images ``[B, 3, h, w]``; one ``[n, H]`` per image."""
         vision_cfg = self.config.vision_config
         h, w = pixel_values.shape[-2:]
-        kwargs = {}
-        if (h, w) != (vision_cfg.image_size, vision_cfg.image_size):
-            if not self.interpolate_pos_encoding:
-                raise ValueError(
-                    f"Image size {h}x{w} differs from the vision tower's native {vision_cfg.image_size}x"
-                    f"{vision_cfg.image_size}; resize it or construct the adapter with interpolate_pos_encoding=True."
-                )
-            # CLIP's position embeddings are a learned table for the native patch grid; for another grid they
-            # must be (bicubically) interpolated, otherwise the tower refuses the input.
-            kwargs["interpolate_pos_encoding"] = True
-        out = self.model.model.get_image_features(
-            pixel_values=pixel_values,
-            # Passed explicitly: the values must be those of *this* target's config, not whatever defaults a
-            # particular transformers version would fill in.
-            vision_feature_layer=self.config.vision_feature_layer,
-            vision_feature_select_strategy=self.config.vision_feature_select_strategy,
-            **kwargs,
-        )
-        return list(out.pooler_output)
+        native = (h, w) == (vision_cfg.image_size, vision_cfg.image_size)
+        if not native and not self.interpolate_pos_encoding:
+            raise ValueError(
+                f"Image size {h}x{w} differs from the vision tower's native {vision_cfg.image_size}x"
+                f"{vision_cfg.image_size}; resize it or construct the adapter with interpolate_pos_encoding=True."
+            )
+        # CLIP's position embeddings are a learned table for the native patch grid; for another grid they
+        # must be (bicubically) interpolated, otherwise the tower refuses the input.
+        return llava_image_features(self.model, pixel_values, interpolate_pos_encoding=not native)
 
     def _decoder_forward(
         self,
@@ -423,21 +541,18 @@ class TargetAdapter:
         return out.last_hidden_state
 
     def num_visual_tokens(self, height: int, width: int) -> int:
-        """Number of image-placeholder tokens an image of ``height x width`` pixels expands to.
-
-        One token per ``patch_size`` patch (the patch conv has stride ``patch_size``, so partial patches are
-        dropped), plus the CLS token unless the ``"default"`` select strategy removes it.
-        """
-        return llava_visual_tokens(height, width, int(self.config.vision_config.patch_size),
-                                   self.config.vision_feature_select_strategy)
+        """Number of image-placeholder tokens an image of ``height x width`` pixels expands to
+        (:func:`llava_visual_tokens` with this target's patch size and select strategy)."""
+        return llava_visual_tokens(
+            height, width, int(self.config.vision_config.patch_size), self.config.vision_feature_select_strategy
+        )
 
     def visual_grid(self, height: int, width: int) -> tuple[int, int] | None:
-        """(rows, cols) of the patch grid the visual tokens are laid out on, row-major; ``None`` when the
-        tokens are not a plain grid (a CLS token is kept), so grid-based compressors must not assume one."""
-        patch = int(self.config.vision_config.patch_size)
-        if self.config.vision_feature_select_strategy != "default":
-            return None
-        return height // patch, width // patch
+        """(rows, cols) of the patch grid the visual tokens are laid out on, or ``None`` (:func:`llava_visual_grid`
+        with this target's patch size and select strategy)."""
+        return llava_visual_grid(
+            height, width, int(self.config.vision_config.patch_size), self.config.vision_feature_select_strategy
+        )
 
     # ------------------------------------------------------------------------------------------------ images
     @torch.no_grad()
@@ -448,30 +563,9 @@ class TargetAdapter:
         differ. Images of equal size are batched into a single tower call; sizes other than the tower's native
         one use position-embedding interpolation (see :meth:`__init__`).
         """
-        if isinstance(pixel_values, torch.Tensor):
-            images = [pixel_values] if pixel_values.dim() == 3 else list(pixel_values)
-        else:
-            images = []
-            for item in pixel_values:
-                if item.dim() == 3:
-                    images.append(item)
-                elif item.dim() == 4:
-                    images.extend(item)
-                else:
-                    raise ValueError(f"Expected image tensors [3,h,w] or [k,3,h,w], got shape {tuple(item.shape)}.")
-        for img in images:
-            if img.dim() != 3:
-                raise ValueError(f"Expected pixel_values [B,3,h,w], got an image of shape {tuple(img.shape)}.")
-
-        groups: OrderedDict[tuple[int, int], list[int]] = OrderedDict()
-        for i, img in enumerate(images):
-            groups.setdefault(tuple(img.shape[-2:]), []).append(i)
-        features: list[torch.Tensor | None] = [None] * len(images)
-        for indices in groups.values():
-            batch = torch.stack([images[i] for i in indices]).to(device=self.device, dtype=self.dtype)
-            for i, feat in zip(indices, self._encode_same_size(batch)):
-                features[i] = feat
-        return features  # type: ignore[return-value]
+        return encode_by_size(
+            pixel_values, lambda batch: self._encode_same_size(batch.to(device=self.device, dtype=self.dtype))
+        )
 
     @staticmethod
     def as_mm_encoder_outputs(image_features: Sequence[torch.Tensor]) -> dict[str, BaseModelOutputWithPooling]:
@@ -558,26 +652,14 @@ class TargetAdapter:
         else:
             kept = hidden[:, logits_to_keep.to(hidden.device)]
         logits = self.lm_head(kept)
-        return TargetOutput(logits=logits, hidden=hidden, past_key_values=past_key_values if use_cache else None,
-                            inputs_embeds=inputs_embeds)
+        return TargetOutput(
+            logits=logits,
+            hidden=hidden,
+            past_key_values=past_key_values if use_cache else None,
+            inputs_embeds=inputs_embeds,
+        )
 
     __call__ = forward
-
-    def tree_mask_4d(self, tree_mask: torch.Tensor, past_len: int) -> torch.Tensor:
-        """Additive attention mask ``[1, 1, n, past_len + n]`` in the model dtype for a tree of ``n`` nodes.
-
-        Every node sees the whole cached prefix and the nodes ``j`` with ``tree_mask[i, j]``. It is *additive*
-        (``0`` = attend, ``finfo(dtype).min`` = blocked) because eager attention adds the mask to the scores;
-        SDPA accepts the same float mask, so one mask serves both implementations. Using ``finfo.min`` rather than
-        ``-inf`` keeps softmax NaN-free in low precision.
-        """
-        n = tree_mask.shape[0]
-        allowed = torch.cat(
-            [torch.ones(n, past_len, dtype=torch.bool, device=tree_mask.device), tree_mask.to(torch.bool)], dim=1
-        )
-        mask = torch.zeros(allowed.shape, dtype=self.dtype, device=self.device)
-        mask.masked_fill_(~allowed.to(self.device), torch.finfo(self.dtype).min)
-        return mask[None, None]
 
     @torch.no_grad()
     def tree_forward(
@@ -595,7 +677,7 @@ class TargetAdapter:
             tree_mask: ``[n, n]`` bool ancestor-or-self mask: ``tree_mask[i, j]`` iff node ``j`` is node ``i`` or
                 one of its ancestors.
             past_key_values: cache holding the accepted prefix; the ``n`` node entries are appended to it (use
-                :meth:`compact_cache` afterwards to keep only the accepted path).
+                :func:`specvlm_lit.kv_cache.compact` afterwards to keep only the accepted path).
 
         Returns logits/hidden for every node, i.e. node ``i``'s prediction for the token after it given its
         root-to-node path.
@@ -610,10 +692,12 @@ class TargetAdapter:
         if not bool(torch.diagonal(tree_mask.to(torch.bool)).all()):
             raise ValueError("tree_mask must be ancestor-or-self: every node must attend to itself (diagonal True).")
         if past_key_values is None:
-            raise ValueError("tree_forward needs a cache holding the prefix (use new_cache() + forward(use_cache=True)).")
-        past_len = past_key_values.get_seq_length()
-        mask = self.tree_mask_4d(tree_mask, past_len)
-        # A 4D mask is taken verbatim by transformers' create_causal_mask (no causal mask is built on top).
+            raise ValueError(
+                "tree_forward needs a cache holding the prefix (use new_cache() + forward(use_cache=True))."
+            )
+        # Every node sees the whole cached prefix and its own ancestors. A 4D mask is taken verbatim by
+        # transformers' create_causal_mask (no causal mask is built on top).
+        mask = prefix_mask(tree_mask, past_key_values.get_seq_length(), self.dtype, self.device)
         hidden = self._decoder_forward(
             self.embed_tokens(input_ids.to(self.device)),
             attention_mask=mask,
@@ -622,61 +706,6 @@ class TargetAdapter:
             use_cache=True,
         )
         return TargetOutput(logits=self.lm_head(hidden), hidden=hidden, past_key_values=past_key_values)
-
-    # ------------------------------------------------------------------------------------------------- cache
-    @staticmethod
-    def _attention_layers(past_key_values: Cache):
-        layers = getattr(past_key_values, "layers", None)
-        if layers is None:
-            raise TypeError(f"Expected a transformers Cache with per-layer storage, got {type(past_key_values).__name__}.")
-        for idx, layer in enumerate(layers):
-            if getattr(layer, "is_sliding", False) or not hasattr(layer, "keys"):
-                raise NotImplementedError(
-                    f"Cache layer {idx} ({type(layer).__name__}) is not a plain full-attention layer; "
-                    f"compaction is only implemented for DynamicLayer."
-                )
-            yield layer
-
-    @classmethod
-    def compact_cache(cls, past_key_values: Cache, prefix_len: int, keep: torch.Tensor) -> Cache:
-        """Keep the prefix plus the tree entries at relative indices ``keep`` (in that order); drop the rest.
-
-        After :meth:`tree_forward` appended ``n`` node entries after ``prefix_len`` cached tokens, the accepted
-        root-to-leaf path is ``keep``; its K/V are moved right after the prefix so the cache again looks like a
-        plain forward over ``prefix + path`` (RoPE was applied with the nodes' explicit positions, which are
-        exactly the positions the path tokens have in that sequence). Works in place on every layer.
-        """
-        keep = torch.as_tensor(keep, dtype=torch.long).flatten().cpu()
-        for layer in cls._attention_layers(past_key_values):
-            if not getattr(layer, "is_initialized", True) or layer.keys is None or layer.keys.numel() == 0:
-                continue
-            total = layer.keys.shape[-2]
-            n = total - prefix_len
-            if n < 0 or (keep.numel() and (int(keep.min()) < 0 or int(keep.max()) >= n)):
-                raise IndexError(
-                    f"compact_cache: keep={keep.tolist()} out of range for {n} tree entries after a prefix of "
-                    f"{prefix_len} (cache length {total})."
-                )
-            # Move only the kept tree entries (a few rows) right after the prefix and cut the tail:
-            # copying the whole prefix every decode round would make compaction O(context).
-            src = (prefix_len + keep).to(layer.keys.device)
-            end = prefix_len + keep.numel()
-            layer.keys[..., prefix_len:end, :] = layer.keys.index_select(-2, src)
-            layer.values[..., prefix_len:end, :] = layer.values.index_select(-2, src)
-            layer.keys = layer.keys[..., :end, :]
-            layer.values = layer.values[..., :end, :]
-        return past_key_values
-
-    @classmethod
-    def crop_cache(cls, past_key_values: Cache, length: int) -> Cache:
-        """Truncate the cache to its first ``length`` tokens, in place (e.g. to roll back a rejected chain)."""
-        current = past_key_values.get_seq_length()
-        if length < 0 or length > current:
-            raise ValueError(f"crop_cache: cannot crop a cache of length {current} to {length}.")
-        if length < current:
-            # transformers 5: Cache.crop takes the (negative) number of tokens to remove.
-            past_key_values.crop(length - current)
-        return past_key_values
 
     # ------------------------------------------------------------------------------------------- fingerprint
     @torch.no_grad()

@@ -57,8 +57,19 @@ def all_configs() -> dict[str, dict]:
 
 # ------------------------------------------------------------------------------------------- output sizes
 def test_kernel_mapping():
-    expected = {1: (1, 1), 2: (1, 2), 3: (2, 2), 4: (2, 2), 5: (2, 3), 6: (2, 3), 9: (3, 3), 10: (3, 3),
-                16: (4, 4), 20: (4, 5), 2.5: (1, 2)}
+    expected = {
+        1: (1, 1),
+        2: (1, 2),
+        3: (2, 2),
+        4: (2, 2),
+        5: (2, 3),
+        6: (2, 3),
+        9: (3, 3),
+        10: (3, 3),
+        16: (4, 4),
+        20: (4, 5),
+        2.5: (1, 2),
+    }
     assert {r: kernel_for_ratio(r) for r in expected} == expected
 
 
@@ -92,8 +103,20 @@ def test_known_sizes_on_target_grids():
     # The documented table of the default select branches.
     sel = build_compressor({"type": "select"}, H)
     assert sel.branch_output_tokens((8, 8)) == {"prune10": 7, "pool9": 9, "conv4": 16, "resampler2": 2, "text_only": 0}
-    assert sel.branch_output_tokens((12, 12)) == {"prune10": 15, "pool9": 16, "conv4": 36, "resampler2": 2, "text_only": 0}
-    assert sel.branch_output_tokens((16, 16)) == {"prune10": 26, "pool9": 36, "conv4": 64, "resampler2": 2, "text_only": 0}
+    assert sel.branch_output_tokens((12, 12)) == {
+        "prune10": 15,
+        "pool9": 16,
+        "conv4": 36,
+        "resampler2": 2,
+        "text_only": 0,
+    }
+    assert sel.branch_output_tokens((16, 16)) == {
+        "prune10": 26,
+        "pool9": 36,
+        "conv4": 64,
+        "resampler2": 2,
+        "text_only": 0,
+    }
     assert sel.num_output_tokens((16, 16)) == 64 and sel.num_output_tokens((16, 16), "pool9") == 36
 
 
@@ -115,7 +138,12 @@ def test_text_only_returns_zero_rows():
 
 
 def test_concat_m_is_sum():
-    branches = {"p": PruneCompressor(20), "q": PoolCompressor(20), "c": ConvCompressor(4, H), "r": ResamplerCompressor(2, H)}
+    branches = {
+        "p": PruneCompressor(20),
+        "q": PoolCompressor(20),
+        "c": ConvCompressor(4, H),
+        "r": ResamplerCompressor(2, H),
+    }
     c = ConcatCompressor(branches).eval()
     for grid in GRIDS:
         e, f = rows(grid)
@@ -382,9 +410,16 @@ def test_config_validation(cfg, match):
 def test_build_none_and_types():
     assert build_compressor(None, H) is None
     assert compressor_config_dict(None) is None
-    expected = {"prune": PruneCompressor, "pool": PoolCompressor, "conv": ConvCompressor,
-                "resampler": ResamplerCompressor, "text_only": TextOnlyCompressor, "select": SelectCompressor,
-                "weighted": WeightedCompressor, "concat": ConcatCompressor}
+    expected = {
+        "prune": PruneCompressor,
+        "pool": PoolCompressor,
+        "conv": ConvCompressor,
+        "resampler": ResamplerCompressor,
+        "text_only": TextOnlyCompressor,
+        "select": SelectCompressor,
+        "weighted": WeightedCompressor,
+        "concat": ConcatCompressor,
+    }
     assert set(expected) == set(COMPRESSOR_TYPES)
     for name, cfg in all_configs().items():
         assert type(build_compressor(cfg, H)) is expected[name]

@@ -9,7 +9,9 @@ from specvlm_lit.decoding.cost_model import AcceptanceCalibration, RoundCostMode
 
 
 def fixed_model(verify, step=0.004, fixed=0.002):
-    return RoundCostModel(verify, step=RunningMean(value=step, frozen=True), fixed=RunningMean(value=fixed, frozen=True))
+    return RoundCostModel(
+        verify, step=RunningMean(value=step, frozen=True), fixed=RunningMean(value=fixed, frozen=True)
+    )
 
 
 def test_verify_time_interpolates_and_extrapolates():
@@ -52,8 +54,14 @@ def test_another_level_only_when_it_pays():
     slow = fixed_model({2: 0.010, 64: 0.040}, step=0.5)
     assert not slow.worth_another_level(confident, confident.exp(), child_prob=0.9, draft_seconds=0.01, max_size=60)
     # Calibrated probabilities override the raw ones: the same unsure drafter, known to be right, drafts on.
-    assert m.worth_another_level(unsure, torch.tensor([0.95, 0.9, 0.85]), child_prob=0.9, draft_seconds=0.01,
-                                 max_size=60, node_probs=torch.tensor([0.95, 0.9, 0.85]))
+    assert m.worth_another_level(
+        unsure,
+        torch.tensor([0.95, 0.9, 0.85]),
+        child_prob=0.9,
+        draft_seconds=0.01,
+        max_size=60,
+        node_probs=torch.tensor([0.95, 0.9, 0.85]),
+    )
 
 
 def test_deeper_children_compete_with_unlikely_siblings_for_the_size_cap():
@@ -96,8 +104,9 @@ def test_calibration_starts_at_the_draft_probability_and_learns_the_real_rate():
     assert float(cal.rate(torch.tensor([0.55]))) == pytest.approx((380 + 4 * 0.55) / (400 + 4))
     assert float(cal.rate(torch.tensor([0.05]))) == pytest.approx(0.05)  # other bins untouched
     # Only nodes whose parent was accepted are evidence.
-    cal.observe(torch.tensor([0.05, 0.05]), torch.tensor([True, True]), torch.tensor([False, False]),
-                torch.tensor([True, True]))
+    cal.observe(
+        torch.tensor([0.05, 0.05]), torch.tensor([True, True]), torch.tensor([False, False]), torch.tensor([True, True])
+    )
     assert float(cal.rate(torch.tensor([0.05]))) == pytest.approx(0.05)
     # First children and later siblings are separate bins.
     assert float(cal.rate(torch.tensor([0.55]), False)) == pytest.approx(0.55)
@@ -107,15 +116,15 @@ def test_calibrated_path_probabilities_multiply_along_the_path():
     cal = AcceptanceCalibration()
     # root -> a (q 0.55) -> b (q 0.55) -> c (q 0.55); root -> d (q 0.25, a's younger sibling)
     q = 0.55
-    scores = torch.log(torch.tensor([q, 0.25, q * q, q ** 3]))
+    scores = torch.log(torch.tensor([q, 0.25, q * q, q**3]))
     parents = torch.tensor([-1, -1, 0, 2])
     assert AcceptanceCalibration.first_children(parents).tolist() == [True, False, True, True]
-    assert cal.path_probs(scores, parents).tolist() == pytest.approx([q, 0.25, q * q, q ** 3], rel=1e-5)
+    assert cal.path_probs(scores, parents).tolist() == pytest.approx([q, 0.25, q * q, q**3], rel=1e-5)
     ones = torch.ones(50, dtype=torch.bool)
     cal.observe(torch.full((50,), q), ones, ones, ones)
     r = float(cal.rate(torch.tensor([q])))
     assert r > 0.95
-    assert cal.path_probs(scores, parents).tolist() == pytest.approx([r, 0.25, r * r, r ** 3], rel=1e-5)
+    assert cal.path_probs(scores, parents).tolist() == pytest.approx([r, 0.25, r * r, r**3], rel=1e-5)
 
 
 def test_incremental_extension_equals_the_full_computation():
@@ -137,6 +146,5 @@ def test_vectorised_sizes_match_a_plain_loop():
     for cap in (2, 5, 16, 60):
         n, rate = m.best_size(scores, 0.008, cap)
         e = RoundCostModel.expected_tokens(torch.sort(scores.exp(), descending=True).values)
-        loop = max(((float(e[k - 1]) / (0.002 + 0.008 + m.verify_time(k)), k)
-                    for k in range(2, min(cap, 28) + 1)))
+        loop = max((float(e[k - 1]) / (0.002 + 0.008 + m.verify_time(k)), k) for k in range(2, min(cap, 28) + 1))
         assert (n, rate) == (loop[1], pytest.approx(loop[0]))

@@ -8,6 +8,8 @@ import os
 import pytest
 import torch
 
+from specvlm_lit import kv_cache
+from specvlm_lit.attention_masks import prefix_mask
 from specvlm_lit.drafter.compressor import SelectCompressor
 from specvlm_lit.drafter.eagle import (
     DrafterLoadError,
@@ -15,10 +17,12 @@ from specvlm_lit.drafter.eagle import (
     DrafterOutput,
     EagleVLMConfig,
     EagleVLMDrafter,
+    check_export_path,
     save_atomically,
 )
 from specvlm_lit.drafter.sequence import build_draft_sequence
 from specvlm_lit.target import TargetAdapter
+from specvlm_lit.utils.atomic import MARKER, ForeignDirectoryError
 from tests.test_target_adapter import IMAGE_TOKEN_ID, build_tiny_llava, make_vlm_inputs, tiny_llava_config
 
 torch.set_num_threads(1)
@@ -34,7 +38,10 @@ ALL_BRANCHES = {
         "conv": {"type": "conv", "ratio": 4},
         "resampler": {"type": "resampler", "num_queries": 2},
         "weighted": {"type": "weighted", "ratio": 4},
-        "concat": {"type": "concat", "branches": {"a": {"type": "prune", "ratio": 20}, "b": {"type": "pool", "ratio": 16}}},
+        "concat": {
+            "type": "concat",
+            "branches": {"a": {"type": "prune", "ratio": 20}, "b": {"type": "pool", "ratio": 16}},
+        },
         "text_only": {"type": "text_only"},
     },
 }
@@ -87,7 +94,11 @@ def test_config_from_target(adapter):
     tc = adapter.text_config
     assert cfg.model_type == "eagle_vlm"
     assert (cfg.hidden_size, cfg.intermediate_size, cfg.num_attention_heads, cfg.num_key_value_heads) == (
-        tc.hidden_size, tc.intermediate_size, tc.num_attention_heads, tc.num_key_value_heads)
+        tc.hidden_size,
+        tc.intermediate_size,
+        tc.num_attention_heads,
+        tc.num_key_value_heads,
+    )
     assert cfg.head_dim == tc.hidden_size // tc.num_attention_heads
     assert cfg.rope_parameters["rope_theta"] == tc.rope_parameters["rope_theta"]
     assert cfg.max_position_embeddings == tc.max_position_embeddings and cfg.rms_norm_eps == tc.rms_norm_eps
@@ -104,7 +115,9 @@ def test_config_from_target(adapter):
     cfg3 = EagleVLMConfig.from_target(tiny_llava_config())
     assert cfg3.hidden_size == 64 and cfg3.vocab_size == 120 and cfg3.target_fingerprint is None
     # legacy rope_theta keyword
-    assert EagleVLMConfig(hidden_size=64, num_attention_heads=4, rope_theta=500.0).rope_parameters["rope_theta"] == 500.0
+    assert (
+        EagleVLMConfig(hidden_size=64, num_attention_heads=4, rope_theta=500.0).rope_parameters["rope_theta"] == 500.0
+    )
     with pytest.raises(ValueError, match="valid types"):
         EagleVLMConfig.from_target(adapter, compressor={"type": "zip"})
 
@@ -141,8 +154,9 @@ def test_cached_incremental_equals_full_forward(adapter, attn):
     # explicit positions == default positions
     torch.testing.assert_close(drafter(e, f, position_ids=torch.arange(9).expand(2, 9)).hidden, full.hidden)
     # RoPE is relative: a constant shift changes nothing, other relative distances do
-    torch.testing.assert_close(drafter(e, f, position_ids=torch.arange(9).expand(2, 9) + 3).hidden, full.hidden,
-                               atol=ATOL, rtol=0)
+    torch.testing.assert_close(
+        drafter(e, f, position_ids=torch.arange(9).expand(2, 9) + 3).hidden, full.hidden, atol=ATOL, rtol=0
+    )
     assert not torch.allclose(drafter(e, f, position_ids=torch.arange(9).expand(2, 9) * 2).hidden, full.hidden)
 
 
@@ -162,7 +176,7 @@ def test_tree_mask_matches_root_to_node_paths(adapter, attn):
     cache = drafter.new_cache()
     drafter(e[:, :p], f[:, :p], past_key_values=cache)
     mask, depth = tree(PARENTS)
-    mask4d = adapter.tree_mask_4d(mask, past_len=p)  # the decoder's convention: additive, [1, 1, n, p + n]
+    mask4d = prefix_mask(mask, p, adapter.dtype, adapter.device)  # the decoder's convention: additive [1,1,n,p+n]
     out = drafter(e[:, p:], f[:, p:], position_ids=(p + depth)[None], attention_mask=mask4d, past_key_values=cache)
     assert cache.get_seq_length() == p + n
     for node in range(n):
@@ -171,7 +185,7 @@ def test_tree_mask_matches_root_to_node_paths(adapter, attn):
         ref = drafter(e[:, idx], f[:, idx])  # plain causal forward over prefix + root-to-node path
         torch.testing.assert_close(out.hidden[0, node], ref.hidden[0, -1], atol=ATOL, rtol=0)
     # a bool mask (True = attend) gives the same result
-    TargetAdapter.crop_cache(cache, p)
+    kv_cache.crop(cache, p)
     allowed = torch.cat([torch.ones(n, p, dtype=torch.bool), mask], 1)[None, None]
     out2 = drafter(e[:, p:], f[:, p:], position_ids=(p + depth)[None], attention_mask=allowed, past_key_values=cache)
     torch.testing.assert_close(out2.hidden, out.hidden, atol=ATOL, rtol=0)
@@ -184,16 +198,21 @@ def test_compact_and_crop_cache(adapter):
     cache = drafter.new_cache()
     drafter(e[:, :p], f[:, :p], past_key_values=cache)
     mask, depth = tree(PARENTS)
-    drafter(e[:, p:p + n], f[:, p:p + n], position_ids=(p + depth)[None],
-            attention_mask=adapter.tree_mask_4d(mask, p), past_key_values=cache)
+    drafter(
+        e[:, p : p + n],
+        f[:, p : p + n],
+        position_ids=(p + depth)[None],
+        attention_mask=prefix_mask(mask, p, adapter.dtype, adapter.device),
+        past_key_values=cache,
+    )
     keep = torch.tensor(path(PARENTS, 7))  # accepted path 0 -> 2 -> 5 -> 7
-    drafter.compact_cache(cache, p, keep)
+    kv_cache.compact(cache, p, keep)
     assert cache.get_seq_length() == p + len(keep)
     nxt = drafter(e[:, -1:], f[:, -1:], past_key_values=cache)
     idx = list(range(p)) + [p + int(i) for i in keep] + [p + n]
     ref = drafter(e[:, idx], f[:, idx])
     torch.testing.assert_close(nxt.hidden[0, -1], ref.hidden[0, -1], atol=ATOL, rtol=0)
-    drafter.crop_cache(cache, 2)
+    kv_cache.crop(cache, 2)
     assert cache.get_seq_length() == 2
 
 
@@ -269,8 +288,9 @@ def _same_outputs(a: EagleVLMDrafter, b: EagleVLMDrafter):
         if branch is not None:  # drive every branch through the (reloaded) gate
             with torch.no_grad():
                 for c in (a, b):
-                    c.compressor.gate.mlp[-1].bias.copy_(50.0 * torch.nn.functional.one_hot(
-                        torch.tensor(branch), len(a.compressor.branches)).float())
+                    c.compressor.gate.mlp[-1].bias.copy_(
+                        50.0 * torch.nn.functional.one_hot(torch.tensor(branch), len(a.compressor.branches)).float()
+                    )
         x, y = a.compressor(ev[0], fv[0], (8, 8), q), b.compressor(ev[0], fv[0], (8, 8), q)
         assert x.branch == y.branch == branch
         torch.testing.assert_close(x.embeds, y.embeds, atol=0, rtol=0)
@@ -325,9 +345,27 @@ def test_save_atomically(adapter, tmp_path, monkeypatch):
     other = tmp_path / "precious"
     other.mkdir()
     (other / "notes.txt").write_text("keep me")
-    with pytest.raises(FileExistsError, match="not a drafter export"):
+    with pytest.raises(ForeignDirectoryError, match="not written by specvlm-lit"):
         save_atomically(d2, other)
-    assert (other / "notes.txt").read_text() == "keep me"
+    assert sorted(os.listdir(other)) == ["notes.txt"] and (other / "notes.txt").read_text() == "keep me"
+    # nor the user's target checkpoint (a config.json of another model_type is not an export)
+    (other / "notes.txt").unlink()
+    (other / "config.json").write_text(json.dumps({"model_type": "llava"}))
+    with pytest.raises(ForeignDirectoryError):
+        save_atomically(d2, other)
+    assert json.loads((other / "config.json").read_text()) == {"model_type": "llava"}
+
+
+def test_save_atomically_replaces_exports_of_older_versions(adapter, tmp_path):
+    """Exports written before the publisher's marker file existed are recognised by their config.json."""
+    dest = tmp_path / "d"
+    save_atomically(make_drafter(adapter, seed=1), dest)
+    (dest / MARKER).unlink()  # what an older version left
+    check_export_path(dest)
+    d2 = make_drafter(adapter, seed=2)
+    save_atomically(d2, dest)
+    _same_outputs(d2, EagleVLMDrafter.load(dest))
+    assert (dest / MARKER).is_file()
 
 
 # ---------------------------------------------------------------------------------------------- checks

@@ -23,6 +23,7 @@ from torch import nn
 from transformers import DynamicCache, LlamaConfig, LlavaForConditionalGeneration
 from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRMSNorm, LlamaRotaryEmbedding
 
+from specvlm_lit.attention_masks import additive_mask
 from specvlm_lit.decoding.acceptance import WarpConfig, warp_logits
 from specvlm_lit.decoding.cost_model import AcceptanceCalibration, RoundCostModel, RunningMean
 from specvlm_lit.decoding.speculative import (
@@ -45,8 +46,13 @@ def _target_b() -> LlavaForConditionalGeneration:
     torch.manual_seed(1)
     cfg = tiny_llava_config(
         text_config=LlamaConfig(
-            hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,
-            num_key_value_heads=4, vocab_size=120, max_position_embeddings=512,
+            hidden_size=64,
+            intermediate_size=96,
+            num_hidden_layers=3,
+            num_attention_heads=4,
+            num_key_value_heads=4,
+            vocab_size=120,
+            max_position_embeddings=512,
         )
     )
     return LlavaForConditionalGeneration(cfg).eval()
@@ -72,20 +78,14 @@ def get_target(name: str) -> TargetAdapter:
 
 
 # ------------------------------------------------------------------------------------------------ drafters
-def _additive(allowed: torch.Tensor, dtype=torch.float32) -> torch.Tensor:
-    m = torch.zeros(allowed.shape, dtype=dtype)
-    m.masked_fill_(~allowed, torch.finfo(dtype).min)
-    return m
-
-
 def _full_mask(attention_mask, B: int, T: int, past: int) -> torch.Tensor:
     """Any allowed mask form -> additive [B, 1, T, past + T]."""
     causal = torch.arange(past + T)[None, :] <= (torch.arange(T) + past)[:, None]
     if attention_mask is None:
-        return _additive(causal)[None, None].expand(B, 1, T, past + T)
+        return additive_mask(causal, torch.float32)[None, None].expand(B, 1, T, past + T)
     if attention_mask.dim() == 2:
         allowed = causal[None] & attention_mask.bool()[:, None, :]
-        return _additive(allowed)[:, None]
+        return additive_mask(allowed, torch.float32)[:, None]
     assert attention_mask.shape == (B, 1, T, past + T), attention_mask.shape
     return attention_mask
 
@@ -96,8 +96,15 @@ class TinyDrafter(nn.Module):
     def __init__(self, hidden: int = 64, seed: int = 0, compressor=None):
         super().__init__()
         torch.manual_seed(seed)
-        cfg = LlamaConfig(hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=1,
-                          num_attention_heads=4, num_key_value_heads=2, vocab_size=8, max_position_embeddings=1024)
+        cfg = LlamaConfig(
+            hidden_size=hidden,
+            intermediate_size=2 * hidden,
+            num_hidden_layers=1,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            vocab_size=8,
+            max_position_embeddings=1024,
+        )
         cfg._attn_implementation = "eager"
         self.fc = nn.Linear(2 * hidden, hidden, bias=False)
         self.layer = LlamaDecoderLayer(cfg, layer_idx=0)
@@ -110,15 +117,20 @@ class TinyDrafter(nn.Module):
     def new_cache(self):
         return DynamicCache()
 
-    def forward(self, token_embeds, features, position_ids, attention_mask=None, past_key_values=None,
-                use_cache=False):
+    def forward(self, token_embeds, features, position_ids, attention_mask=None, past_key_values=None, use_cache=False):
         self.calls += 1
         B, T, _ = token_embeds.shape
         past = past_key_values.get_seq_length() if past_key_values is not None else 0
         x = self.fc(torch.cat([token_embeds, features], -1))
         mask = _full_mask(attention_mask, B, T, past)
-        h = self.layer(x, attention_mask=mask, position_ids=position_ids, past_key_values=past_key_values,
-                       use_cache=use_cache, position_embeddings=self.rotary(x, position_ids))
+        h = self.layer(
+            x,
+            attention_mask=mask,
+            position_ids=position_ids,
+            past_key_values=past_key_values,
+            use_cache=use_cache,
+            position_embeddings=self.rotary(x, position_ids),
+        )
         return SimpleNamespace(hidden=self.norm(h), past_key_values=past_key_values)
 
 
@@ -140,8 +152,9 @@ class OracleDrafter(nn.Module):
         self.memo: dict[tuple, torch.Tensor] = {}
         self.table = adapter.embed_tokens.weight.detach()
         self.prompt_cache = adapter.new_cache()
-        hidden = adapter.forward(input_ids, image_features=image_features, past_key_values=self.prompt_cache,
-                                 use_cache=True).hidden[0]
+        hidden = adapter.forward(
+            input_ids, image_features=image_features, past_key_values=self.prompt_cache, use_cache=True
+        ).hidden[0]
         for j in range(1, len(self.prompt) + 1):
             self.memo[self.prompt[:j]] = hidden[j - 1]
 
@@ -178,8 +191,7 @@ class OracleDrafter(nn.Module):
         g = torch.Generator().manual_seed(seed)
         return f + self.noise * f.std() * torch.randn(f.shape, generator=g)
 
-    def forward(self, token_embeds, features, position_ids, attention_mask=None, past_key_values=None,
-                use_cache=False):
+    def forward(self, token_embeds, features, position_ids, attention_mask=None, past_key_values=None, use_cache=False):
         B, T, _ = token_embeds.shape
         assert B == 1
         cache = past_key_values
@@ -193,8 +205,9 @@ class OracleDrafter(nn.Module):
             n = min(len(self.prompt) - 1, len(all_ids))
             all_ids[:n] = self.prompt[1 : n + 1]
         mask = _full_mask(attention_mask, 1, T, past)[0, 0] == 0  # [T, past + T] visible
-        contexts = [(self.prompt[0],) + tuple(all_ids[j] for j in mask[i].nonzero().flatten().tolist())
-                    for i in range(T)]
+        contexts = [
+            (self.prompt[0],) + tuple(all_ids[j] for j in mask[i].nonzero().flatten().tolist()) for i in range(T)
+        ]
         self._compute(contexts)
         out = torch.stack([self._noisy(c, self.memo[c]) for c in contexts])[None]
         return SimpleNamespace(hidden=out, past_key_values=cache)
@@ -216,11 +229,17 @@ class MeanPoolCompressor:
 
 # ---------------------------------------------------------------------------------------------- references
 def hf_greedy(adapter, ids, feats, n, eos=None) -> list[int]:
-    kwargs = dict(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, do_sample=False,
-                  eos_token_id=eos, pad_token_id=0)
+    kwargs = dict(
+        input_ids=ids,
+        attention_mask=torch.ones_like(ids),
+        max_new_tokens=n,
+        do_sample=False,
+        eos_token_id=eos,
+        pad_token_id=0,
+    )
     if feats:
         kwargs["mm_encoder_outputs"] = adapter.as_mm_encoder_outputs(feats)
-    return adapter.model.generate(**kwargs)[0, ids.shape[1]:].tolist()
+    return adapter.model.generate(**kwargs)[0, ids.shape[1] :].tolist()
 
 
 class BookkeepingChecker:
@@ -298,8 +317,9 @@ def test_greedy_matches_hf_generate(target, sizes, n_text, seed, drafter_kind, s
     top_k, depth, total = shape
     for clip in (True, False):
         checker = BookkeepingChecker()
-        dec = SpeculativeDecoder(adapter, drafter, TreeConfig(top_k, depth, total, clip_to_budget=clip),
-                                 WarpConfig(), debug_hook=checker)
+        dec = SpeculativeDecoder(
+            adapter, drafter, TreeConfig(top_k, depth, total, clip_to_budget=clip), WarpConfig(), debug_hook=checker
+        )
         for n in (1, 2, 3, n_long) if clip else (3, n_long):
             res = dec.generate(ids, feats, max_new_tokens=n, eos_token_id=None)
             assert res.tokens.tolist() == ref[:n], (n, clip)
@@ -326,8 +346,12 @@ def test_greedy_matches_hf_generate(target, sizes, n_text, seed, drafter_kind, s
 
 
 def _frozen_cost(verify, step=0.004, fixed=0.002, calibrate=True):
-    return RoundCostModel(verify, step=RunningMean(value=step, frozen=True), fixed=RunningMean(value=fixed, frozen=True),
-                          calibration=AcceptanceCalibration() if calibrate else None)
+    return RoundCostModel(
+        verify,
+        step=RunningMean(value=step, frozen=True),
+        fixed=RunningMean(value=fixed, frozen=True),
+        calibration=AcceptanceCalibration() if calibrate else None,
+    )
 
 
 STEEP = {2: 0.010, 64: 0.100}  # small-CPU-like: verification cost grows with every node
@@ -344,8 +368,14 @@ def test_adaptive_trees_stay_lossless(target, sizes, n_text, seed, drafter_kind,
     drafter = _make_drafter(drafter_kind, adapter, ids, feats)
     top_k, depth, total = shape
     for cost in (None, _frozen_cost(STEEP), _frozen_cost(FLAT)):  # None: timed on this machine
-        dec = SpeculativeDecoder(adapter, drafter, TreeConfig(top_k, depth, total, adaptive=True), WarpConfig(),
-                                 debug_hook=BookkeepingChecker(), cost_model=cost)
+        dec = SpeculativeDecoder(
+            adapter,
+            drafter,
+            TreeConfig(top_k, depth, total, adaptive=True),
+            WarpConfig(),
+            debug_hook=BookkeepingChecker(),
+            cost_model=cost,
+        )
         for n in (1, 3, n_long):
             res = dec.generate(ids, feats, max_new_tokens=n)
             assert res.tokens.tolist() == ref[:n], (n, cost)
@@ -374,9 +404,13 @@ def test_adaptive_trees_follow_cost_and_confidence():
     ref = hf_greedy(adapter, ids, feats, 40)
 
     def run(scale, verify, calibrate=False):
-        dec = SpeculativeDecoder(adapter, ScaledOracle(adapter, ids, feats, scale=scale),
-                                 TreeConfig(10, 7, 60, adaptive=True), WarpConfig(),
-                                 cost_model=_frozen_cost(verify, calibrate=calibrate))
+        dec = SpeculativeDecoder(
+            adapter,
+            ScaledOracle(adapter, ids, feats, scale=scale),
+            TreeConfig(10, 7, 60, adaptive=True),
+            WarpConfig(),
+            cost_model=_frozen_cost(verify, calibrate=calibrate),
+        )
         res = dec.generate(ids, feats, max_new_tokens=40)
         res2 = dec.generate(ids, feats, max_new_tokens=40)  # a second request: calibration carries over
         assert res.tokens.tolist() == res2.tokens.tolist() == ref
@@ -437,8 +471,9 @@ def test_multi_image_prompt_under_inference_mode():
     adapter = get_target("a")
     ids, feats = _inputs(adapter, [(16, 16), (32, 32)], 3, 16)
     ref = hf_greedy(adapter, ids, feats, 10)
-    dec = SpeculativeDecoder(adapter, TinyDrafter(seed=4), TreeConfig(3, 3, 9), WarpConfig(),
-                             debug_hook=BookkeepingChecker())
+    dec = SpeculativeDecoder(
+        adapter, TinyDrafter(seed=4), TreeConfig(3, 3, 9), WarpConfig(), debug_hook=BookkeepingChecker()
+    )
     with torch.inference_mode():
         res = dec.generate(ids, feats, max_new_tokens=10)
     assert res.tokens.tolist() == ref
@@ -568,8 +603,9 @@ def _chi2_pvalue(observed: list[float], expected: list[float]) -> float:
     """Pearson chi-square p-value (cells given; dof = cells - 1)."""
     stat = sum((o - e) ** 2 / e for o, e in zip(observed, expected))
     dof = len(observed) - 1
-    return float(torch.special.gammaincc(torch.tensor(dof / 2, dtype=torch.float64),
-                                         torch.tensor(stat / 2, dtype=torch.float64)))
+    return float(
+        torch.special.gammaincc(torch.tensor(dof / 2, dtype=torch.float64), torch.tensor(stat / 2, dtype=torch.float64))
+    )
 
 
 def _binned(counts: dict, probs: dict, n: int, min_expected: float = 5.0):
@@ -597,8 +633,13 @@ def test_sampling_first_token_distribution(adaptive):
     ids, _ = _inputs(adapter, [], 5, 10)
     warp = WarpConfig(temperature=1.0)
     probs = warp_logits(adapter.forward(ids).logits[0, -1], warp)
-    dec = SpeculativeDecoder(adapter, TinyDrafter(seed=1), TreeConfig(4, 3, 10, adaptive=adaptive), warp,
-                             cost_model=_frozen_cost(STEEP) if adaptive else None)
+    dec = SpeculativeDecoder(
+        adapter,
+        TinyDrafter(seed=1),
+        TreeConfig(4, 3, 10, adaptive=adaptive),
+        warp,
+        cost_model=_frozen_cost(STEEP) if adaptive else None,
+    )
     g = torch.Generator().manual_seed(1234)
     n = 800
     counts: dict = {}
@@ -662,8 +703,7 @@ def test_sampling_long_generation_is_reproducible_and_respects_eos():
 def test_stats_sanity():
     adapter = get_target("a")
     ids, feats = _inputs(adapter, [(32, 32)], 5, 13)
-    dec = SpeculativeDecoder(adapter, OracleDrafter(adapter, ids, feats, noise=1.0), TreeConfig(4, 4, 16),
-                             WarpConfig())
+    dec = SpeculativeDecoder(adapter, OracleDrafter(adapter, ids, feats, noise=1.0), TreeConfig(4, 4, 16), WarpConfig())
     st = dec.generate(ids, feats, max_new_tokens=20).stats
     assert isinstance(st, SpecStats)
     assert st.new_tokens == 20 and st.rounds == st.verify_rounds + 1
@@ -700,8 +740,7 @@ def test_bad_inputs_raise_before_model_work():
         (dict(input_ids=ids.float(), max_new_tokens=2), "integer"),
         (dict(input_ids=ids + 1000, max_new_tokens=2), "outside"),
         (dict(input_ids=ids, max_new_tokens=2, eos_token_id="x"), "eos_token_id"),
-        (dict(input_ids=ids, image_features=feats, pixel_values=torch.zeros(1, 3, 16, 16), max_new_tokens=2),
-         "either"),
+        (dict(input_ids=ids, image_features=feats, pixel_values=torch.zeros(1, 3, 16, 16), max_new_tokens=2), "either"),
         (dict(input_ids=ids, image_features=[torch.zeros(3, 64)], max_new_tokens=2), "image tokens"),
     ]:
         kwargs.setdefault("image_features", feats if kwargs.get("input_ids") is ids else None)

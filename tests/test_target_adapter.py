@@ -8,8 +8,8 @@ prompts), so another test module can run the very same checks against a differen
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import pytest
 import torch
@@ -21,7 +21,18 @@ from transformers import (
     LlavaForConditionalGeneration,
 )
 
-from specvlm_lit.target import TargetAdapter, TargetLoadError, TargetOutput
+from specvlm_lit import kv_cache
+from specvlm_lit.attention_masks import additive_mask, as_additive, causal_mask, prefix_mask
+from specvlm_lit.target import (
+    TargetAdapter,
+    TargetLoadError,
+    TargetOutput,
+    encode_by_size,
+    image_list,
+    llava_visual_grid,
+    square_grid,
+    visual_token_counter,
+)
 
 IMAGE_TOKEN_ID = 100
 ATOL = 1e-5
@@ -110,7 +121,7 @@ def _embedded_case() -> TargetCase:
     from tests.conftest import EMBEDDED_TARGET
 
     if not (EMBEDDED_TARGET / "config.json").is_file():
-        pytest.skip("embedded target not built: python -m specvlm_lit.embedded.build")
+        pytest.skip("embedded target not built: python -m recipes.embedded_target.build")
     adapter = TargetAdapter.from_pretrained(EMBEDDED_TARGET)
     size = adapter.config.vision_config.image_size
     return TargetCase(adapter, make_vlm_inputs, native_size=(size, size))
@@ -247,9 +258,7 @@ def check_causal_tree_equals_full_forward(case: TargetCase, attn: str) -> None:
     prefix_ids, feats, cache = _prefix_cache(case)
     p, n = prefix_ids.shape[1], 6
     new = case.text_ids(n, seed=11)
-    tree = adapter.tree_forward(
-        new, torch.arange(p, p + n)[None], torch.ones(n, n, dtype=torch.bool).tril(), cache
-    )
+    tree = adapter.tree_forward(new, torch.arange(p, p + n)[None], torch.ones(n, n, dtype=torch.bool).tril(), cache)
     assert cache.get_seq_length() == p + n
     full = adapter.forward(torch.cat([prefix_ids, new], 1), image_features=feats)
     torch.testing.assert_close(tree.logits, full.logits[:, p:], atol=ATOL, rtol=0)
@@ -283,7 +292,7 @@ def check_compaction_leaves_no_trace(case: TargetCase) -> None:
     tokens = case.text_ids(len(PARENTS), seed=13)
     adapter.tree_forward(tokens, (p + depth)[None], mask, cache)
     path = _path(PARENTS, 7)  # [0, 2, 5, 7]
-    assert adapter.compact_cache(cache, p, torch.tensor(path)) is cache
+    assert kv_cache.compact(cache, p, torch.tensor(path)) is cache
     assert cache.get_seq_length() == p + len(path)
 
     # Reference: a fresh cache from a plain forward over prefix + accepted path.
@@ -300,8 +309,8 @@ def check_compaction_leaves_no_trace(case: TargetCase) -> None:
     torch.testing.assert_close(step.logits[:, -1], ref.logits[:, -1], atol=ATOL, rtol=0)
     torch.testing.assert_close(step.hidden[:, -1], ref.hidden[:, -1], atol=ATOL, rtol=0)
 
-    # crop_cache rolls back to the prefix; stepping from there equals a forward over prefix + token.
-    adapter.crop_cache(cache, p)
+    # crop rolls back to the prefix; stepping from there equals a forward over prefix + token.
+    kv_cache.crop(cache, p)
     assert cache.get_seq_length() == p
     step = adapter.forward(nxt, past_key_values=cache, use_cache=True)
     ref = adapter.forward(torch.cat([prefix_ids, nxt], 1), image_features=feats, logits_to_keep=1)
@@ -378,6 +387,39 @@ def test_encode_images_variable_resolution(adapter):
     assert adapter.encode_images(torch.randn(1, 3, 24, 40))[0].shape == (15, 64)
 
 
+def test_encode_by_size_keeps_order_and_batches_equal_sizes():
+    images = [torch.full((3, 8, 8), 1.0), torch.full((1, 3, 4, 8), 2.0), torch.full((3, 8, 8), 3.0)]
+    calls = []
+
+    def encode(batch):  # one "feature" per image: its mean value, tagged with the batch it came in
+        calls.append(tuple(batch.shape))
+        return [img.mean().reshape(1) for img in batch]
+
+    assert [float(f) for f in encode_by_size(images, encode)] == [1.0, 2.0, 3.0]
+    assert calls == [(2, 3, 8, 8), (1, 3, 4, 8)]
+    with pytest.raises(ValueError, match=r"\[3,h,w\] or \[k,3,h,w\]"):
+        image_list([torch.zeros(8, 8)])
+
+
+def test_visual_token_counter_matches_the_adapter(adapter):
+    class Processor:  # the LlavaProcessor attributes the counter reads
+        patch_size = adapter.config.vision_config.patch_size
+        vision_feature_select_strategy = "default"
+
+    count = visual_token_counter(Processor())
+    for h, w in [(16, 16), (24, 40), (32, 32)]:
+        rows, cols = adapter.visual_grid(h, w)
+        assert count(h, w) == adapter.num_visual_tokens(h, w) == rows * cols
+    assert adapter.visual_grid(24, 40) == (3, 5)
+    Processor.vision_feature_select_strategy = "full"  # the CLS token is kept: one more token, no plain grid
+    assert visual_token_counter(Processor())(24, 40) == 16 and llava_visual_grid(24, 40, 8, "full") is None
+    with pytest.raises(TargetLoadError, match="no patch_size"):
+        visual_token_counter(object())
+    assert square_grid(16) == (4, 4)
+    with pytest.raises(ValueError, match="not a square grid"):
+        square_grid(15)
+
+
 def test_encode_images_without_interpolation_rejects_other_sizes():
     adapter = TargetAdapter(build_tiny_llava(), interpolate_pos_encoding=False)
     assert adapter.encode_images(torch.randn(1, 3, 32, 32))[0].shape == (16, 64)
@@ -404,18 +446,30 @@ def test_tree_forward_validates_inputs(adapter):
         adapter.tree_forward(ids, torch.arange(3)[None], torch.zeros(3, 3, dtype=torch.bool), cache)
     with pytest.raises(ValueError, match="tree_mask must have shape"):
         adapter.tree_forward(ids, torch.arange(3)[None], torch.ones(2, 2, dtype=torch.bool), cache)
-    mask4d = adapter.tree_mask_4d(torch.eye(3, dtype=torch.bool), past_len=2)
-    assert mask4d.shape == (1, 1, 3, 5) and mask4d.dtype == adapter.dtype
-    assert (mask4d[0, 0, :, :2] == 0).all() and mask4d[0, 0, 0, 3] == torch.finfo(adapter.dtype).min
+
+
+def test_attention_masks():
+    mask4d = prefix_mask(torch.eye(3, dtype=torch.bool), 2, torch.bfloat16, "cpu")
+    assert mask4d.shape == (1, 1, 3, 5) and mask4d.dtype == torch.bfloat16
+    assert (mask4d[0, 0, :, :2] == 0).all() and mask4d[0, 0, 0, 3] == torch.finfo(torch.bfloat16).min
+    assert (mask4d[0, 0, :, 2:] == 0).equal(torch.eye(3, dtype=torch.bool))
+    causal = causal_mask(3, 2, torch.float32, "cpu")[0, 0] == 0
+    assert causal.equal(torch.arange(5)[None, :] <= torch.arange(2, 5)[:, None])
+    # An fp32 mask cast to bf16 stays finite (finfo.min of fp32 would round to -inf), a bool one becomes additive.
+    fp32 = additive_mask(torch.eye(2, dtype=torch.bool), torch.float32)
+    assert torch.isfinite(as_additive(fp32, torch.bfloat16)).all()
+    assert as_additive(torch.eye(2, dtype=torch.bool), torch.float32).equal(fp32)
+    with pytest.raises(ValueError, match="additive float"):
+        as_additive(torch.ones(2, 2, dtype=torch.long), torch.float32)
 
 
 def test_compact_cache_rejects_out_of_range(adapter):
     cache = adapter.new_cache()
     adapter.forward(torch.tensor([[1, 2, 3, 4]]), past_key_values=cache, use_cache=True)
     with pytest.raises(IndexError, match="out of range"):
-        adapter.compact_cache(cache, 2, torch.tensor([0, 2]))
+        kv_cache.compact(cache, 2, torch.tensor([0, 2]))
     with pytest.raises(ValueError, match="cannot crop"):
-        adapter.crop_cache(cache, 5)
+        kv_cache.crop(cache, 5)
 
 
 # --------------------------------------------------------------------------------------- loading errors
@@ -484,8 +538,13 @@ def test_wrong_model_class_rejected():
     from transformers import LlamaForCausalLM
 
     with pytest.raises(TypeError, match="LlavaForConditionalGeneration"):
-        TargetAdapter(LlamaForCausalLM(LlamaConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                                                   num_attention_heads=2, vocab_size=50)))
+        TargetAdapter(
+            LlamaForCausalLM(
+                LlamaConfig(
+                    hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, vocab_size=50
+                )
+            )
+        )
 
 
 # ---------------------------------------------------------------------------------------------- tokenizer

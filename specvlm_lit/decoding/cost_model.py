@@ -26,8 +26,8 @@ from __future__ import annotations
 
 import bisect
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Mapping
 
 import torch
 from torch import Tensor
@@ -118,8 +118,9 @@ class AcceptanceCalibration:
                 raise ValueError("extend() from no values needs the root's children first")
             return cond
         values = values.float()
-        return torch.cat([values, cond * torch.where(has_parent, values[new_parents.clamp(min=0)],
-                                                     torch.ones_like(cond))])
+        return torch.cat(
+            [values, cond * torch.where(has_parent, values[new_parents.clamp(min=0)], torch.ones_like(cond))]
+        )
 
     def path_probs(self, scores: Tensor, parents: Tensor) -> Tensor:
         """Calibrated acceptance probability of every node (a product of calibrated conditionals along its path).
@@ -209,9 +210,10 @@ class RoundCostModel:
         i = int(torch.argmax(rates))
         return i + 2, float(rates[i])
 
-    def best_size(self, node_logprobs: Tensor, draft_seconds: float, max_size: int,
-                  node_probs: Tensor | None = None) -> tuple[int, float]:
-        """``(n, expected tokens per second)`` maximising ``E(n) / (fixed + draft + verify(n))``, ``2 <= n <= max_size``.
+    def best_size(
+        self, node_logprobs: Tensor, draft_seconds: float, max_size: int, node_probs: Tensor | None = None
+    ) -> tuple[int, float]:
+        """``(n, expected tokens per second)`` maximising ``E(n) / (fixed + draft + verify(n))``, 2 <= n <= max_size.
 
         ``node_logprobs``: cumulative draft log-probs of every drafted node (the root excluded), which decide the
         order nodes are kept in; ``node_probs``: their acceptance probabilities (default: ``exp(node_logprobs)``,
@@ -223,8 +225,15 @@ class RoundCostModel:
     def _best_rate(self, sorted_values: Tensor, seconds: float, max_size: int) -> float:
         return self._rates(self.expected_tokens(sorted_values), seconds, max_size)[1]
 
-    def worth_another_level(self, node_logprobs: Tensor, frontier_probs: Tensor, child_prob: float,
-                            draft_seconds: float, max_size: int, node_probs: Tensor | None = None) -> bool:
+    def worth_another_level(
+        self,
+        node_logprobs: Tensor,
+        frontier_probs: Tensor,
+        child_prob: float,
+        draft_seconds: float,
+        max_size: int,
+        node_probs: Tensor | None = None,
+    ) -> bool:
         """Whether drafting one more level is expected to raise tokens per second.
 
         The next level's most valuable nodes are the frontier nodes' best children; with ``child_prob`` the

@@ -57,14 +57,19 @@ from __future__ import annotations
 import math
 import statistics
 import time
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Sequence, Union
+from typing import Any
 
 import torch
 from torch import Tensor
 
+from .. import kv_cache
+from ..attention_masks import causal_mask, prefix_mask
 from ..drafter.sequence import build_draft_sequence
+from ..target import image_list
 from .acceptance import WarpConfig, accept_greedy, accept_sampling, truncate_at_eos, warp_logits
+from .configs import TreeConfig
 from .cost_model import RoundCostModel
 from .tree import DraftTree, TreeBuilder
 
@@ -81,52 +86,6 @@ __all__ = [
 DEFAULT_TOTAL_TOKENS_CANDIDATES = (8, 16, 24, 32, 48, 60, 80, 100)
 
 DebugHook = Callable[[str, dict], None]
-
-
-# ---------------------------------------------------------------------------------------------------- config
-@dataclass(frozen=True)
-class TreeConfig:
-    """Draft-tree shape (SpecVLM / EAGLE-2 defaults).
-
-    Attributes:
-        top_k: children proposed per expanded node and frontier width (``>= 1``; ``1`` = a chain).
-        depth: draft levels below the root (``>= 1``); at most ``depth + 1`` tokens per round.
-        total_tokens: tree size including the root (``>= 2``), or ``"auto"``: chosen once per decoder by
-            :func:`choose_total_tokens`, which times the target's verification on the current device.
-        clip_to_budget: draft no deeper than the remaining ``max_new_tokens`` can use (``depth <= remaining - 1``).
-            Pure savings: it never changes the output (or its distribution), only skips drafting tokens that would be
-            cut anyway. ``False`` drafts full trees (tests use it to exercise budget truncation inside a tree).
-        adaptive: cost-aware trees (:mod:`.cost_model`): ``depth`` and ``total_tokens`` become upper bounds and
-            every round stops drafting when another level is not expected to pay for itself, then verifies the
-            number of nodes that maximises expected tokens per second (from the drafter's path probabilities and
-            timings measured on this device). Never changes outputs, only speed.
-    """
-
-    top_k: int = 10
-    depth: int = 7
-    total_tokens: Union[int, str] = 60
-    clip_to_budget: bool = True
-    adaptive: bool = False
-
-    def __post_init__(self):
-        for name, minimum in (("top_k", 1), ("depth", 1)):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < minimum:
-                raise ValueError(f"TreeConfig.{name} must be an int >= {minimum}, got {v!r}")
-        t = self.total_tokens
-        if isinstance(t, str):
-            if t != "auto":
-                raise ValueError(f"TreeConfig.total_tokens must be an int >= 2 or 'auto', got {t!r}")
-        elif isinstance(t, bool) or not isinstance(t, int) or t < 2:
-            raise ValueError(f"TreeConfig.total_tokens must be an int >= 2 (root included) or 'auto', got {t!r}")
-        if not isinstance(self.clip_to_budget, bool):
-            raise ValueError(f"TreeConfig.clip_to_budget must be a bool, got {self.clip_to_budget!r}")
-        if not isinstance(self.adaptive, bool):
-            raise ValueError(f"TreeConfig.adaptive must be a bool, got {self.adaptive!r}")
-
-    @property
-    def auto(self) -> bool:
-        return self.total_tokens == "auto"
 
 
 # ----------------------------------------------------------------------------------------------------- stats
@@ -204,29 +163,6 @@ def _module_dtype_device(module, fallback_dtype, fallback_device) -> tuple[torch
     return fallback_dtype, fallback_device
 
 
-def _additive(allowed: Tensor, dtype: torch.dtype) -> Tensor:
-    """Bool ``[q, k]`` -> additive float ``[1, 1, q, k]`` (0 = attend, ``finfo.min`` = blocked)."""
-    mask = torch.zeros(allowed.shape, dtype=dtype, device=allowed.device)
-    mask.masked_fill_(~allowed, torch.finfo(dtype).min)
-    return mask[None, None]
-
-
-def _causal_mask(q: int, past: int, dtype: torch.dtype, device: torch.device) -> Tensor:
-    """Additive causal mask ``[1, 1, q, past + q]`` for ``q`` new rows after ``past`` cached rows."""
-    cols = torch.arange(past + q, device=device)
-    rows = torch.arange(q, device=device) + past
-    return _additive(cols[None, :] <= rows[:, None], dtype)
-
-
-def _crop(cache, length: int) -> None:
-    """Truncate a transformers Cache to ``length`` entries (transformers 5: ``crop`` takes a negative count)."""
-    current = cache.get_seq_length()
-    if length < current:
-        cache.crop(length - current)
-    elif length > current:  # pragma: no cover - internal invariant
-        raise RuntimeError(f"internal error: cannot crop a cache of length {current} to {length}")
-
-
 def _eos_list(eos_token_id) -> list[int]:
     if eos_token_id is None:
         return []
@@ -246,22 +182,10 @@ def _eos_list(eos_token_id) -> list[int]:
     return ids
 
 
-def _infer_grid(adapter, pixel_values, n_visual: int) -> tuple[int, int] | None:
-    """Patch grid of a single image given as pixels, when the target's patching makes it unambiguous."""
-    if pixel_values is None:
-        return None
-    if isinstance(pixel_values, Tensor):
-        images = [pixel_values] if pixel_values.dim() == 3 else list(pixel_values)
-    else:
-        images = [im for item in pixel_values for im in (item if item.dim() == 4 else [item])]
-    if len(images) != 1:
-        return None
-    patch = getattr(getattr(adapter.config, "vision_config", None), "patch_size", None)
-    if not patch:
-        return None
-    h, w = images[0].shape[-2:]
-    grid = (int(h) // int(patch), int(w) // int(patch))
-    return grid if grid[0] * grid[1] == n_visual else None
+def _single_image_grid(adapter, pixel_values) -> tuple[int, int] | None:
+    """The target's patch grid of the prompt's image when it comes as the pixels of exactly one image."""
+    images = image_list(pixel_values)
+    return adapter.visual_grid(*images[0].shape[-2:]) if len(images) == 1 else None
 
 
 # ------------------------------------------------------------------------------------------ auto tree budget
@@ -285,8 +209,9 @@ def _max_tree_nodes(top_k: int, depth: int) -> int:
 
 
 @torch.no_grad()
-def time_verification(adapter, prefix_len: int, sizes: Sequence[int], *, top_k: int = 10,
-                      repeats: int = 3) -> dict[int, float]:
+def time_verification(
+    adapter, prefix_len: int, sizes: Sequence[int], *, top_k: int = 10, repeats: int = 3
+) -> dict[int, float]:
     """Seconds of :meth:`TargetAdapter.tree_forward` over trees of each size (root included) after a dummy
     prefix of ``prefix_len`` text tokens, on the current device: the median of ``repeats`` runs after a warm-up."""
     if isinstance(prefix_len, bool) or not isinstance(prefix_len, int) or prefix_len < 1:
@@ -305,12 +230,13 @@ def time_verification(adapter, prefix_len: int, sizes: Sequence[int], *, top_k: 
         for rep in range(repeats + 1):
             _sync(device)
             t0 = time.perf_counter()
-            adapter.tree_forward(tree.tokens[None].to(device), tree.position_ids(prefix_len).to(device), tree.mask,
-                                 cache)
+            adapter.tree_forward(
+                tree.tokens[None].to(device), tree.position_ids(prefix_len).to(device), tree.mask, cache
+            )
             _sync(device)
             if rep > 0:
                 times.append(time.perf_counter() - t0)
-            adapter.crop_cache(cache, prefix_len)
+            kv_cache.crop(cache, prefix_len)
         out[int(n)] = statistics.median(times)
     return out
 
@@ -478,8 +404,14 @@ class SpeculativeDecoder:
             if cost is not None:
                 probs, child_prob = self._acceptance_estimates(cost, builder, logprobs, probs)
                 frontier_probs = probs[frontier.pool_indices.cpu()]
-                if not cost.worth_another_level(builder.pool_scores, frontier_probs, child_prob,
-                                                levels * (cost.step.value or 0.0), total, node_probs=probs):
+                if not cost.worth_another_level(
+                    builder.pool_scores,
+                    frontier_probs,
+                    child_prob,
+                    levels * (cost.step.value or 0.0),
+                    total,
+                    node_probs=probs,
+                ):
                     break
                 t_step = time.perf_counter()
             m = frontier.size
@@ -489,16 +421,16 @@ class SpeculativeDecoder:
             else:
                 feats = prev_hidden[parent_rows.clamp(min=0)]
                 feats = torch.where((parent_rows < 0)[:, None], h_root[None], feats)
-            dm = frontier.draft_mask.to(self._draft_device)
-            allowed = torch.cat([torch.ones(m, draft_len, dtype=torch.bool, device=dm.device), dm], dim=1)
-            past = cache.get_seq_length()
-            if past + m != allowed.shape[1]:  # pragma: no cover - internal invariant
-                raise RuntimeError(f"internal error: draft cache has {past} rows, mask expects {allowed.shape[1] - m}")
+            dm = frontier.draft_mask.to(self._draft_device)  # [m, tree rows so far + m]
+            past, expected = cache.get_seq_length(), draft_len + dm.shape[1] - m
+            if past != expected:  # pragma: no cover - internal invariant
+                raise RuntimeError(f"internal error: draft cache has {past} rows, mask expects {expected}")
             hidden = self._draft(
                 embed(frontier.tokens.to(self.adapter.device)),
                 feats,
                 frontier.position_ids(root_pos)[0],
-                _additive(allowed, self._draft_dtype),
+                # Tree rows see every accepted row and their own ancestors among the tree rows.
+                prefix_mask(dm, draft_len, self._draft_dtype, self._draft_device),
                 cache,
             )
             prev_hidden = hidden
@@ -508,16 +440,18 @@ class SpeculativeDecoder:
                 _sync(self._draft_device)
                 cost.step.update(time.perf_counter() - t_step)
                 levels += 1
-        _crop(cache, draft_len)
+        kv_cache.crop(cache, draft_len)
         if cost is not None:
             probs, _ = self._acceptance_estimates(cost, builder, logprobs, probs)
-            builder.total_tokens, _ = cost.best_size(builder.pool_scores, levels * (cost.step.value or 0.0), total,
-                                                     node_probs=probs)
+            builder.total_tokens, _ = cost.best_size(
+                builder.pool_scores, levels * (cost.step.value or 0.0), total, node_probs=probs
+            )
         return builder.build()
 
     @staticmethod
-    def _acceptance_estimates(cost: RoundCostModel, builder: TreeBuilder, logprobs: Tensor,
-                              known: Tensor | None) -> tuple[Tensor, float]:
+    def _acceptance_estimates(
+        cost: RoundCostModel, builder: TreeBuilder, logprobs: Tensor, known: Tensor | None
+    ) -> tuple[Tensor, float]:
         """Acceptance probability of every pool node (extending ``known``, the values of the levels before) and
         the typical one of a best child at the last level."""
         best_child = logprobs.detach().float().max(-1).values.exp()
@@ -607,14 +541,16 @@ class SpeculativeDecoder:
         if was_training:
             drafter.eval()
         try:
-            return self._generate(input_ids, image_features, pixel_values, max_new_tokens, eos, generator,
-                                  image_grid, t_start)
+            return self._generate(
+                input_ids, image_features, pixel_values, max_new_tokens, eos, generator, image_grid, t_start
+            )
         finally:
             if was_training:
                 drafter.train()
 
-    def _generate(self, input_ids, image_features, pixel_values, max_new_tokens, eos, generator, image_grid,
-                  t_start) -> SpecResult:
+    def _generate(
+        self, input_ids, image_features, pixel_values, max_new_tokens, eos, generator, image_grid, t_start
+    ) -> SpecResult:
         ad = self.adapter
         dev = ad.device
         stats = SpecStats(prompt_len=int(input_ids.shape[1]))
@@ -628,9 +564,7 @@ class SpeculativeDecoder:
             _sync(dev)
             stats.new_tokens = len(out_tokens)
             stats.time_total = time.perf_counter() - t_start
-            stats.time_other = max(
-                0.0, stats.time_total - stats.time_prefill - stats.time_draft - stats.time_verify
-            )
+            stats.time_other = max(0.0, stats.time_total - stats.time_prefill - stats.time_draft - stats.time_verify)
             stats.target_kv_len = tcache.get_seq_length()
             return SpecResult(torch.tensor(out_tokens, dtype=torch.long), stats)
 
@@ -638,13 +572,12 @@ class SpeculativeDecoder:
         _sync(dev)
         t0 = time.perf_counter()
         if pixel_values is not None:
-            grid_hint = _infer_grid(ad, pixel_values, n_visual)
+            grid_hint = _single_image_grid(ad, pixel_values)
             image_features = ad.encode_images(pixel_values)
         else:
             grid_hint = None
         tcache = ad.new_cache()
-        tout = ad.forward(ids, image_features=image_features, past_key_values=tcache, use_cache=True,
-                          logits_to_keep=1)
+        tout = ad.forward(ids, image_features=image_features, past_key_values=tcache, use_cache=True, logits_to_keep=1)
         first = self._pick(tout.logits[0, -1], generator)
         kept, finished = truncate_at_eos([first], eos, max_new_tokens)
         out_tokens += kept.tolist()
@@ -664,8 +597,12 @@ class SpeculativeDecoder:
         # Without a compressor the pairing is plain (t -> (e_{t+1}, f_t)) whatever the images look like; we pass an
         # impossible image id so that build_draft_sequence's single-image checks do not reject multi-image prompts.
         seq = build_draft_sequence(
-            embeds, hidden, ids[0], ad.image_token_id if compressor is not None else -1,
-            compressor=compressor, grid=image_grid or grid_hint,
+            embeds,
+            hidden,
+            ids[0],
+            ad.image_token_id if compressor is not None else -1,
+            compressor=compressor,
+            grid=image_grid or grid_hint,
         )
         stats.draft_visual_tokens = n_visual + (seq.position_offset if compressor is not None else 0)
         stats.draft_prompt_rows = seq.length
@@ -680,8 +617,14 @@ class SpeculativeDecoder:
         _sync(dev)
         stats.time_draft += time.perf_counter() - t0
         if self.debug_hook is not None:
-            self._hook("prefill", draft_cache=dcache, draft_len=draft_len, target_cache=tcache,
-                       sequence=self._sequence(ids, out_tokens), draft_sequence=seq)
+            self._hook(
+                "prefill",
+                draft_cache=dcache,
+                draft_len=draft_len,
+                target_cache=tcache,
+                sequence=self._sequence(ids, out_tokens),
+                draft_sequence=seq,
+            )
 
         while True:
             remaining = max_new_tokens - len(out_tokens)
@@ -698,20 +641,26 @@ class SpeculativeDecoder:
             t_tree = time.perf_counter() - t0
             stats.time_draft += t_tree
             if self.debug_hook is not None:
-                self._hook("tree", tree=tree, root=root, h_root=h_root, draft_cache=dcache, draft_len=draft_len,
-                           sequence=self._sequence(ids, out_tokens))
+                self._hook(
+                    "tree",
+                    tree=tree,
+                    root=root,
+                    h_root=h_root,
+                    draft_cache=dcache,
+                    draft_len=draft_len,
+                    sequence=self._sequence(ids, out_tokens),
+                )
 
             # 4. Verify with one target forward, accept, compact the target KV.
             t0 = time.perf_counter()
-            vout = ad.tree_forward(tree.tokens[None].to(dev), tree.position_ids(prefix_len).to(dev),
-                                   tree.mask, tcache)
+            vout = ad.tree_forward(tree.tokens[None].to(dev), tree.position_ids(prefix_len).to(dev), tree.mask, tcache)
             logits = vout.logits[0]
             if self.warp.greedy:
                 acc = accept_greedy(tree, logits)
             else:
                 acc = accept_sampling(tree, logits, self.warp, generator)
             accepted = acc.accepted.to(dev)
-            ad.compact_cache(tcache, prefix_len, accepted)
+            kv_cache.compact(tcache, prefix_len, accepted)
             self._observe_acceptance(tree, acc.accepted)
             _sync(dev)
             stats.time_verify += time.perf_counter() - t0
@@ -735,7 +684,7 @@ class SpeculativeDecoder:
             k = new_tokens.numel()
             rows_e = ad.embed_tokens(new_tokens)
             rows_f = vout.hidden[0].index_select(0, accepted)
-            mask = _causal_mask(k, draft_len, self._draft_dtype, self._draft_device)
+            mask = causal_mask(k, draft_len, self._draft_dtype, self._draft_device)
             dh = self._draft(rows_e, rows_f, torch.arange(draft_len, draft_len + k, device=dev), mask, dcache)
             draft_len += k
             h_root = dh[-1]
@@ -748,5 +697,11 @@ class SpeculativeDecoder:
             stats.draft_kv_lens.append(draft_len)
             stats.draft_kv_len = draft_len
             if self.debug_hook is not None:
-                self._hook("round", acceptance=acc, draft_cache=dcache, draft_len=draft_len, target_cache=tcache,
-                           sequence=self._sequence(ids, out_tokens))
+                self._hook(
+                    "round",
+                    acceptance=acc,
+                    draft_cache=dcache,
+                    draft_len=draft_len,
+                    target_cache=tcache,
+                    sequence=self._sequence(ids, out_tokens),
+                )

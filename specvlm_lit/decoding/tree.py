@@ -39,8 +39,8 @@ always ranks at least as high as any of its descendants.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Callable, Optional, Sequence, Union
 
 import torch
 from torch import Tensor
@@ -94,10 +94,10 @@ class DraftTree:
     @classmethod
     def from_parents(
         cls,
-        tokens: Union[Tensor, Sequence[int]],
-        parents: Union[Tensor, Sequence[int]],
-        scores: Optional[Union[Tensor, Sequence[float]]] = None,
-    ) -> "DraftTree":
+        tokens: Tensor | Sequence[int],
+        parents: Tensor | Sequence[int],
+        scores: Tensor | Sequence[float] | None = None,
+    ) -> DraftTree:
         """Build a tree (depths, mask, paths) from tokens and parent indices.
 
         ``parents[0]`` must be ``-1`` and ``0 <= parents[i] < i`` for ``i > 0``
@@ -121,10 +121,7 @@ class DraftTree:
         for i in range(1, n):
             p = par_list[i]
             if not 0 <= p < i:
-                raise ValueError(
-                    f"parents must be topologically ordered (0 <= parents[i] < i); "
-                    f"got parents[{i}] = {p}"
-                )
+                raise ValueError(f"parents must be topologically ordered (0 <= parents[i] < i); got parents[{i}] = {p}")
             depth_list[i] = depth_list[p] + 1
         depths = torch.tensor(depth_list, dtype=torch.long)
         max_depth = max(depth_list)
@@ -157,7 +154,7 @@ class DraftTree:
                 raise ValueError(f"tokens has {n} entries but scores has {sc.numel()}")
         return cls(tok, par, depths, mask, paths, sc).to(device)
 
-    def to(self, device: Union[str, torch.device]) -> "DraftTree":
+    def to(self, device: str | torch.device) -> DraftTree:
         """Return a copy with every tensor moved to ``device``."""
         return DraftTree(
             tokens=self.tokens.to(device),
@@ -197,7 +194,7 @@ class DraftTree:
         return (self.parents == int(i)).nonzero(as_tuple=True)[0]
 
 
-def chain_tree(tokens: Union[Tensor, Sequence[int]], scores=None) -> DraftTree:
+def chain_tree(tokens: Tensor | Sequence[int], scores=None) -> DraftTree:
     """A linear draft (top_k = 1): ``tokens[0]`` is the root, each next token
     is the child of the previous one.  Useful for tests and for k=1 drafting."""
     tok = torch.as_tensor(tokens, dtype=torch.long)
@@ -297,6 +294,11 @@ class TreeBuilder:
     Per-node top-k uses :func:`torch.topk`; which of several exactly tied
     tokens at the k-th place is chosen is torch's choice (deterministic for a
     given device), and losslessness of verification does not depend on it.
+
+    The pool (every node created so far, in creation order) is readable after
+    :meth:`start` as ``pool_tokens``, ``pool_parents`` (pool index, ``-1`` =
+    root), ``pool_scores`` (cumulative log-probs) and ``pool_depths``; callers
+    read them (cost model, tests) but must not modify them.
     """
 
     def __init__(self, top_k: int, depth: int, total_tokens: int):
@@ -306,24 +308,6 @@ class TreeBuilder:
         self._started = False
         self._done = False
 
-    # -- pool accessors (read-only views, mostly for tests / debugging) --
-
-    @property
-    def pool_tokens(self) -> Tensor:
-        return self._pool_tokens
-
-    @property
-    def pool_parents(self) -> Tensor:
-        return self._pool_parents
-
-    @property
-    def pool_scores(self) -> Tensor:
-        return self._pool_scores
-
-    @property
-    def pool_depths(self) -> Tensor:
-        return self._pool_depths
-
     @property
     def done(self) -> bool:
         """True once ``depth`` levels exist (no more draft forwards needed)."""
@@ -331,7 +315,7 @@ class TreeBuilder:
 
     # -- incremental interface -------------------------------------------
 
-    def start(self, root_token: int, root_logprobs: Tensor) -> Optional[Frontier]:
+    def start(self, root_token: int, root_logprobs: Tensor) -> Frontier | None:
         """Begin a tree at ``root_token`` given the draft log-probs ``[V]`` at
         the root.  Creates depth-1 nodes and returns them as a
         :class:`Frontier`, or ``None`` when ``depth == 1`` (nothing left to
@@ -349,10 +333,10 @@ class TreeBuilder:
         k = min(self.top_k, self.vocab_size)
         vals, idx = torch.topk(lp, k)
 
-        self._pool_tokens = idx
-        self._pool_parents = torch.full((k,), -1, dtype=torch.long, device=self.device)
-        self._pool_scores = vals
-        self._pool_depths = torch.ones(k, dtype=torch.long, device=self.device)
+        self.pool_tokens = idx
+        self.pool_parents = torch.full((k,), -1, dtype=torch.long, device=self.device)
+        self.pool_scores = vals
+        self.pool_depths = torch.ones(k, dtype=torch.long, device=self.device)
         self._level = 1
         self._started = True
         self._done = False
@@ -367,7 +351,7 @@ class TreeBuilder:
             return None
         return self._make_frontier()
 
-    def expand(self, frontier_logprobs: Tensor) -> Optional[Frontier]:
+    def expand(self, frontier_logprobs: Tensor) -> Frontier | None:
         """Add the children of the current frontier.
 
         ``frontier_logprobs``: ``[m, V]`` draft log-probs at each frontier node
@@ -388,20 +372,20 @@ class TreeBuilder:
         lp = frontier_logprobs.detach().float().to(self.device)
         k = min(self.top_k, self.vocab_size)
         vals, idx = torch.topk(lp, k, dim=-1)  # [m, k] each
-        parent_scores = self._pool_scores[self._frontier]
+        parent_scores = self.pool_scores[self._frontier]
         cum = (parent_scores[:, None] + vals).reshape(-1)  # [m*k]
         new_tokens = idx.reshape(-1)
         new_parents = self._frontier.repeat_interleave(k)
         n_new = m * k
-        P_old = self._pool_tokens.numel()
+        P_old = self.pool_tokens.numel()
         P_new = P_old + n_new
 
-        self._pool_tokens = torch.cat([self._pool_tokens, new_tokens])
-        self._pool_parents = torch.cat([self._pool_parents, new_parents])
-        self._pool_scores = torch.cat([self._pool_scores, cum])
+        self.pool_tokens = torch.cat([self.pool_tokens, new_tokens])
+        self.pool_parents = torch.cat([self.pool_parents, new_parents])
+        self.pool_scores = torch.cat([self.pool_scores, cum])
         self._level += 1
-        self._pool_depths = torch.cat(
-            [self._pool_depths, torch.full((n_new,), self._level, dtype=torch.long, device=self.device)]
+        self.pool_depths = torch.cat(
+            [self.pool_depths, torch.full((n_new,), self._level, dtype=torch.long, device=self.device)]
         )
 
         # Next frontier: global top-k by score, ties -> lower pool index
@@ -428,11 +412,11 @@ class TreeBuilder:
     def _make_frontier(self) -> Frontier:
         f = self._frontier
         return Frontier(
-            tokens=self._pool_tokens[f],
-            depths=self._pool_depths[f],
-            scores=self._pool_scores[f],
+            tokens=self.pool_tokens[f],
+            depths=self.pool_depths[f],
+            scores=self.pool_scores[f],
             pool_indices=f,
-            parent_pool_indices=self._pool_parents[f],
+            parent_pool_indices=self.pool_parents[f],
             parent_rows=self._frontier_rows_of_parent,
             pool_mask=self._frontier_anc,
             draft_mask=self._frontier_anc[:, self._draft_slots],
@@ -448,17 +432,17 @@ class TreeBuilder:
         """
         if not self._started:
             raise RuntimeError("call start() before build()")
-        P = self._pool_tokens.numel()
+        P = self.pool_tokens.numel()
         n_keep = min(self.total_tokens - 1, P)
-        scores = self._pool_scores
-        parents = self._pool_parents
+        scores = self.pool_scores
+        parents = self.pool_parents
         # Ranking key = running min of the score along the ancestor chain.
         # With genuine log-probs (<= 0) this *is* the score; it only matters
         # for pseudo log-probs > 0, where it still guarantees closure.  Pool
         # order is topological, so one pass in index order suffices; done
         # level by level to keep it vectorised.
         key = scores.clone()
-        depths = self._pool_depths
+        depths = self.pool_depths
         for d in range(2, self._level + 1):
             idx = (depths == d).nonzero(as_tuple=True)[0]
             key[idx] = torch.minimum(key[idx], key[parents[idx]])
@@ -478,7 +462,7 @@ class TreeBuilder:
         )
         if bool((node_parents < 0).any()):  # pragma: no cover - guarded by construction
             raise AssertionError("internal error: kept set is not closed under parent")
-        tokens = torch.cat([torch.tensor([self.root_token], device=self.device), self._pool_tokens[keep]])
+        tokens = torch.cat([torch.tensor([self.root_token], device=self.device), self.pool_tokens[keep]])
         all_parents = torch.cat([torch.tensor([-1], device=self.device), node_parents])
         all_scores = torch.cat([torch.zeros(1, device=self.device), scores[keep]])
         return DraftTree.from_parents(tokens, all_parents, all_scores)

@@ -36,8 +36,9 @@ from __future__ import annotations
 import copy
 import math
 import numbers
+from collections.abc import Mapping
 from fractions import Fraction
-from typing import Any, ClassVar, Mapping
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F

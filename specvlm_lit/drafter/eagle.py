@@ -28,10 +28,7 @@ Notes on transformers 5.23 this module relies on (checked in the installed sourc
 from __future__ import annotations
 
 import copy
-import json
 import os
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -43,8 +40,10 @@ from transformers.cache_utils import Cache
 from transformers.masking_utils import create_causal_mask
 from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRMSNorm, LlamaRotaryEmbedding
 
+from ..attention_masks import as_additive
 from ..errors import UserError
-from ..target import TargetAdapter, TargetLoadError, _check_safetensors_file
+from ..target import TargetAdapter, TargetLoadError, _check_safetensors_file, read_model_config
+from ..utils.atomic import atomic_directory, check_replaceable, interrupted_writes
 from .compressor import Compressor, build_compressor, normalize_compressor_config
 
 __all__ = [
@@ -53,6 +52,7 @@ __all__ = [
     "DrafterOutput",
     "EagleVLMConfig",
     "EagleVLMDrafter",
+    "check_export_path",
     "save_atomically",
 ]
 
@@ -128,7 +128,7 @@ class EagleVLMConfig(PreTrainedConfig):
 
     # ------------------------------------------------------------------------------------------------------
     @classmethod
-    def from_target(cls, source: Any, **overrides) -> "EagleVLMConfig":
+    def from_target(cls, source: Any, **overrides) -> EagleVLMConfig:
         """Config whose decoder layer has the target LM's sizes.
 
         ``source`` is a :class:`~specvlm_lit.target.TargetAdapter` (also records its vocabulary size, fingerprint
@@ -286,16 +286,6 @@ class EagleVLMDrafter(PreTrainedModel):
         """An empty one-layer ``DynamicCache`` for the draft KV cache."""
         return DynamicCache(config=self._llama_config)
 
-    @staticmethod
-    def crop_cache(past_key_values: Cache, length: int) -> Cache:
-        """Truncate the draft cache to ``length`` rows in place (same semantics as :meth:`TargetAdapter.crop_cache`)."""
-        return TargetAdapter.crop_cache(past_key_values, length)
-
-    @staticmethod
-    def compact_cache(past_key_values: Cache, prefix_len: int, keep: torch.Tensor) -> Cache:
-        """Keep the prefix + the tree entries ``keep`` (same semantics as :meth:`TargetAdapter.compact_cache`)."""
-        return TargetAdapter.compact_cache(past_key_values, prefix_len, keep)
-
     def num_visual_tokens(self, grid: tuple[int, int]) -> int:
         """Visual rows this drafter sees for a ``rows x cols`` patch grid (all of them without a compressor)."""
         if self.compressor is None:
@@ -319,7 +309,7 @@ class EagleVLMDrafter(PreTrainedModel):
             position_ids: ``[B, T]`` RoPE positions; default ``past_len + arange(T)``.
             attention_mask: ``None`` = causal over cache + new rows; 2D ``[B, past + T]`` padding mask (1 = real)
                 combined with causality; or a 4D ``[B or 1, 1, T, past + T]`` mask used as is: additive float
-                (0 allowed, ``finfo.min`` blocked, as :meth:`TargetAdapter.tree_mask_4d`) or bool (True = allowed).
+                (0 allowed, ``finfo.min`` blocked, see :mod:`specvlm_lit.attention_masks`) or bool (True = allowed).
             past_key_values: draft cache (from :meth:`new_cache`); it is extended in place with the T rows.
             use_cache: create a new cache when none is given (a given cache is always extended).
         """
@@ -372,14 +362,7 @@ class EagleVLMDrafter(PreTrainedModel):
                     f"4D attention_mask must be [{b} or 1, 1, {t}, {kv}] (past {past_len} + {t} new), got "
                     f"{tuple(attention_mask.shape)}"
                 )
-            mask = attention_mask.to(hidden.device)
-            if mask.dtype == torch.bool:
-                additive = torch.zeros(mask.shape, dtype=hidden.dtype, device=hidden.device)
-                return additive.masked_fill_(~mask, torch.finfo(hidden.dtype).min)
-            if not mask.is_floating_point():
-                raise ValueError("4D attention_mask must be additive float (0 / finfo.min) or bool (True = attend)")
-            # Casting an fp32 finfo.min mask to bf16/fp16 can round it to -inf; clamp back to the finite minimum.
-            return mask.to(hidden.dtype).clamp(min=torch.finfo(hidden.dtype).min)
+            return as_additive(attention_mask.to(hidden.device), hidden.dtype)
         if attention_mask is not None:
             if tuple(attention_mask.shape) != (b, kv):
                 raise ValueError(
@@ -427,7 +410,7 @@ class EagleVLMDrafter(PreTrainedModel):
                 )
 
     @classmethod
-    def for_target(cls, target: TargetAdapter, **config_overrides) -> "EagleVLMDrafter":
+    def for_target(cls, target: TargetAdapter, **config_overrides) -> EagleVLMDrafter:
         """A freshly initialised drafter for ``target`` (``EagleVLMConfig.from_target`` + overrides).
 
         With ``final_norm`` the final RMSNorm's gain starts as a copy of the target's final-norm weight when the
@@ -448,7 +431,7 @@ class EagleVLMDrafter(PreTrainedModel):
         target: TargetAdapter | None = None,
         dtype: torch.dtype | None = None,
         device: str | torch.device | None = None,
-    ) -> "EagleVLMDrafter":
+    ) -> EagleVLMDrafter:
         """Load an exported drafter directory (local only) and, with ``target``, :meth:`check_target` it.
 
         The directory is validated first (missing / half-written exports, truncated safetensors) so every such
@@ -491,6 +474,7 @@ def _target_final_norm_weight(target: TargetAdapter) -> torch.Tensor | None:
 
 # ------------------------------------------------------------------------------------------- files on disk
 _WEIGHTS = "model.safetensors"
+_EXPORT_KIND = "drafter"  # what atomic_directory's marker file says an export directory holds
 
 
 def _check_drafter_dir(path: Path) -> dict:
@@ -498,25 +482,21 @@ def _check_drafter_dir(path: Path) -> dict:
     fix = f"Re-export it with save_atomically(drafter, '{path}')."
     if not path.is_dir():
         hint = ""
-        leftovers = sorted(path.parent.glob(f".{path.name}.tmp-*")) if path.parent.is_dir() else []
+        leftovers = interrupted_writes(path)
         if leftovers:
             hint = f" (found {leftovers[0].name}: an interrupted export; it is incomplete and was never published)"
         raise DrafterLoadError(f"drafter directory {path} does not exist{hint}. {fix}")
     config_file = path / "config.json"
-    if not config_file.is_file():
+    config = read_model_config(
+        config_file,
+        DrafterLoadError,
+        missing=f"{path} is not a complete drafter export (half-written or wrong directory). {fix}",
+        fix=fix,
+    )
+    if config["model_type"] != EagleVLMConfig.model_type:
         raise DrafterLoadError(
-            f"{config_file} is missing, so {path} is not a complete drafter export (half-written or wrong directory). "
-            f"{fix}"
-        )
-    try:
-        config = json.loads(config_file.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise DrafterLoadError(f"{config_file} is not valid JSON ({e}). {fix}") from e
-    if not isinstance(config, dict) or config.get("model_type") != EagleVLMConfig.model_type:
-        got = config.get("model_type") if isinstance(config, dict) else None
-        raise DrafterLoadError(
-            f"{config_file} has model_type={got!r}, expected {EagleVLMConfig.model_type!r}: {path} is not an "
-            f"EagleVLM drafter export."
+            f"{config_file} has model_type={config['model_type']!r}, expected {EagleVLMConfig.model_type!r}: {path} "
+            f"is not an EagleVLM drafter export."
         )
     weights = path / _WEIGHTS
     if not weights.is_file():
@@ -528,75 +508,34 @@ def _check_drafter_dir(path: Path) -> dict:
     return config
 
 
-def _fsync_tree(root: Path) -> None:
-    for p in sorted(root.rglob("*")):
-        if p.is_file():
-            with open(p, "rb") as fh:
-                os.fsync(fh.fileno())
-    _fsync_dir(root)
+def _is_drafter_export(path: Path) -> bool:
+    """Whether ``path`` is a drafter export written before exports carried the publisher's marker file."""
+    try:
+        config = read_model_config(path / "config.json", DrafterLoadError, missing="", fix="")
+    except DrafterLoadError:
+        return False
+    return config["model_type"] == EagleVLMConfig.model_type
 
 
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:  # e.g. platforms without directory fds
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
+def check_export_path(path: str | os.PathLike) -> None:
+    """Raise :class:`~specvlm_lit.utils.atomic.ForeignDirectoryError` unless :func:`save_atomically` may write
+    ``path`` (absent, empty, or a drafter export); lets a caller fail before training instead of after it."""
+    check_replaceable(path, _EXPORT_KIND, published_before=_is_drafter_export)
 
 
 def save_atomically(drafter: EagleVLMDrafter, path: str | os.PathLike, **save_kwargs) -> Path:
-    """Export ``drafter`` to ``path`` so that ``path`` is either the old export or the complete new one.
+    """Export ``drafter`` to ``path`` so that ``path`` is either the old export or the complete, validated new one.
 
-    ``save_pretrained`` writes into a hidden temp dir next to ``path`` (same filesystem, so renames are atomic); the
-    files are fsynced and validated, then the temp dir is renamed to ``path``. An interrupted export leaves only a
-    ``.<name>.tmp-*`` directory, never a ``path`` that loads. An existing ``path`` is replaced only if it is a
-    drafter export (or empty): it is first renamed aside, so a crash between the two renames leaves the previous
-    export in ``.<name>.old-*`` rather than a half-written one in ``path``.
+    Built on :func:`~specvlm_lit.utils.atomic.atomic_directory`: ``save_pretrained`` writes into a hidden temp dir next
+    to ``path``, which is validated and then renamed to ``path``. An existing ``path`` is replaced only if it is
+    empty or a drafter export; anything else raises :class:`~specvlm_lit.utils.atomic.ForeignDirectoryError` and is
+    left untouched.
     """
     path = Path(path).expanduser().absolute()
-    parent = path.parent
-    parent.mkdir(parents=True, exist_ok=True)
-    if path.exists():
-        if not path.is_dir():
-            raise FileExistsError(f"{path} exists and is not a directory; refusing to replace it with a drafter export")
-        config_file = path / "config.json"
-        is_export = config_file.is_file() and _reads_model_type(config_file) == EagleVLMConfig.model_type
-        if not is_export and any(path.iterdir()):
-            raise FileExistsError(
-                f"{path} exists and is not a drafter export; refusing to replace it (choose another path)"
-            )
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=parent))
-    old: Path | None = None
-    try:
+    with atomic_directory(path, _EXPORT_KIND, published_before=_is_drafter_export) as tmp:
         drafter.save_pretrained(str(tmp), **save_kwargs)
         _check_drafter_dir(tmp)
-        _fsync_tree(tmp)
-        if path.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{path.name}.old-", dir=parent))
-            os.rmdir(old)
-            os.rename(path, old)
-        os.rename(tmp, path)
-        _fsync_dir(parent)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if old is not None and old.exists() and not path.exists():
-            os.rename(old, path)  # put the previous export back
-        raise
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
     return path
-
-
-def _reads_model_type(config_file: Path) -> str | None:
-    try:
-        return json.loads(config_file.read_text(encoding="utf-8")).get("model_type")
-    except (OSError, ValueError, AttributeError):
-        return None
 
 
 # Let AutoConfig / AutoModel resolve exported drafters by model_type.

@@ -22,18 +22,21 @@ from typing import Protocol
 
 import torch
 
+from ..target import square_grid
+
 
 @dataclass
 class CompressedVisual:
-    embeds: torch.Tensor    # [M, H] token-side rows
+    embeds: torch.Tensor  # [M, H] token-side rows
     features: torch.Tensor  # [M, H] feature-side rows
     branch: int | None = None  # index of the branch a select-gate chose (None for fixed compressors)
     gate_probs: torch.Tensor | None = None  # [num_branches] gate distribution, for logging/aux losses
 
 
 class VisualCompressor(Protocol):
-    def __call__(self, embeds: torch.Tensor, features: torch.Tensor, grid: tuple[int, int],
-                 question: torch.Tensor) -> CompressedVisual:
+    def __call__(
+        self, embeds: torch.Tensor, features: torch.Tensor, grid: tuple[int, int], question: torch.Tensor
+    ) -> CompressedVisual:
         """Compress N aligned visual rows ([N, H] each, row-major over a ``grid`` of patches) into M rows.
 
         ``question`` are the target features of the text after the image ([Q, H]): the gate's
@@ -45,10 +48,10 @@ class VisualCompressor(Protocol):
 class DraftSequence:
     """Drafter inputs for ONE sample (no batch dimension)."""
 
-    embeds: torch.Tensor      # [L, H] e_{t+1} side
-    features: torch.Tensor    # [L, H] f_t side
-    source: torch.Tensor      # [L] long: target position t of each row, -1 for compressed visual rows
-    position_offset: int      # drafter position = target position + position_offset (after the image)
+    embeds: torch.Tensor  # [L, H] e_{t+1} side
+    features: torch.Tensor  # [L, H] f_t side
+    source: torch.Tensor  # [L] long: target position t of each row, -1 for compressed visual rows
+    position_offset: int  # drafter position = target position + position_offset (after the image)
     compressed: CompressedVisual | None = None
 
     @property
@@ -85,6 +88,8 @@ def build_draft_sequence(
     input_embeds: [T, H] target input embeddings (visual embeddings already scattered in);
     target_features: [T, H]; input_ids: [T]; ``length`` = number of real (unpadded) tokens.
     Rows cover t = 0..length-2 (the last token has no successor to pair with).
+    ``grid``: (rows, cols) the visual tokens are laid out on (``TargetAdapter.visual_grid``); when the
+    caller cannot tell, they are assumed to form a square (:func:`~specvlm_lit.target.square_grid`).
     ``question_end``: end (exclusive) of the prompt text the gate may look at. Training passes the
     first answer position so the gate never sees the answer it is about to help draft; at decoding
     time the sequence *is* the prompt, so the default (``length``) is the same span.
@@ -101,11 +106,8 @@ def build_draft_sequence(
     # Pairs t = s-1 .. s+n-2 carry visual tokens on the embedding side.
     lo, hi = s - 1, s - 1 + n
     if grid is None:
-        side = int(round(n ** 0.5))
-        if side * side != n:
-            raise ValueError(f"{n} visual tokens are not a square grid: pass grid=(rows, cols)")
-        grid = (side, side)
-    question = target_features[s + n: T if question_end is None else min(int(question_end), T)]
+        grid = square_grid(n)
+    question = target_features[s + n : T if question_end is None else min(int(question_end), T)]
     comp = compressor(e_next[lo:hi], f[lo:hi], grid, question)
     m = comp.embeds.shape[0]
     embeds = torch.cat([e_next[:lo], comp.embeds, e_next[hi:]])
