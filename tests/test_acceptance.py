@@ -284,7 +284,7 @@ def tree_target_logits(context_before_root, tree):
 def test_greedy_random_trees_match_plain_greedy():
     g = torch.Generator().manual_seed(0)
     total_accepted = 0
-    for trial in range(150):
+    for _ in range(150):
         ctx = torch.randint(RV, (int(torch.randint(1, 6, (1,), generator=g)),), generator=g).tolist()
         n = int(torch.randint(1, 25, (1,), generator=g))
 
@@ -313,7 +313,7 @@ def spec_generate_greedy(context, max_new, eos, k, depth, total, noise_seed):
     while True:
         steps += 1
 
-        def draft_fn(tokens, parents_mask, depths):
+        def draft_fn(tokens, parents_mask, depths, seq=seq):  # this round's sequence, bound now
             rows = []
             for i in range(parents_mask.shape[0]):
                 prefix = seq[:-1] + tokens[parents_mask[i]].tolist()

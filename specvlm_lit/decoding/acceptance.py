@@ -30,13 +30,13 @@ speculative output has the same distribution as ``generate(do_sample=True)``.
 
 from __future__ import annotations
 
-import math
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Iterable, Optional, Tuple, Union
 
 import torch
 from torch import Tensor
 
+from .configs import WarpConfig
 from .tree import DraftTree
 
 __all__ = [
@@ -54,37 +54,6 @@ __all__ = [
 # ---------------------------------------------------------------------------
 # Warping
 # ---------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class WarpConfig:
-    """Sampling configuration, same meaning as in HF ``generate()``.
-
-    ``temperature == 0`` means greedy decoding (HF ``do_sample=False``);
-    ``top_k == 0`` and ``top_p == 1.0`` disable those filters.
-    """
-
-    temperature: float = 0.0
-    top_k: int = 0
-    top_p: float = 1.0
-
-    def __post_init__(self):
-        t = self.temperature
-        if isinstance(t, bool) or not isinstance(t, (int, float)) or not math.isfinite(t) or t < 0:
-            raise ValueError(f"temperature must be a finite number >= 0 (0 = greedy), got {t!r}")
-        k = self.top_k
-        if isinstance(k, bool) or not isinstance(k, int) or k < 0:
-            raise ValueError(f"top_k must be an int >= 0 (0 = disabled), got {k!r}")
-        p = self.top_p
-        if isinstance(p, bool) or not isinstance(p, (int, float)) or not (0.0 < p <= 1.0):
-            raise ValueError(f"top_p must be a number in (0, 1] (1 = disabled), got {p!r}")
-        # Normalise numeric types so that e.g. temperature=1 behaves as 1.0.
-        object.__setattr__(self, "temperature", float(t))
-        object.__setattr__(self, "top_p", float(p))
-
-    @property
-    def greedy(self) -> bool:
-        return self.temperature == 0.0
 
 
 def warp_scores(logits: Tensor, cfg: WarpConfig) -> Tensor:
@@ -178,8 +147,7 @@ def _check_logits(tree: DraftTree, target_logits: Tensor) -> Tensor:
         target_logits = target_logits[0]
     if target_logits.dim() != 2 or target_logits.shape[0] != tree.size:
         raise ValueError(
-            f"target_logits must have shape [n, V] with n = tree.size = {tree.size}, "
-            f"got {tuple(target_logits.shape)}"
+            f"target_logits must have shape [n, V] with n = tree.size = {tree.size}, got {tuple(target_logits.shape)}"
         )
     return target_logits
 
@@ -211,7 +179,7 @@ def accept_sampling(
     tree: DraftTree,
     target_logits: Tensor,
     cfg: WarpConfig,
-    generator: Optional[torch.Generator] = None,
+    generator: torch.Generator | None = None,
 ) -> Acceptance:
     """Sampling (T > 0) verification; emitted tokens are distributed exactly as
     autoregressive sampling from the warped target.
@@ -227,9 +195,7 @@ def accept_sampling(
     return accept_sampling_probs(tree, warp_logits(target_logits, cfg), generator)
 
 
-def accept_sampling_probs(
-    tree: DraftTree, probs: Tensor, generator: Optional[torch.Generator] = None
-) -> Acceptance:
+def accept_sampling_probs(tree: DraftTree, probs: Tensor, generator: torch.Generator | None = None) -> Acceptance:
     """:func:`accept_sampling` on already-warped target probabilities ``[n, V]``
     (rows need not be normalised: non-negative with a positive sum).
 
@@ -309,10 +275,10 @@ def accept_sampling_probs(
 
 
 def truncate_at_eos(
-    tokens: Union[Tensor, Iterable[int]],
-    eos_ids: Union[None, int, Iterable[int], Tensor],
+    tokens: Tensor | Iterable[int],
+    eos_ids: None | int | Iterable[int] | Tensor,
     budget: int,
-) -> Tuple[Tensor, bool]:
+) -> tuple[Tensor, bool]:
     """Cut newly emitted ``tokens`` the way ``generate()`` would.
 
     ``generate()`` appends one token at a time and stops right after the

@@ -8,7 +8,9 @@
 
 Everything a caller can get wrong is checked *before* any model work and raised as :class:`DecodeInputError`
 (a ``ValueError``) with a one-line message: missing / unreadable image (the file is named), empty prompt,
-``max_new_tokens < 1``, negative temperature, ``top_p`` outside (0, 1], negative ``top_k``, a bad seed. Loading
+``max_new_tokens < 1``, negative temperature, ``top_p`` outside (0, 1], negative ``top_k``, a bad seed, a bad
+tree shape. The rules themselves live once, in :mod:`.configs` (``WarpConfig``, ``TreeConfig``, ``check_int``); the
+``check_*`` functions here apply them and re-raise a broken one as :class:`DecodeInputError`. Loading
 problems keep their own types: :class:`~specvlm_lit.target.TargetLoadError` (target checkpoint / tokenizer),
 :class:`~specvlm_lit.drafter.eagle.DrafterLoadError` (drafter directory) and
 :class:`~specvlm_lit.drafter.eagle.DrafterMismatchError` (drafter trained for another target: fingerprint).
@@ -23,17 +25,19 @@ import json
 import math
 import os
 import time
+from collections.abc import Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Mapping, Sequence
+from typing import TYPE_CHECKING, Any
 
 from ..errors import UserError
+from .configs import InvalidOption, TreeConfig, WarpConfig, check_int
 
 if TYPE_CHECKING:  # pragma: no cover
-    import torch
     from PIL import Image
 
-    from .speculative import SpecStats, TreeConfig
+    from .speculative import SpecStats
 
 __all__ = [
     "DTYPES",
@@ -43,10 +47,14 @@ __all__ = [
     "ForwardCounter",
     "PreparedPrompt",
     "SpecVLMPipeline",
+    "as_decode_input_error",
+    "check_dtype",
+    "check_int_option",
     "check_max_new_tokens",
     "check_prompt",
     "check_sampling",
     "check_seed",
+    "check_target_dir",
     "check_tree",
     "drafter_kind",
     "find_exported_drafters",
@@ -66,7 +74,7 @@ class DecodeInputError(UserError):
 
 
 # ------------------------------------------------------------------------------------------- validation
-def load_image(image) -> "Image.Image":
+def load_image(image) -> Image.Image:
     """An RGB ``PIL.Image`` from a path or an image object; a missing or undecodable file raises naming the file."""
     from PIL import Image, UnidentifiedImageError
 
@@ -99,68 +107,83 @@ def load_image(image) -> "Image.Image":
 def check_prompt(prompt) -> str:
     if not isinstance(prompt, str):
         raise DecodeInputError(
-            f"prompt must be a non-empty string (a question about the image), got {type(prompt).__name__}")
+            f"prompt must be a non-empty string (a question about the image), got {type(prompt).__name__}"
+        )
     if not prompt.strip():
-        raise DecodeInputError("the prompt is empty: pass prompt=\"<a question about the image>\"")
+        raise DecodeInputError('the prompt is empty: pass prompt="<a question about the image>"')
     if prompt.count("<image>") > 1:
         raise DecodeInputError("the prompt may contain at most one <image> placeholder (one image per request)")
     return prompt
 
 
-def _is_int(v) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
+@contextmanager
+def as_decode_input_error(rename: Mapping[str, str] | None = None):
+    """Re-raise a broken option rule (:class:`~.configs.InvalidOption`) as :class:`DecodeInputError`.
+
+    ``rename`` maps a rule's field name to the name the user typed (``{"temperature": "bench.temperatures[1]"}``).
+    """
+    try:
+        yield
+    except InvalidOption as e:
+        raise DecodeInputError(e.message((rename or {}).get(e.name))) from None
 
 
-def _is_number(v) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool)
+def check_int_option(value, name: str, minimum: int, *, allow_none: bool = False, hint: str = "") -> int | None:
+    """:func:`~.configs.check_int` for an option the user typed: a broken rule raises :class:`DecodeInputError`."""
+    with as_decode_input_error():
+        return check_int(value, name, minimum, allow_none=allow_none, hint=hint)
 
 
 def check_max_new_tokens(n, name: str = "max_new_tokens") -> int:
-    if not _is_int(n) or n < 1:
-        raise DecodeInputError(f"{name} must be an integer >= 1, got {n!r}")
-    return int(n)
-
-
-def check_sampling(temperature, top_p, top_k) -> tuple[float, float, int]:
-    """Same rules as :class:`~specvlm_lit.decoding.acceptance.WarpConfig` (checked here without importing torch)."""
-    if not _is_number(temperature) or not math.isfinite(temperature) or temperature < 0:
-        raise DecodeInputError(f"temperature must be a finite number >= 0 (0 = greedy), got {temperature!r}")
-    if not _is_number(top_p) or not (0.0 < top_p <= 1.0):
-        raise DecodeInputError(f"top_p must be a number in (0, 1] (1 = disabled), got {top_p!r}")
-    if not _is_int(top_k) or top_k < 0:
-        raise DecodeInputError(f"top_k must be an integer >= 0 (0 = disabled), got {top_k!r}")
-    return float(temperature), float(top_p), int(top_k)
+    return check_int_option(n, name, 1)
 
 
 def check_seed(seed) -> int | None:
-    if seed is not None and (not _is_int(seed) or seed < 0):
-        raise DecodeInputError(f"seed must be an integer >= 0 or null, got {seed!r}")
-    return seed
+    return check_int_option(seed, "seed", 0, allow_none=True, hint=" or null")
+
+
+def check_sampling(temperature, top_p, top_k) -> WarpConfig:
+    """The :class:`~.configs.WarpConfig` of these values (its rules, raised as :class:`DecodeInputError`)."""
+    with as_decode_input_error():
+        return WarpConfig(temperature=temperature, top_k=top_k, top_p=top_p)
+
+
+def check_dtype(dtype, name: str = "dtype") -> str:
+    if dtype not in DTYPES:
+        raise DecodeInputError(f"{name} must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    return dtype
+
+
+def check_target_dir(target) -> str:
+    """The target checkpoint directory as text; unset or missing raises naming the ``target=`` option."""
+    if not target:
+        raise DecodeInputError("target is not set: pass target=<target checkpoint directory>")
+    if not Path(str(target)).expanduser().exists():
+        raise DecodeInputError(
+            f"target checkpoint directory {target} does not exist; pass target=<dir with "
+            f"config.json + model.safetensors + processor>"
+        )
+    return str(target)
+
+
+def _tree_from_mapping(tree) -> TreeConfig:
+    if not isinstance(tree, Mapping):
+        raise DecodeInputError(f"tree must be a mapping with top_k / depth / total_tokens, got {tree!r}")
+    valid = list(TreeConfig.__dataclass_fields__)
+    unknown = set(tree) - set(valid)
+    if unknown:
+        raise DecodeInputError(f"unknown tree option(s) {sorted(unknown)}; valid: {', '.join(valid)}")
+    with as_decode_input_error():
+        return TreeConfig(**tree)
 
 
 def check_tree(tree) -> dict:
-    """Validate a tree config mapping (``top_k``, ``depth``, ``total_tokens`` int or ``"auto"``, ``adaptive``)
-    without torch."""
+    """Validate a tree config mapping (``top_k``, ``depth``, ``total_tokens`` int or ``"auto"``, ``adaptive``,
+    ``clip_to_budget``) against :class:`~.configs.TreeConfig`'s rules; returns it as a dict, as given."""
     if tree is None:
         return {}
-    if not isinstance(tree, Mapping):
-        raise DecodeInputError(f"tree must be a mapping with top_k / depth / total_tokens, got {tree!r}")
-    unknown = set(tree) - {"top_k", "depth", "total_tokens", "clip_to_budget", "adaptive"}
-    if unknown:
-        raise DecodeInputError(f"unknown tree option(s) {sorted(unknown)}; "
-                               f"valid: top_k, depth, total_tokens, adaptive, clip_to_budget")
-    out = dict(tree)
-    for name in ("adaptive", "clip_to_budget"):
-        if name in out and not isinstance(out[name], bool):
-            raise DecodeInputError(f"tree.{name} must be true or false, got {out[name]!r}")
-    for name, minimum in (("top_k", 1), ("depth", 1)):
-        if name in out and (not _is_int(out[name]) or out[name] < minimum):
-            raise DecodeInputError(f"tree.{name} must be an integer >= {minimum}, got {out[name]!r}")
-    if "total_tokens" in out:
-        t = out["total_tokens"]
-        if not (t == "auto" or (_is_int(t) and t >= 2)):
-            raise DecodeInputError(f"tree.total_tokens must be an integer >= 2 (root included) or 'auto', got {t!r}")
-    return out
+    _tree_from_mapping(tree)
+    return dict(tree)
 
 
 @dataclass(frozen=True)
@@ -176,16 +199,17 @@ class DecodeRequest:
     seed: int | None = None
 
 
-def validate_request(image, prompt, *, max_new_tokens=128, temperature=0.0, top_p=1.0, top_k=0,
-                     seed=None) -> DecodeRequest:
+def validate_request(
+    image, prompt, *, max_new_tokens=128, temperature=0.0, top_p=1.0, top_k=0, seed=None
+) -> DecodeRequest:
     """Check every user input of one request (no model needed); raise :class:`DecodeInputError` on the first
     problem. Order: scalar options first (cheap), then the prompt, then the image file (decoded once here)."""
     n = check_max_new_tokens(max_new_tokens)
-    t, p, k = check_sampling(temperature, top_p, top_k)
+    warp = check_sampling(temperature, top_p, top_k)
     s = check_seed(seed)
     q = check_prompt(prompt)
     img = load_image(image)
-    return DecodeRequest(img, q, n, t, p, k, s)
+    return DecodeRequest(img, q, n, warp.temperature, warp.top_p, warp.top_k, s)
 
 
 # ----------------------------------------------------------------------------------- drafter discovery
@@ -273,7 +297,7 @@ class ForwardCounter:
         self.calls, self.first_done = 0, None
         self.started = time.perf_counter()
 
-    def __enter__(self) -> "ForwardCounter":
+    def __enter__(self) -> ForwardCounter:
         self.reset()
         self._handle = self.module.register_forward_hook(self._hook)
         return self
@@ -310,7 +334,7 @@ class DecodeResult:
 
     text: str
     tokens: list[int]
-    stats: "SpecStats"
+    stats: SpecStats
     method: str = "speculative"
     extra: dict = field(default_factory=dict)
 
@@ -323,7 +347,7 @@ class DecodeResult:
         return {"text": self.text, "tokens": list(self.tokens), "method": self.method, "stats": s, **self.extra}
 
 
-def format_stats(result: DecodeResult, tree: "TreeConfig | None" = None) -> str:
+def format_stats(result: DecodeResult, tree: TreeConfig | None = None) -> str:
     """Human-readable per-request statistics block (what ``decode.py`` prints after the answer)."""
     s = result.stats
     ms = lambda x: f"{1000 * x:.1f} ms"  # noqa: E731
@@ -333,20 +357,28 @@ def format_stats(result: DecodeResult, tree: "TreeConfig | None" = None) -> str:
     lines.append(f"new tokens: {s.new_tokens} (stopped by {end}); prompt tokens: {s.prompt_len}")
     if result.method == "ar":
         lines.append(f"sigma: {s.sigma:.2f} tokens per target forward ({s.rounds} forwards, plain autoregressive)")
-        lines.append(f"time: prefill {ms(s.time_prefill)} | decode {ms(s.time_verify)} | total {ms(s.time_total)} "
-                     f"({tps:.1f} tokens/s)")
+        lines.append(
+            f"time: prefill {ms(s.time_prefill)} | decode {ms(s.time_verify)} | total {ms(s.time_total)} "
+            f"({tps:.1f} tokens/s)"
+        )
         lines.append(f"visual tokens: target {s.target_visual_tokens}, drafter - (no drafter)")
     else:
         acc = f"{s.accept_length:.2f}" if s.verify_rounds else "-"
-        lines.append(f"sigma: {s.sigma:.2f} tokens per target round ({s.rounds} rounds = 1 prefill + "
-                     f"{s.verify_rounds} verifications; {acc} tokens per verification)")
-        lines.append(f"time: prefill {ms(s.time_prefill)} | draft {ms(s.time_draft)} | verify {ms(s.time_verify)} | "
-                     f"other {ms(s.time_other)} | total {ms(s.time_total)} ({tps:.1f} tokens/s)")
+        lines.append(
+            f"sigma: {s.sigma:.2f} tokens per target round ({s.rounds} rounds = 1 prefill + "
+            f"{s.verify_rounds} verifications; {acc} tokens per verification)"
+        )
+        lines.append(
+            f"time: prefill {ms(s.time_prefill)} | draft {ms(s.time_draft)} | verify {ms(s.time_verify)} | "
+            f"other {ms(s.time_other)} | total {ms(s.time_total)} ({tps:.1f} tokens/s)"
+        )
         lines.append(f"visual tokens: target {s.target_visual_tokens}, drafter {s.draft_visual_tokens}")
         lines.append(f"KV cache: draft {s.draft_kv_len} rows, target {s.target_kv_len} rows")
         if tree is not None:
-            lines.append(f"tree: top_k {tree.top_k}, depth {tree.depth}, total_tokens {s.total_tokens}"
-                         + (" (auto)" if tree.auto else ""))
+            lines.append(
+                f"tree: top_k {tree.top_k}, depth {tree.depth}, total_tokens {s.total_tokens}"
+                + (" (auto)" if tree.auto else "")
+            )
     return "\n".join(lines)
 
 
@@ -355,22 +387,15 @@ def _torch_dtype(dtype):
 
     if isinstance(dtype, torch.dtype):
         return dtype
-    if dtype not in DTYPES:
-        raise DecodeInputError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
-    return getattr(torch, dtype)
+    return getattr(torch, check_dtype(dtype))
 
 
-def _tree_config(tree):
-    from .speculative import TreeConfig
-
+def _tree_config(tree) -> TreeConfig:
     if tree is None:
         return TreeConfig()
     if isinstance(tree, TreeConfig):
         return tree
-    try:
-        return TreeConfig(**check_tree(tree))
-    except ValueError as e:
-        raise DecodeInputError(str(e)) from None
+    return _tree_from_mapping(tree)
 
 
 # ------------------------------------------------------------------------------------------- pipeline
@@ -401,11 +426,14 @@ class SpecVLMPipeline:
             raise TargetLoadError(
                 f"cannot load the processor (tokenizer + image processor) from {target_path} "
                 f"({type(e).__name__}: {' '.join(str(e).split())[:200]}); save it next to the weights with "
-                f"processor.save_pretrained('{target_path}')") from None
+                f"processor.save_pretrained('{target_path}')"
+            ) from None
         tok = getattr(processor, "tokenizer", None)
         if tok is None or getattr(processor, "image_processor", None) is None:
-            raise TargetLoadError(f"{target_path} holds no tokenizer + image processor (AutoProcessor returned "
-                                  f"{type(processor).__name__}); save the target's LlavaProcessor next to it")
+            raise TargetLoadError(
+                f"{target_path} holds no tokenizer + image processor (AutoProcessor returned "
+                f"{type(processor).__name__}); save the target's LlavaProcessor next to it"
+            )
         adapter.check_tokenizer(tok)
         drafter = None
         if drafter_path is not None:
@@ -415,7 +443,7 @@ class SpecVLMPipeline:
         self.drafter_path = None if drafter_path is None else str(drafter_path)
 
     @classmethod
-    def from_components(cls, adapter, processor, drafter=None, *, tree=None) -> "SpecVLMPipeline":
+    def from_components(cls, adapter, processor, drafter=None, *, tree=None) -> SpecVLMPipeline:
         """Wrap already loaded parts (e.g. several drafters sharing one target in a benchmark)."""
         self = cls.__new__(cls)
         self._init(adapter, processor, drafter, _tree_config(tree))
@@ -478,15 +506,6 @@ class SpecVLMPipeline:
             raise DecodeInputError(str(e)) from None
         return PreparedPrompt(ids, pixels, n_visual, self.adapter.visual_grid(h, w), (w, h))
 
-    def _warp(self, temperature, top_p, top_k):
-        from .acceptance import WarpConfig
-
-        t, p, k = check_sampling(temperature, top_p, top_k)
-        try:
-            return WarpConfig(temperature=t, top_k=k, top_p=p)
-        except ValueError as e:  # pragma: no cover - check_sampling mirrors WarpConfig
-            raise DecodeInputError(str(e)) from None
-
     def decoder(self, warp):
         """The (cached) :class:`SpeculativeDecoder` for ``warp`` (caching keeps an ``auto`` tree size decision)."""
         from .speculative import SpeculativeDecoder
@@ -508,11 +527,17 @@ class SpecVLMPipeline:
     def decode(self, inputs: PreparedPrompt, *, max_new_tokens: int, warp, seed=None):
         """Speculative decoding of prepared inputs -> :class:`SpecResult` (image encoding counted in the prefill)."""
         return self.decoder(warp).generate(
-            inputs.input_ids, pixel_values=inputs.pixel_values, max_new_tokens=max_new_tokens,
-            eos_token_id=self.eos_token_id, generator=self._generator(seed), image_grid=inputs.grid)
+            inputs.input_ids,
+            pixel_values=inputs.pixel_values,
+            max_new_tokens=max_new_tokens,
+            eos_token_id=self.eos_token_id,
+            generator=self._generator(seed),
+            image_grid=inputs.grid,
+        )
 
-    def hf_generate(self, inputs: PreparedPrompt, *, max_new_tokens: int, warp, seed=None, prepare_extra=None,
-                    **generate_kwargs):
+    def hf_generate(
+        self, inputs: PreparedPrompt, *, max_new_tokens: int, warp, seed=None, prepare_extra=None, **generate_kwargs
+    ):
         """Target ``generate()`` (HF) on prepared inputs: images encoded by the adapter (any resolution) and passed
         as ``mm_encoder_outputs``. Returns ``(new_tokens list, wall seconds, ForwardCounter)``; the wall time covers
         image encoding + ``generate()``. ``prepare_extra()`` (optional) runs inside the timed region and returns
@@ -530,54 +555,86 @@ class SpecVLMPipeline:
             feats = ad.encode_images(inputs.pixel_values)
             if prepare_extra is not None:
                 kwargs.update(prepare_extra())
-            out = ad.model.generate(input_ids=ids, attention_mask=torch.ones_like(ids),
-                                    mm_encoder_outputs=ad.as_mm_encoder_outputs(feats),
-                                    max_new_tokens=max_new_tokens, eos_token_id=self.eos_token_id,
-                                    pad_token_id=self.pad_token_id, **kwargs)
+            out = ad.model.generate(
+                input_ids=ids,
+                attention_mask=torch.ones_like(ids),
+                mm_encoder_outputs=ad.as_mm_encoder_outputs(feats),
+                max_new_tokens=max_new_tokens,
+                eos_token_id=self.eos_token_id,
+                pad_token_id=self.pad_token_id,
+                **kwargs,
+            )
             if ad.device.type == "cuda":
                 torch.cuda.synchronize(ad.device)
             elapsed = time.perf_counter() - t0
-        return out[0, ids.shape[1]:].tolist(), elapsed, counter
+        return out[0, ids.shape[1] :].tolist(), elapsed, counter
 
     # ---------------------------------------------------------------------------------------- public API
-    def generate(self, image, prompt: str, *, max_new_tokens: int = 128, temperature: float = 0.0,
-                 top_p: float = 1.0, top_k: int = 0, seed: int | None = None) -> DecodeResult:
+    def generate(
+        self,
+        image,
+        prompt: str,
+        *,
+        max_new_tokens: int = 128,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        top_k: int = 0,
+        seed: int | None = None,
+    ) -> DecodeResult:
         """Answer ``prompt`` about ``image`` (path or PIL image) with lossless speculative decoding.
 
         Greedy (``temperature == 0``) output is token-identical to :meth:`generate_ar`; with sampling it is
         distributed exactly like it. ``seed`` makes sampling reproducible. Without a drafter this is
         :meth:`generate_ar`.
         """
-        req = validate_request(image, prompt, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
-                               top_k=top_k, seed=seed)
+        req = validate_request(
+            image, prompt, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k, seed=seed
+        )
         if self.drafter is None:
             return self._generate_ar(req)
-        warp = self._warp(req.temperature, req.top_p, req.top_k)
+        warp = check_sampling(req.temperature, req.top_p, req.top_k)
         inputs = self.prepare(req.image, req.prompt)
         res = self.decode(inputs, max_new_tokens=req.max_new_tokens, warp=warp, seed=req.seed)
         tokens = res.tokens.tolist()
-        return DecodeResult(self.tokenizer.decode(tokens, skip_special_tokens=True).strip(), tokens, res.stats,
-                            self.method)
+        return DecodeResult(
+            self.tokenizer.decode(tokens, skip_special_tokens=True).strip(), tokens, res.stats, self.method
+        )
 
-    def generate_ar(self, image, prompt: str, *, max_new_tokens: int = 128, temperature: float = 0.0,
-                    top_p: float = 1.0, top_k: int = 0, seed: int | None = None) -> DecodeResult:
+    def generate_ar(
+        self,
+        image,
+        prompt: str,
+        *,
+        max_new_tokens: int = 128,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        top_k: int = 0,
+        seed: int | None = None,
+    ) -> DecodeResult:
         """The reference: the target's plain Hugging Face ``generate()`` with the same warping and EOS."""
-        req = validate_request(image, prompt, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
-                               top_k=top_k, seed=seed)
+        req = validate_request(
+            image, prompt, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k, seed=seed
+        )
         return self._generate_ar(req)
 
     def _generate_ar(self, req: DecodeRequest) -> DecodeResult:
         from .speculative import SpecStats
 
-        warp = self._warp(req.temperature, req.top_p, req.top_k)
+        warp = check_sampling(req.temperature, req.top_p, req.top_k)
         inputs = self.prepare(req.image, req.prompt)
-        tokens, elapsed, counter = self.hf_generate(inputs, max_new_tokens=req.max_new_tokens, warp=warp,
-                                                    seed=req.seed)
+        tokens, elapsed, counter = self.hf_generate(inputs, max_new_tokens=req.max_new_tokens, warp=warp, seed=req.seed)
         n = len(tokens)
         first = (counter.first_done - counter.started) if counter.first_done is not None else elapsed
-        stats = SpecStats(new_tokens=n, verify_rounds=max(counter.calls - 1, 0), prompt_len=inputs.prompt_len,
-                          target_visual_tokens=inputs.n_visual, target_kv_len=inputs.prompt_len + max(n - 1, 0),
-                          finished_by_eos=bool(n and tokens[-1] == self.eos_token_id), time_prefill=first,
-                          time_verify=max(elapsed - first, 0.0), time_total=elapsed)
+        stats = SpecStats(
+            new_tokens=n,
+            verify_rounds=max(counter.calls - 1, 0),
+            prompt_len=inputs.prompt_len,
+            target_visual_tokens=inputs.n_visual,
+            target_kv_len=inputs.prompt_len + max(n - 1, 0),
+            finished_by_eos=bool(n and tokens[-1] == self.eos_token_id),
+            time_prefill=first,
+            time_verify=max(elapsed - first, 0.0),
+            time_total=elapsed,
+        )
         text = self.tokenizer.decode(tokens, skip_special_tokens=True).strip()
         return DecodeResult(text, tokens, stats, "ar")

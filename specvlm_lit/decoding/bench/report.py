@@ -1,0 +1,239 @@
+"""The benchmark's outputs: the ``bench.json`` report (results, samples, every run, notes), ``bench.md`` and
+``bench.png``."""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict
+from pathlib import Path
+
+from .aggregate import rounded, temperature_key
+from .methods import LABELS
+
+__all__ = ["build_report", "write_markdown", "write_plot", "write_report"]
+
+
+def _notes(s, runner, runs: list[dict], samples, prepared) -> list[str]:
+    """What a reader of the results must know about how this run went (workarounds, fallbacks, image sizes)."""
+    import transformers
+
+    notes = list(runner.notes)
+    if "prompt_lookup" in s.methods and s.prompt_lookup_suppress_image_token:
+        notes.append(
+            "HF prompt lookup runs with suppress_tokens=[image token]: unfiltered, its 1-gram match of "
+            "':' (from 'USER:') proposes the image placeholders, and HF's first verification forward "
+            "then fails in LLaVA ('Image features and image tokens do not match')"
+        )
+    if runner.assistant is not None:
+        a = runner.assistant
+        notes.append(
+            f"HF assisted: assistant {a.path} gets its own image features via a forward pre-hook "
+            f"(transformers {transformers.__version__} drops mm_encoder_outputs / pixel_values from the "
+            f"assistant's prefill); HF assistant defaults {a.generation_defaults}"
+        )
+        blind = [r for r in runs if r["method"] == "assisted" and r.get("assistant_saw_image") is False]
+        if blind:
+            notes.append(f"HF assisted: in {len(blind)} run(s) the assistant did not receive image features")
+    if any(smp.resized for smp in samples):
+        notes.append(
+            "some samples were resized to reach samples_per_resolution native-size samples (marked resized in samples)"
+        )
+    sizes = sorted({(smp.resolution, inp.image_size, inp.n_visual) for smp, inp, _ in prepared})
+    notes.append(
+        "processed image size / target visual tokens per resolution: "
+        + "; ".join(f"{r}px -> {w}x{h} / {n}" for r, (w, h), n in sizes)
+    )
+    return notes
+
+
+def build_report(s, machine: dict, urls: list[str], runner, results: dict, samples, prepared, runs: list[dict]) -> dict:
+    """The ``bench.json`` content; ``prepared`` holds ``(sample, PreparedPrompt, assistant pixels)`` per sample."""
+    notes = _notes(s, runner, runs, samples, prepared)
+    if hasattr(os, "getloadavg"):
+        machine["loadavg_end"] = [round(x, 2) for x in os.getloadavg()]
+    config = asdict(s)
+    config.update(
+        test_urls_resolved=urls,
+        drafter_paths=runner.drafter_paths,
+        assistant_generation_defaults=(runner.assistant.generation_defaults if runner.assistant is not None else None),
+    )
+    return {
+        "machine": machine,
+        "config": config,
+        "results": results,
+        "samples": [
+            {
+                "id": smp.id,
+                "task": smp.task,
+                "resolution": smp.resolution,
+                "resized": smp.resized,
+                "native_size": list(smp.native_size),
+                "processed_size": list(inp.image_size),
+                "target_visual_tokens": inp.n_visual,
+                "prompt_len": inp.prompt_len,
+            }
+            for smp, inp, _ in prepared
+        ],
+        "runs": [
+            {k: (rounded(v, 6) if isinstance(v, float) else v) for k, v in r.items() if k != "tokens"} for r in runs
+        ],
+        "notes": notes,
+    }
+
+
+def write_report(report: dict, out_dir: Path) -> None:
+    (out_dir / "bench.json").write_text(json.dumps(report, indent=2), encoding="utf-8")
+    write_markdown(report, out_dir / "bench.md")
+    write_plot(report, out_dir / "bench.png")
+
+
+def _fmt(v, nd=2, pct=False):
+    if v is None:
+        return "-"
+    if pct:
+        return f"{100 * v:.0f}%"
+    return f"{v:.{nd}f}" if isinstance(v, float) else str(v)
+
+
+def write_markdown(report: dict, path: Path) -> None:
+    m, cfg = report["machine"], report["config"]
+    lines = [
+        "# SpecVLM decoding benchmark",
+        "",
+        f"Machine: {m['cpu'] or m['machine']} ({m['cpu_count']} CPUs, {m['torch_threads']} torch threads), "
+        f"{m['platform']}, torch {m['torch']}, transformers {m['transformers']}, device {m['device']}, "
+        f"dtype {m['dtype']}. {m['note']}.",
+        "",
+        f"Target `{cfg['target']}`; {cfg['samples_per_resolution']} held-out samples per resolution at "
+        f"{', '.join(str(r) for r in cfg['resolutions'])} px; max_new_tokens {cfg['max_new_tokens']}; "
+        f"tree {cfg['tree']}.",
+        "",
+    ]
+    methods = list(report["results"])
+    for t in cfg["temperatures"]:
+        tk = temperature_key(t)
+        lines += [
+            f"## T = {t:g}",
+            "",
+            "| method | tau (speedup vs AR) | sigma | tokens/s | TTFT ms | identical to AR | drafter visual "
+            "tokens | draft KV rows | n |",
+            "|---|---|---|---|---|---|---|---|---|",
+        ]
+        tasks: set[str] = set()
+        for meth in methods:
+            r = report["results"][meth].get(tk, {})
+            if "skipped" in r:
+                lines.append(f"| {LABELS[meth]} | skipped: {r['skipped']} | | | | | | | |")
+                continue
+            tasks |= set(r.get("per_task", {}))
+            lines.append(
+                f"| {LABELS[meth]} | {_fmt(r.get('tau'))} | {_fmt(r.get('sigma'))} | "
+                f"{_fmt(r.get('tokens_per_s'), 1)} | {_fmt(r.get('ttft_ms'), 1)} | "
+                f"{_fmt(r.get('identical'), pct=True)} | {_fmt(r.get('drafter_visual_tokens'), 1)} | "
+                f"{_fmt(r.get('draft_kv'), 1)} | {r.get('n', 0)} |"
+            )
+        if tasks:
+            order = sorted(tasks)
+            lines += [
+                "",
+                f"Per task type at T = {t:g} (tau / sigma):",
+                "",
+                "| method | " + " | ".join(order) + " |",
+                "|---" * (len(order) + 1) + "|",
+            ]
+            for meth in methods:
+                r = report["results"][meth].get(tk, {})
+                if "skipped" in r:
+                    continue
+                cells = []
+                for task in order:
+                    pt = r.get("per_task", {}).get(task)
+                    cells.append(f"{_fmt(pt.get('tau'))} / {_fmt(pt.get('sigma'))}" if pt else "-")
+                lines.append(f"| {LABELS[meth]} | " + " | ".join(cells) + " |")
+        spec = [(meth, report["results"][meth].get(tk, {}).get("breakdown")) for meth in methods]
+        spec = [(meth, b) for meth, b in spec if b]
+        if spec:
+            lines += [
+                "",
+                f"Where the time goes at T = {t:g} (ms; shares of the method's total wall time):",
+                "",
+                "| method | prefill / request | draft / round | verify / round | other / round | round | "
+                "tree nodes / round | tree depth / round | AR step | prefill % | draft % | verify % | other % | "
+                "pipeline % |",
+                "|---" * 14 + "|",
+            ]
+            for meth, b in spec:
+                sh = b["share"]
+                lines.append(
+                    f"| {LABELS[meth]} | {_fmt(b['prefill_ms_per_request'], 1)} | "
+                    f"{_fmt(b['draft_ms_per_round'], 1)} | {_fmt(b['verify_ms_per_round'], 1)} | "
+                    f"{_fmt(b['other_ms_per_round'], 1)} | {_fmt(b['round_ms'], 1)} | "
+                    f"{_fmt(b['tree_nodes_per_round'], 1)} | {_fmt(b['tree_depth_per_round'], 1)} | "
+                    f"{_fmt(b['ar_step_ms'], 1)} | "
+                    + " | ".join(_fmt(sh[k], pct=True) for k in ("prefill", "draft", "verify", "other", "pipeline"))
+                    + " |"
+                )
+        lines.append("")
+    lines += [
+        "## Definitions",
+        "",
+        "- tau = sum of AR wall times / sum of the method's wall times on the same prompts (image encoding "
+        "included everywhere).",
+        "- sigma = new tokens / target forwards that produced them (speculative: prefill + verifications).",
+        "- TTFT: HF methods = a max_new_tokens=1 call on the same input; speculative = its prefill.",
+        "- identical = fraction of greedy outputs token-identical to the AR output (T = 0 only).",
+        "",
+    ]
+    if report.get("notes"):
+        lines += ["## Notes", ""] + [f"- {n}" for n in report["notes"]] + [""]
+    path.write_text("\n".join(lines), encoding="utf-8")
+
+
+def write_plot(report: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    temps = report["config"]["temperatures"]
+    methods = list(report["results"])
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    width = 0.8 / max(len(temps), 1)
+    for ax, key, title in (
+        (axes[0], "tau", "speedup tau vs AR (same prompts)"),
+        (axes[1], "sigma", "sigma: tokens per target forward"),
+    ):
+        for i, t in enumerate(temps):
+            xs, ys = [], []
+            for j, m in enumerate(methods):
+                r = report["results"][m].get(temperature_key(t), {})
+                x = j + (i - (len(temps) - 1) / 2) * width
+                v = r.get(key)
+                if v is None:
+                    ax.text(
+                        x,
+                        0.02,
+                        "skipped" if "skipped" in r else "n/a",
+                        rotation=90,
+                        ha="center",
+                        va="bottom",
+                        fontsize=7,
+                        color="grey",
+                    )
+                    continue
+                xs.append(x)
+                ys.append(v)
+            bars = ax.bar(xs, ys, width=width, label=f"T = {t:g}")
+            for b_, y in zip(bars, ys):
+                ax.text(b_.get_x() + b_.get_width() / 2, y, f"{y:.2f}", ha="center", va="bottom", fontsize=7)
+        ax.axhline(1.0, color="black", lw=0.8, ls="--")
+        ax.set_xticks(range(len(methods)))
+        ax.set_xticklabels([LABELS[m] for m in methods], rotation=20, ha="right", fontsize=8)
+        ax.set_title(title, fontsize=10)
+        ax.legend(fontsize=8)
+    m = report["machine"]
+    fig.suptitle(f"{m['cpu'] or m['machine']}, {m['torch_threads']} threads, {m['device']} {m['dtype']}", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

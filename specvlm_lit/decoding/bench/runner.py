@@ -1,0 +1,254 @@
+"""Running the benchmark: load every method once, then time them side by side on the same prompts.
+
+For every temperature, each method first gets ``warmup`` untimed runs on the first sample (a method that fails
+there is skipped at that temperature, with the reason). Then, per held-out sample, every method decodes the
+*same* prepared prompt right after the others, so machine-load drifts hit all methods alike. Image encoding is
+inside every method's timed region.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from ..pipeline import drafter_kind, find_exported_drafters, pick_drafter
+from .aggregate import summarise_results, temperature_key
+from .baselines import load_assistant, run_hf_method
+from .methods import DRAFTER_KINDS, SPEC_METHODS, drafter_of
+from .report import build_report, write_report
+from .samples import collect_samples, resolve_test_urls
+from .settings import BenchSettings
+
+__all__ = ["MethodRunner", "machine_info", "run_benchmark", "time_methods"]
+
+
+def machine_info(device: str, dtype: str) -> dict:
+    import torch
+    import transformers
+
+    cpu = platform.processor() or ""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    info = {
+        "platform": platform.platform(),
+        "machine": platform.machine(),
+        "cpu": cpu,
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "device": device,
+        "dtype": dtype,
+        "note": "timings measured side by side in one process on this machine; compare ratios (tau), "
+        "not absolute times, across machines",
+    }
+    if hasattr(os, "getloadavg"):
+        info["loadavg_start"] = [round(x, 2) for x in os.getloadavg()]
+    if device.startswith("cuda") and torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name(torch.device(device))
+    return info
+
+
+class MethodRunner:
+    """The target, every drafter and the assistant, loaded once; :meth:`run` times one method on one prompt.
+
+    ``skipped`` maps a method that cannot run at all to the reason (no drafter of its kind, no assistant).
+    """
+
+    def __init__(self, s: BenchSettings, log):
+        from ...drafter.eagle import EagleVLMDrafter
+        from ..pipeline import SpecVLMPipeline
+
+        self.s, self.log = s, log
+        self.skipped: dict[str, str] = {}
+        self.notes: list[str] = []
+        self.base = SpecVLMPipeline(s.target, None, dtype=s.dtype, device=s.device, tree=s.tree)
+        self.adapter = self.base.adapter
+        fingerprint = self.adapter.fingerprint()
+        self.drafter_paths: dict[str, str | None] = {}
+        self.pipes = {}
+        # Each drafter kind is loaded once; its static and adaptive rows share it.
+        needed = {drafter_of(m) for m in SPEC_METHODS if m in s.methods}
+        loaded: dict[str, tuple[str, Any]] = {}
+        for m in DRAFTER_KINDS:
+            if m not in needed:
+                continue
+            path = s.drafters.get(m)
+            if path is None:
+                cands = find_exported_drafters(s.outputs_root, m) if s.outputs_root else []
+                found = pick_drafter(cands, fingerprint)
+                if found is None:
+                    what = "no compressor" if m == "eaglevlm" else "compressor=select"
+                    why = (
+                        (
+                            f"found {len(cands)} exported {m} drafter(s) but none for this target (fingerprint "
+                            f"{fingerprint})"
+                        )
+                        if cands
+                        else f"no exported {m} drafter ({what})"
+                    )
+                    train = "compressor=none" if m == "eaglevlm" else "compressor=select"
+                    self.skipped[m] = (
+                        f"{why} under {s.outputs_root}; run `python train.py {train}` or pass "
+                        f"bench.drafters.{m}=<drafter dir>"
+                    )
+                    continue
+                path = str(found)
+            drafter = EagleVLMDrafter.load(path, target=self.adapter, dtype=self.base.adapter.dtype, device=s.device)
+            kind = drafter_kind({"compressor": drafter.config.compressor})
+            if kind != m:
+                self.notes.append(f"{m}: the drafter at {path} is of kind {kind!r}, not {m!r}")
+            loaded[m] = (str(path), drafter)
+        for row in SPEC_METHODS:
+            if row not in s.methods:
+                continue
+            kind = drafter_of(row)
+            if kind not in loaded:
+                self.skipped[row] = self.skipped[kind]
+                continue
+            path, drafter = loaded[kind]
+            tree = s.tree if row == kind else {**s.tree, "adaptive": True}
+            self.pipes[row] = SpecVLMPipeline.from_components(self.adapter, self.base.processor, drafter, tree=tree)
+            self.drafter_paths[row] = path
+        self.assistant = None
+        if "assisted" in s.methods:
+            self.assistant, why = load_assistant(s, self.base)
+            if why is not None:
+                self.skipped["assisted"] = why
+
+    def run(self, method: str, inputs, a_pixels, warp, seed, *, ttft: bool = True) -> dict:
+        """One timed run -> its record (tokens, new tokens, target forwards, wall time, TTFT, drafter cost)."""
+        if method not in SPEC_METHODS:
+            return run_hf_method(method, self.base, self.s, self.assistant, inputs, a_pixels, warp, seed, ttft=ttft)
+        p = self.pipes[method]
+        t0 = time.perf_counter()
+        res = p.decode(inputs, max_new_tokens=self.s.max_new_tokens, warp=warp, seed=seed)
+        rec: dict[str, Any] = {"time_s": time.perf_counter() - t0}
+        st = res.stats
+        rec.update(
+            tokens=res.tokens.tolist(),
+            new_tokens=st.new_tokens,
+            target_forwards=st.rounds,
+            ttft_s=st.time_prefill,
+            drafter_visual_tokens=st.draft_visual_tokens,
+            draft_kv=st.draft_kv_len,
+            draft_kv_bytes=st.draft_kv_len * p.draft_kv_bytes_per_row(),
+            verify_rounds=st.verify_rounds,
+            time_draft_s=st.time_draft,
+            time_verify_s=st.time_verify,
+            time_other_s=st.time_other,
+            tree_nodes=sum(st.tree_sizes),
+            tree_depth=sum(st.tree_depths),
+        )
+        return rec
+
+
+def _error_text(e: Exception) -> str:
+    return f"{type(e).__name__}: {' '.join(str(e).split())[:300]}"
+
+
+def time_methods(
+    runner: MethodRunner, s: BenchSettings, prepared: list, *, progress: bool
+) -> tuple[list[dict], dict[tuple[str, str], str]]:
+    """Warm-up, then every active method on every prepared sample, per temperature (see the module doc).
+
+    Returns the run records and ``{(method, temperature key): why}`` for methods that failed their warm-up.
+    """
+    import torch
+    import transformers
+    from tqdm.auto import tqdm
+
+    from ..configs import WarpConfig
+
+    active = [m for m in s.methods if m not in runner.skipped]
+    per_t_runs = len(prepared) * len(active) + s.warmup * len(active)
+    runs: list[dict] = []
+    skipped_t: dict[tuple[str, str], str] = {}
+    bar = tqdm(
+        total=per_t_runs * len(s.temperatures),
+        desc="bench",
+        unit="run",
+        file=sys.stderr,
+        disable=not progress,
+        dynamic_ncols=True,
+    )
+    with torch.no_grad():
+        for t in s.temperatures:
+            warp = WarpConfig(temperature=t, top_k=s.top_k, top_p=s.top_p)
+            tk = temperature_key(t)
+            # warm-up (untimed): first sample, every method; a method failing here is skipped at this T
+            for m in active:
+                for _ in range(s.warmup):
+                    bar.set_postfix_str(f"T={t:g} warm-up {m}")
+                    smp, inp, a_px = prepared[0]
+                    try:
+                        runner.run(m, inp, a_px, warp, s.seed, ttft=False)
+                    except Exception as e:  # noqa: BLE001 - reported, not hidden
+                        skipped_t[(m, tk)] = f"failed in transformers {transformers.__version__}: {_error_text(e)}"
+                    bar.update(1)
+            for i, (smp, inp, a_px) in enumerate(prepared):
+                seed = None if s.seed is None else s.seed + i
+                for m in active:
+                    bar.set_postfix_str(f"T={t:g} {smp.resolution}px {m}")
+                    base = {
+                        "method": m,
+                        "temperature": t,
+                        "resolution": smp.resolution,
+                        "sample": smp.id,
+                        "task": smp.task,
+                        "key": i,
+                        "target_visual_tokens": inp.n_visual,
+                        "prompt_len": inp.prompt_len,
+                    }
+                    if (m, tk) in skipped_t:
+                        bar.update(1)
+                        continue
+                    try:
+                        rec = runner.run(m, inp, a_px, warp, seed)
+                    except Exception as e:  # noqa: BLE001
+                        rec = {"error": _error_text(e)}
+                    runs.append({**base, **rec})
+                    bar.update(1)
+    bar.close()
+    return runs, skipped_t
+
+
+def run_benchmark(s: BenchSettings, *, progress: bool = True, log: Callable[[str], None] | None = None) -> Path:
+    """Run the benchmark described by ``s``; write bench.json / bench.md / bench.png into ``s.out_dir``."""
+    log = log or (lambda msg: print(msg, file=sys.stderr))
+    out_dir = Path(s.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    urls = resolve_test_urls(s, log)
+    samples = collect_samples(urls, s.resolutions, s.samples_per_resolution)
+
+    import transformers
+
+    verbosity = transformers.logging.get_verbosity()
+    transformers.logging.set_verbosity_error()  # HF repeats a deprecation warning inside every assistant call
+    try:
+        runner = MethodRunner(s, log)
+        machine = machine_info(s.device, s.dtype)
+        prepared = []
+        for smp in samples:
+            inp = runner.base.prepare(smp.image, smp.question)
+            a_px = runner.assistant.pixels(smp.image) if runner.assistant is not None else None
+            prepared.append((smp, inp, a_px))
+        runs, skipped_t = time_methods(runner, s, prepared, progress=progress)
+        results = summarise_results(s.methods, s.temperatures, runs, runner.skipped, skipped_t)
+        report = build_report(s, machine, urls, runner, results, samples, prepared, runs)
+    finally:
+        transformers.logging.set_verbosity(verbosity)
+    write_report(report, out_dir)
+    return out_dir
