@@ -16,16 +16,13 @@ one-line ``error: ...`` and a non-zero exit status, before any model work. The P
 from __future__ import annotations
 
 import os
-import re
-import sys
 from pathlib import Path
 
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from specvlm_lit.errors import UserError, one_line
-
 import specvlm_lit.utils.hydra_resolvers  # noqa: F401  (registers ${safe_dirname:...} for sweep dirs)
+from specvlm_lit.errors import UserError, one_line
 
 ROOT = Path(__file__).resolve().parent
 os.environ.setdefault("PROJECT_ROOT", str(ROOT))
@@ -37,11 +34,9 @@ def _scalar_text(v):
 
 
 def check_threads(threads):
-    from specvlm_lit.decoding.pipeline import DecodeInputError
+    from specvlm_lit.decoding.pipeline import check_int_option
 
-    if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
-        raise DecodeInputError(f"threads must be an integer >= 1 or null (torch default), got {threads!r}")
-    return threads
+    return check_int_option(threads, "threads", 1, allow_none=True, hint=" or null (torch default)")
 
 
 def set_threads(threads) -> None:
@@ -54,6 +49,7 @@ def set_threads(threads) -> None:
 def run_generate(cfg: dict, root: Path) -> None:
     from specvlm_lit.decoding.pipeline import (
         DecodeInputError,
+        check_target_dir,
         check_tree,
         find_exported_drafters,
         format_stats,
@@ -61,30 +57,33 @@ def run_generate(cfg: dict, root: Path) -> None:
     )
 
     # 1. Everything the user typed, before any heavy import or model work.
-    req = validate_request(_scalar_text(cfg.get("image")), _scalar_text(cfg.get("prompt")),
-                           max_new_tokens=cfg.get("max_new_tokens"), temperature=cfg.get("temperature"),
-                           top_p=cfg.get("top_p"), top_k=cfg.get("top_k"), seed=cfg.get("seed"))
+    req = validate_request(
+        _scalar_text(cfg.get("image")),
+        _scalar_text(cfg.get("prompt")),
+        max_new_tokens=cfg.get("max_new_tokens"),
+        temperature=cfg.get("temperature"),
+        top_p=cfg.get("top_p"),
+        top_k=cfg.get("top_k"),
+        seed=cfg.get("seed"),
+    )
     tree = check_tree(cfg.get("tree"))
-    target = (cfg.get("target") or {}).get("path")
-    if not target:
-        raise DecodeInputError("target is not set: pass target=<target checkpoint directory>")
-    if not Path(str(target)).expanduser().exists():
-        raise DecodeInputError(f"target checkpoint directory {target} does not exist; pass target=<dir with "
-                               f"config.json + model.safetensors + processor> (the embedded default is built with "
-                               f"python -m specvlm_lit.embedded.build)")
-    drafter = (cfg.get("drafter") or {}).get("path")
+    target = check_target_dir(cfg.get("target"))
+    drafter = cfg.get("drafter")
     candidates = []
     if drafter is None:
         outputs = root / "outputs"
         candidates = find_exported_drafters(outputs)
         if not candidates:
-            raise DecodeInputError(f"no drafter given and none exported under {outputs}: run `python train.py` "
-                                   f"(it exports <run dir>/drafter) or pass drafter=<drafter directory>")
+            raise DecodeInputError(
+                f"no drafter given and none exported under {outputs}: run `python train.py` "
+                f"(it exports <run dir>/drafter) or pass drafter=<drafter directory>"
+            )
     else:
         drafter = str(drafter)
         if not Path(drafter).expanduser().is_dir():
-            raise DecodeInputError(f"drafter directory {drafter} does not exist; pass the directory train.py "
-                                   f"exported (<run dir>/drafter)")
+            raise DecodeInputError(
+                f"drafter directory {drafter} does not exist; pass the directory train.py exported (<run dir>/drafter)"
+            )
 
     threads = check_threads(cfg.get("threads"))
 
@@ -93,7 +92,7 @@ def run_generate(cfg: dict, root: Path) -> None:
 
     set_threads(threads)
 
-    common = dict(dtype=(cfg.get("target") or {}).get("dtype", "float32"), device=str(cfg.get("device", "cpu")), tree=tree)
+    common = dict(dtype=cfg.get("dtype", "float32"), device=str(cfg.get("device", "cpu")), tree=tree)
     if drafter is None:
         pipe = SpecVLMPipeline(target, None, **common)
         fingerprint = pipe.adapter.fingerprint()
@@ -103,7 +102,8 @@ def run_generate(cfg: dict, root: Path) -> None:
             raise DecodeInputError(
                 f"found {len(candidates)} exported drafter(s) under {root / 'outputs'} but none was trained for this "
                 f"target (fingerprint {fingerprint}; the newest, {newest}, is for {ncfg.get('target_fingerprint')}): "
-                f"run `python train.py target.path={target}` or pass drafter=<drafter directory>")
+                f"run `python train.py target.path={target}` or pass drafter=<drafter directory>"
+            )
         from specvlm_lit.drafter.eagle import EagleVLMDrafter
 
         d = EagleVLMDrafter.load(found, target=pipe.adapter, dtype=pipe.adapter.dtype, device=common["device"])
@@ -111,8 +111,15 @@ def run_generate(cfg: dict, root: Path) -> None:
         drafter = str(found)
     else:
         pipe = SpecVLMPipeline(target, drafter, **common)
-    result = pipe.generate(req.image, req.prompt, max_new_tokens=req.max_new_tokens, temperature=req.temperature,
-                           top_p=req.top_p, top_k=req.top_k, seed=req.seed)
+    result = pipe.generate(
+        req.image,
+        req.prompt,
+        max_new_tokens=req.max_new_tokens,
+        temperature=req.temperature,
+        top_p=req.top_p,
+        top_k=req.top_k,
+        seed=req.seed,
+    )
     print(result.text)
     print()
     print(format_stats(result, pipe.tree))
@@ -136,14 +143,16 @@ def run_bench(cfg: dict, root: Path, out_dir: str) -> Path:
                 continue
             ident = "-" if r.get("identical") is None else f"{100 * r['identical']:.0f}%"
             fmt = lambda v, nd=2: "-" if v is None else f"{v:.{nd}f}"  # noqa: E731
-            print(f"{LABELS[m]:<20} {float(t):>4g} {fmt(r.get('tau')):>6} {fmt(r.get('sigma')):>6} "
-                  f"{fmt(r.get('tokens_per_s'), 1):>8} {ident:>9}")
+            print(
+                f"{LABELS[m]:<20} {float(t):>4g} {fmt(r.get('tau')):>6} {fmt(r.get('sigma')):>6} "
+                f"{fmt(r.get('tokens_per_s'), 1):>8} {ident:>9}"
+            )
     m = report["machine"]
     print(f"machine: {m['cpu'] or m['machine']}, {m['torch_threads']} torch threads, {m['device']} {m['dtype']}")
     return out
 
 
-@hydra.main(version_base="1.3", config_path="conf", config_name="decode")
+@hydra.main(version_base="1.3", config_path="conf/decode", config_name="decode")
 def main(cfg: DictConfig) -> None:
     from hydra.core.hydra_config import HydraConfig
 
@@ -163,15 +172,5 @@ def main(cfg: DictConfig) -> None:
         raise SystemExit(f"error: {one_line(e)}") from None
 
 
-def cli_aliases(argv: list[str]) -> list[str]:
-    """``target=<dir>`` / ``drafter=<dir>`` -> ``target.path=<dir>`` / ``drafter.path=<dir>``.
-
-    conf/ also holds train.py's ``target`` and ``drafter`` config groups, so Hydra would read ``target=<dir>`` as a
-    group choice; the shorthand is rewritten before Hydra parses the command line.
-    """
-    return [re.sub(r"^(target|drafter)=", r"\1.path=", a) for a in argv]
-
-
 if __name__ == "__main__":
-    sys.argv[1:] = cli_aliases(sys.argv[1:])
     main()

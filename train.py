@@ -12,7 +12,6 @@ Prints the validation figures and, as its last line, the exported drafter direct
 
 from __future__ import annotations
 
-import functools
 import os
 from pathlib import Path
 
@@ -21,9 +20,8 @@ import lightning as L
 import torch
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from specvlm_lit.errors import UserError, one_line
-
 import specvlm_lit.utils.hydra_resolvers  # noqa: F401  (registers ${safe_dirname:...} for sweep dirs)
+from specvlm_lit.errors import UserError, one_line
 
 ROOT = Path(__file__).resolve().parent
 os.environ.setdefault("PROJECT_ROOT", str(ROOT))
@@ -43,19 +41,26 @@ def check_devices(trainer_cfg: DictConfig) -> None:
     if accel in ("gpu", "cuda"):
         have = torch.cuda.device_count()
         if devices > have:
-            raise StartupError(f"trainer.devices={devices} GPUs requested but {have} are visible; "
-                               f"use trainer.devices={max(have, 1)} or trainer=cpu / trainer=ddp_sim")
+            raise StartupError(
+                f"trainer.devices={devices} GPUs requested but {have} are visible; "
+                f"use trainer.devices={max(have, 1)} or trainer=cpu / trainer=ddp_sim"
+            )
     elif accel == "cpu":
         have = os.cpu_count() or 1
         if devices > have:
-            raise StartupError(f"trainer.devices={devices} CPU processes requested but this machine has {have} cores; "
-                               f"use trainer.devices<={have}")
+            raise StartupError(
+                f"trainer.devices={devices} CPU processes requested but this machine has {have} cores; "
+                f"use trainer.devices<={have}"
+            )
 
 
 def wandb_offline_default(cfg: DictConfig) -> None:
     """W&B runs offline unless credentials exist, so a fresh machine never blocks on a login prompt."""
-    has_key = bool(os.environ.get("WANDB_API_KEY")) or Path.home().joinpath(".netrc").is_file() and \
-        "api.wandb.ai" in Path.home().joinpath(".netrc").read_text(errors="ignore")
+    has_key = (
+        bool(os.environ.get("WANDB_API_KEY"))
+        or Path.home().joinpath(".netrc").is_file()
+        and "api.wandb.ai" in Path.home().joinpath(".netrc").read_text(errors="ignore")
+    )
     for lg in (cfg.get("logger") or {}).values():
         if lg is not None and "offline" in lg and str(lg.offline) == "auto":
             with open_dict(lg):
@@ -65,61 +70,72 @@ def wandb_offline_default(cfg: DictConfig) -> None:
     os.environ.setdefault("WANDB_SILENT", "true")
 
 
-def build_datamodule(cfg: DictConfig, target_path: str):
-    from transformers import AutoProcessor
+def check_compressor(cfg: DictConfig) -> None:
+    from specvlm_lit.drafter.compressor import normalize_compressor_config
 
-    from specvlm_lit.data.datamodule import ShardDataModule
-    from specvlm_lit.synthetic.generate import CorpusSpec, ensure_corpus
-    from specvlm_lit.utils.visual_tokens import llava_visual_tokens
-    d = cfg.data
-    if d.get("generate_if_missing") and d.get("corpus_dir"):
-        ensure_corpus(d.corpus_dir, CorpusSpec())
-    processor = AutoProcessor.from_pretrained(target_path)
-    vision = processor.image_processor
-    patch = int(getattr(processor, "patch_size", 0) or 0)
-    if patch <= 0:
-        raise StartupError(f"the processor in {target_path} has no patch_size; cannot size the image tokens")
-    strategy = getattr(processor, "vision_feature_select_strategy", "default")
-    num_visual_tokens = functools.partial(llava_visual_tokens, patch_size=patch, strategy=strategy)
-    return ShardDataModule(
-        d.train_urls, d.val_urls, processor.tokenizer, vision, num_visual_tokens, batch_size=d.batch_size,
-        max_length=d.max_length, shuffle_buffer=d.shuffle_buffer, num_workers=d.num_workers, seed=cfg.seed,
-        resample_train=d.samples_per_epoch is None, samples_per_epoch=d.samples_per_epoch,
-    )
+    try:  # strict: a bad compressor config fails here, listing the valid choices, before any model loads
+        normalize_compressor_config(OmegaConf.to_container(cfg.compressor) if cfg.compressor else None)
+    except ValueError as e:
+        raise StartupError(f"compressor: {e}") from None
+
+
+def instantiate_all(cfg: DictConfig, key: str) -> list:
+    """Instantiate every non-null entry of a config mapping such as ``callbacks`` or ``logger``."""
+    return [hydra.utils.instantiate(c) for c in (cfg.get(key) or {}).values() if c is not None]
+
+
+def export_monitored(trainer: L.Trainer, module, export_dir: Path) -> dict:
+    """Export the drafter of the checkpoint that ``ModelCheckpoint`` monitors (its best), else the final weights.
+
+    Returns what was exported. Runs on every rank (loading is collective-free); only rank 0 writes.
+    """
+    from specvlm_lit.drafter.eagle import save_atomically
+
+    ckpt = trainer.checkpoint_callback
+    best = getattr(ckpt, "best_model_path", "") if ckpt is not None else ""
+    source = {"checkpoint": "final weights (no monitored checkpoint was written)"}
+    if best and Path(best).is_file():
+        state = torch.load(best, map_location="cpu", weights_only=False)["state_dict"]
+        module.load_state_dict(state)
+        source = {
+            "checkpoint": str(best),
+            "monitor": ckpt.monitor,
+            "score": None if ckpt.best_model_score is None else float(ckpt.best_model_score),
+        }
+    if trainer.is_global_zero:
+        save_atomically(module.drafter, export_dir)
+    return source
 
 
 def run(cfg: DictConfig) -> dict:
-    from specvlm_lit.drafter.compressor import normalize_compressor_config
-    from specvlm_lit.drafter.eagle import save_atomically
-    from specvlm_lit.training.distill import OnlineDistillation
+    from specvlm_lit.drafter.eagle import check_export_path
 
     check_devices(cfg.trainer)
-    try:  # strict: a bad compressor config fails here, listing the valid choices
-        normalize_compressor_config(OmegaConf.to_container(cfg.compressor.compressor) if cfg.compressor.compressor else None)
-    except ValueError as e:
-        raise StartupError(f"compressor: {e}") from None
+    check_compressor(cfg)
+    check_export_path(cfg.export_dir)  # refuse a foreign export_dir now, not after training
     wandb_offline_default(cfg)
     L.seed_everything(cfg.seed, workers=True)
-    datamodule = build_datamodule(cfg, cfg.target.path)
-    dr = cfg.drafter
-    module = OnlineDistillation(
-        target_path=cfg.target.path, target_dtype=cfg.target.dtype,
-        compressor=OmegaConf.to_container(cfg.compressor.compressor) if cfg.compressor.compressor else None,
-        intermediate_size=dr.intermediate_size, lambda_logit=dr.lambda_logit, lambda_feat=dr.lambda_feat,
-        optimizer=OmegaConf.to_container(dr.optimizer), warmup_steps=dr.warmup_steps, feature_noise=dr.feature_noise,
-        unroll_steps=dr.unroll_steps, unroll_decay=dr.unroll_decay, max_bad_fraction=cfg.data.max_bad_fraction,
-        val_decode_samples=cfg.val_decode_samples,
+    datamodule: L.LightningDataModule = hydra.utils.instantiate(cfg.data, _convert_="all")
+    module: L.LightningModule = hydra.utils.instantiate(cfg.model, _convert_="all")
+    loggers = instantiate_all(cfg, "logger")
+    trainer: L.Trainer = hydra.utils.instantiate(
+        cfg.trainer,
+        callbacks=instantiate_all(cfg, "callbacks"),
+        logger=loggers or False,
+        reload_dataloaders_every_n_epochs=1,
     )
-    callbacks = [hydra.utils.instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None]
-    loggers = [hydra.utils.instantiate(c) for c in (cfg.get("logger") or {}).values() if c is not None]
-    trainer: L.Trainer = hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False,
-                                                 reload_dataloaders_every_n_epochs=1)
+    for lg in trainer.loggers:  # the whole composed run config, as lightning-hydra-template logs it
+        lg.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
     trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
     export = Path(cfg.export_dir)
-    if trainer.is_global_zero:
-        save_atomically(module.drafter, export)
-    return {"metrics": metrics, "export_dir": str(export.resolve()), "global_step": trainer.global_step}
+    exported = export_monitored(trainer, module, export)
+    return {
+        "metrics": metrics,
+        "export_dir": str(export.resolve()),
+        "exported_from": exported,
+        "global_step": trainer.global_step,
+    }
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")
@@ -131,6 +147,11 @@ def main(cfg: DictConfig) -> None:
     if int(os.environ.get("LOCAL_RANK", "0")) == 0:
         for k, v in sorted(result["metrics"].items()):
             print(f"{k}: {v:.4f}")
+        src = result["exported_from"]
+        print(
+            f"exported: {src['checkpoint']}"
+            + (f" (best {src['monitor']} = {src['score']:.4f})" if src.get("score") is not None else "")
+        )
         print(result["export_dir"])
 
 

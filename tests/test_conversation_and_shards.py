@@ -1,15 +1,14 @@
-import functools
 import io
 import json
 import tarfile
 
 import pytest
-import torch
 
+from recipes.embedded_target.tokenizer import build_processor
 from specvlm_lit.data.conversation import ConversationError, encode_conversation, prompt_ids
-from specvlm_lit.data.datamodule import ShardDataModule, llava_visual_tokens
+from specvlm_lit.data.datamodule import ShardDataModule
 from specvlm_lit.data.shards import BadSampleMonitor, TooManyBadSamples
-from specvlm_lit.embedded.tokenizer import build_processor
+from specvlm_lit.target import llava_visual_tokens
 
 CONV = [
     {"from": "human", "value": "<image>\nWhat color is the circle?"},
@@ -33,20 +32,24 @@ def test_ids_equal_chat_template_and_mask_covers_answers_only(corpus_tokenizer):
 def test_prompt_matches_generation_prompt(corpus_tokenizer):
     tok = corpus_tokenizer
     ids = prompt_ids("What color is the circle?", tok, 3)
-    text = tok.apply_chat_template([{"role": "user", "content": "<image>\nWhat color is the circle?"}],
-                                   tokenize=False, add_generation_prompt=True).replace("<image>", "<image>" * 3)
+    text = tok.apply_chat_template(
+        [{"role": "user", "content": "<image>\nWhat color is the circle?"}], tokenize=False, add_generation_prompt=True
+    ).replace("<image>", "<image>" * 3)
     assert ids.tolist() == tok(text, add_special_tokens=False)["input_ids"]
     with pytest.raises(ConversationError, match="empty"):
         prompt_ids("   ", tok, 3)
 
 
-@pytest.mark.parametrize("conv, message", [
-    ([{"from": "human", "value": "<image>\nHi?"}], "no assistant answer"),
-    ([{"from": "human", "value": "<image>\nHi?"}, {"from": "gpt", "value": "  "}], "no assistant answer"),
-    ([{"from": "gpt", "value": "x"}], "start with a human"),
-    ([{"from": "human", "value": "Hi?"}, {"from": "gpt", "value": "x"}], "placeholder"),
-    ([{"from": "robot", "value": "x"}], "not a human/gpt"),
-])
+@pytest.mark.parametrize(
+    "conv, message",
+    [
+        ([{"from": "human", "value": "<image>\nHi?"}], "no assistant answer"),
+        ([{"from": "human", "value": "<image>\nHi?"}, {"from": "gpt", "value": "  "}], "no assistant answer"),
+        ([{"from": "gpt", "value": "x"}], "start with a human"),
+        ([{"from": "human", "value": "Hi?"}, {"from": "gpt", "value": "x"}], "placeholder"),
+        ([{"from": "robot", "value": "x"}], "not a human/gpt"),
+    ],
+)
 def test_bad_conversations(conv, message, corpus_tokenizer):
     with pytest.raises(ConversationError, match=message):
         encode_conversation(conv, corpus_tokenizer, num_image_tokens=4)
@@ -69,18 +72,21 @@ def _write_shard(path, samples):
 
 
 def test_bad_samples_are_skipped_and_counted(tmp_path, small_corpus, corpus_tokenizer):
-    good = [s for s in __import__("webdataset").WebDataset(str(small_corpus / "val-000000.tar"), shardshuffle=False)][:4]
+    good = [s for s in __import__("webdataset").WebDataset(str(small_corpus / "val-000000.tar"), shardshuffle=False)][
+        :4
+    ]
     no_answer = json.dumps({"conversations": [{"from": "human", "value": "<image>\nHi?"}]}).encode()
     samples = [(g["__key__"], {"png": g["png"], "json": g["json"]}) for g in good]
-    samples += [("bad-img", {"png": b"not a png", "json": good[0]["json"]}),
-                ("bad-json", {"png": good[0]["png"], "json": b"{oops"}),
-                ("no-ans", {"png": good[0]["png"], "json": no_answer}),
-                ("no-img", {"json": good[0]["json"]})]
+    samples += [
+        ("bad-img", {"png": b"not a png", "json": good[0]["json"]}),
+        ("bad-json", {"png": good[0]["png"], "json": b"{oops"}),
+        ("no-ans", {"png": good[0]["png"], "json": no_answer}),
+        ("no-img", {"json": good[0]["json"]}),
+    ]
     shard = tmp_path / "mixed-000000.tar"
     _write_shard(shard, samples)
     processor = build_processor(corpus_tokenizer, patch_size=8)
-    dm = ShardDataModule([str(shard)], [str(shard)], corpus_tokenizer, processor.image_processor,
-                         functools.partial(llava_visual_tokens, patch_size=8), batch_size=2, num_workers=0)
+    dm = ShardDataModule([str(shard)], [str(shard)], processor, batch_size=2, num_workers=0)
     batches = list(dm.val_dataloader())
     assert sum(b["input_ids"].shape[0] for b in batches) == 4
     stats = {}
@@ -113,9 +119,9 @@ def test_corrupt_tar_is_skipped_and_counted(tmp_path, small_corpus, corpus_token
     broken = tmp_path / "broken-000000.tar"
     broken.write_bytes(src[: len(src) // 2 + 100])  # cut mid-member: tarfile raises part-way through
     processor = build_processor(corpus_tokenizer, patch_size=8)
-    dm = ShardDataModule([str(broken)], [str(small_corpus / "val-000000.tar"), str(broken)], corpus_tokenizer,
-                         processor.image_processor, functools.partial(llava_visual_tokens, patch_size=8),
-                         batch_size=2, num_workers=0)
+    dm = ShardDataModule(
+        [str(broken)], [str(small_corpus / "val-000000.tar"), str(broken)], processor, batch_size=2, num_workers=0
+    )
     batches = list(dm.val_dataloader())
     stats = {}
     for b in batches:

@@ -22,12 +22,20 @@ REPO = Path(__file__).resolve().parents[1]
 def train_cfg(tiny_target, small_corpus, out, *overrides):
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
-        cfg = compose(config_name="train", return_hydra_config=False, overrides=[
-            f"target.path={tiny_target}", f"data.corpus_dir={small_corpus}", "data.generate_if_missing=false",
-            f"data.train_urls='{small_corpus}/train-{{000000..000002}}.tar'", f"data.val_urls={small_corpus}/val-000000.tar",
-            "data.batch_size=4", "data.num_workers=0", "data.shuffle_buffer=8", "data.samples_per_epoch=16",
-            "logger=csv", "callbacks.rich_progress_bar=null", f"paths.output_dir={out}", f"paths.root_dir={REPO}",
-            "+trainer.enable_progress_bar=false", "trainer.limit_val_batches=1", *overrides])
+        cfg = compose(
+            config_name="train",
+            return_hydra_config=False,
+            overrides=[
+                "debug=tiny",
+                f"target.path={tiny_target}",
+                f"data.corpus_dir={small_corpus}",
+                f"data.train_urls='{small_corpus}/train-{{000000..000002}}.tar'",
+                f"data.val_urls={small_corpus}/val-000000.tar",
+                f"paths.output_dir={out}",
+                f"paths.root_dir={REPO}",
+                *overrides,
+            ],
+        )
     return cfg
 
 
@@ -56,35 +64,77 @@ def test_resume_continues_from_the_checkpoint(tiny_target, small_corpus, tmp_pat
     ckpt = tmp_path / "a" / "checkpoints" / "last.ckpt"
     state = torch.load(ckpt, weights_only=False)
     assert state["epoch"] == 0 and state["global_step"] == first["global_step"]
-    second = train_script.run(train_cfg(tiny_target, small_corpus, tmp_path / "b", "compressor=none",
-                                        "trainer.max_epochs=2", f"+ckpt_path={ckpt}"))
+    second = train_script.run(
+        train_cfg(
+            tiny_target, small_corpus, tmp_path / "b", "compressor=none", "trainer.max_epochs=2", f"+ckpt_path={ckpt}"
+        )
+    )
     assert second["global_step"] == 2 * first["global_step"]
+
+
+def test_export_holds_the_monitored_best_checkpoint(tiny_target, small_corpus, tmp_path):
+    # Two epochs; the export must be the checkpoint ModelCheckpoint kept as best by its monitor, not the last weights.
+    result = train_script.run(
+        train_cfg(
+            tiny_target,
+            small_corpus,
+            tmp_path,
+            "compressor=none",
+            "trainer.max_epochs=2",
+            "callbacks.model_checkpoint.mode=min",
+        )
+    )  # min: the first epoch can be the best
+    src = result["exported_from"]
+    assert src["monitor"] == "val/top1_step1" and Path(src["checkpoint"]).is_file()
+    best = torch.load(src["checkpoint"], weights_only=False)["state_dict"]
+    last = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=False)["state_dict"]
+    exported = EagleVLMDrafter.load(
+        result["export_dir"], target=TargetAdapter.from_pretrained(tiny_target)
+    ).state_dict()
+    for k, v in exported.items():
+        assert torch.equal(v, best[f"drafter.{k}"]), k
+    if Path(src["checkpoint"]).name != "last.ckpt" and any(not torch.equal(best[k], last[k]) for k in best):
+        assert any(not torch.equal(exported[k], last[f"drafter.{k}"]) for k in exported)
 
 
 def test_resume_with_another_compressor_is_refused(tiny_target, small_corpus, tmp_path):
     train_script.run(train_cfg(tiny_target, small_corpus, tmp_path / "a", "compressor=none"))
     ckpt = tmp_path / "a" / "checkpoints" / "last.ckpt"
     with pytest.raises(Exception, match="compressor"):
-        train_script.run(train_cfg(tiny_target, small_corpus, tmp_path / "b", "compressor=pool",
-                                   "trainer.max_epochs=2", f"+ckpt_path={ckpt}"))
+        train_script.run(
+            train_cfg(
+                tiny_target,
+                small_corpus,
+                tmp_path / "b",
+                "compressor=pool",
+                "trainer.max_epochs=2",
+                f"+ckpt_path={ckpt}",
+            )
+        )
 
 
 def test_bad_compressor_values_fail_at_startup(tiny_target, small_corpus, tmp_path):
     cfg = train_cfg(tiny_target, small_corpus, tmp_path, "compressor=prune")
     with open_dict(cfg):
-        cfg.compressor.compressor.ratio = 0
+        cfg.compressor.ratio = 0
     with pytest.raises(train_script.StartupError, match="ratio"):
         train_script.run(cfg)
     with open_dict(cfg):
-        cfg.compressor.compressor = {"type": "zoom"}
+        cfg.compressor = {"type": "zoom"}
     with pytest.raises(train_script.StartupError, match="valid types"):
         train_script.run(cfg)
 
 
 def test_fast_dev_run_is_a_plain_trainer_override(tiny_target, small_corpus, tmp_path):
     # The issue's smoke command is `python train.py trainer.fast_dev_run=true` (no Hydra `+`).
-    cfg = train_cfg(tiny_target, small_corpus, tmp_path, "trainer.fast_dev_run=true", "trainer.max_steps=-1",
-                    "trainer.limit_train_batches=null")
+    cfg = train_cfg(
+        tiny_target,
+        small_corpus,
+        tmp_path,
+        "trainer.fast_dev_run=true",
+        "trainer.max_steps=-1",
+        "trainer.limit_train_batches=null",
+    )
     result = train_script.run(cfg)
     assert result["global_step"] == 1  # one batch, not the 4 a full epoch of 16 samples / batch 4 takes
     assert Path(result["export_dir"], "model.safetensors").is_file()
@@ -93,13 +143,26 @@ def test_fast_dev_run_is_a_plain_trainer_override(tiny_target, small_corpus, tmp
 def test_multirun_sweep_lands_each_run_in_its_own_directory(tiny_target, small_corpus, tmp_path):
     # The issue's sweep shape (python train.py -m compressor=...,... trainer.max_epochs=...,...), one batch each.
     sweep = tmp_path / "sweep"
-    out = subprocess.run([
-        sys.executable, "train.py", "-m", "compressor=none,pool", "trainer.max_epochs=1,2", "trainer.fast_dev_run=true",
-        f"target.path={tiny_target}", "data.generate_if_missing=false",
-        f"data.train_urls='{small_corpus}/train-{{000000..000002}}.tar'", f"data.val_urls={small_corpus}/val-000000.tar",
-        "data.batch_size=4", "data.num_workers=0", "data.shuffle_buffer=8", "logger=csv", "callbacks.rich_progress_bar=null",
-        "+trainer.enable_progress_bar=false", "val_decode_samples=0", f"hydra.sweep.dir={sweep}",
-    ], cwd=REPO, capture_output=True, text=True, timeout=600)
+    out = subprocess.run(
+        [
+            sys.executable,
+            "train.py",
+            "-m",
+            "compressor=none,pool",
+            "trainer.max_epochs=1,2",
+            "trainer.fast_dev_run=true",
+            "debug=tiny",
+            f"target.path={tiny_target}",
+            f"data.train_urls='{small_corpus}/train-{{000000..000002}}.tar'",
+            f"data.val_urls={small_corpus}/val-000000.tar",
+            "callbacks.validation_decoding=null",
+            f"hydra.sweep.dir={sweep}",
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     runs = sorted(p.name for p in sweep.iterdir() if p.is_dir())
     assert len(runs) == 4, (runs, out.stdout[-2000:])
@@ -107,14 +170,14 @@ def test_multirun_sweep_lands_each_run_in_its_own_directory(tiny_target, small_c
     for r in runs:  # one flat directory per run (no nesting from path-valued overrides), each with its drafter
         assert (sweep / r / "drafter" / "model.safetensors").is_file(), (r, list((sweep / r).rglob("*"))[:20])
         cfg = yaml.safe_load((sweep / r / ".hydra" / "config.yaml").read_text())
-        combos.add((cfg["compressor"]["compressor"] and cfg["compressor"]["compressor"]["type"],
-                    cfg["trainer"]["max_epochs"]))
+        combos.add((cfg["compressor"] and cfg["compressor"]["type"], cfg["trainer"]["max_epochs"]))
     assert combos == {(None, 1), (None, 2), ("pool", 1), ("pool", 2)}
 
 
 def test_unknown_config_choice_lists_the_valid_ones():
-    out = subprocess.run([sys.executable, "train.py", "compressor=zoom", "--cfg", "job"], cwd=REPO,
-                         capture_output=True, text=True)
+    out = subprocess.run(
+        [sys.executable, "train.py", "compressor=zoom", "--cfg", "job"], cwd=REPO, capture_output=True, text=True
+    )
     assert out.returncode != 0
     assert "Available options" in out.stderr and "resampler" in out.stderr and "select" in out.stderr
 
@@ -147,8 +210,14 @@ def test_ddp_two_processes_disjoint_data_identical_weights(tiny_target, small_co
     script = tmp_path / "ddp_probe.py"
     script.write_text(DDP_PROBE)
     env = dict(os.environ, PYTHONPATH=str(REPO))
-    out = subprocess.run([sys.executable, str(script), str(tiny_target), str(small_corpus), str(tmp_path)],
-                         cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    out = subprocess.run(
+        [sys.executable, str(script), str(tiny_target), str(small_corpus), str(tmp_path)],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     keys = [set((tmp_path / f"keys_rank{r}.txt").read_text().split()) for r in (0, 1)]
     assert keys[0] and keys[1] and not keys[0] & keys[1], "ranks saw overlapping samples"
@@ -157,13 +226,12 @@ def test_ddp_two_processes_disjoint_data_identical_weights(tiny_target, small_co
     assert all(torch.equal(w0[k], w1[k]) for k in w0)
 
 
-DDP_PROBE = r'''
-import sys, torch, lightning as L
+DDP_PROBE = r"""
+import os, sys, torch, hydra, lightning as L
 from pathlib import Path
 from hydra import compose, initialize_config_dir
 sys.path.insert(0, ".")
-import train as T
-from specvlm_lit.training.distill import OnlineDistillation
+import train  # noqa: F401  (sets PROJECT_ROOT, registers the resolvers)
 
 target, corpus, out = sys.argv[1:4]
 with initialize_config_dir(config_dir=str(Path("conf").resolve()), version_base="1.3"):
@@ -181,22 +249,34 @@ class Probe(L.Callback):
     def on_train_end(self, trainer, module):
         r = trainer.global_rank
         Path(out, f"keys_rank{r}.txt").write_text("\n".join(self.keys))
-        torch.save({k: v.detach().cpu() for k, v in module.drafter.state_dict().items()}, Path(out, f"weights_rank{r}.pt"))
+        weights = {k: v.detach().cpu() for k, v in module.drafter.state_dict().items()}
+        torch.save(weights, Path(out, f"weights_rank{r}.pt"))
 
-dm = T.build_datamodule(cfg, cfg.target.path)
-module = OnlineDistillation(target_path=target, compressor={"type": "pool", "ratio": 4})
-trainer = L.Trainer(accelerator="cpu", devices=2, strategy="ddp", max_epochs=1, logger=False, enable_checkpointing=False,
-                    enable_progress_bar=False, limit_val_batches=0, reload_dataloaders_every_n_epochs=1, callbacks=[Probe()])
+dm = hydra.utils.instantiate(cfg.data, _convert_="all")
+module = hydra.utils.instantiate(cfg.model, _convert_="all")
+trainer = L.Trainer(accelerator="cpu", devices=2, strategy="ddp", max_epochs=1, logger=False,
+                    enable_checkpointing=False, enable_progress_bar=False, limit_val_batches=0,
+                    reload_dataloaders_every_n_epochs=1, callbacks=[Probe()])
 trainer.fit(module, datamodule=dm)
-'''
+"""
 
 
 def test_throughput_tool_measures_both_loops(tiny_target, small_corpus):
     from specvlm_lit.training.throughput import measure
 
-    out = measure([f"target.path={tiny_target}", f"data.train_urls='{small_corpus}/train-{{000000..000002}}.tar'",
-                   "data.generate_if_missing=false", "data.batch_size=4", "data.num_workers=0",
-                   "data.shuffle_buffer=0", "compressor=pool"], batches=2, warmup=1)
+    out = measure(
+        [
+            f"target.path={tiny_target}",
+            f"data.train_urls='{small_corpus}/train-{{000000..000002}}.tar'",
+            "data.generate_if_missing=false",
+            "data.batch_size=4",
+            "data.num_workers=0",
+            "data.shuffle_buffer=0",
+            "compressor=pool",
+        ],
+        batches=2,
+        warmup=1,
+    )
     assert set(out["samples_per_s"]) == {"teacher_forward", "train_step"}
     assert all(v > 0 for v in out["samples_per_s"].values()) and out["train_over_teacher"] > 0
 

@@ -92,10 +92,15 @@ def encode_conversation(
     loss_mask = torch.tensor(mask, dtype=torch.bool)
     truncated = False
     if max_length is not None and len(ids) > max_length:
-        n_image_end = int((input_ids == tokenizer.convert_tokens_to_ids(image_token)).nonzero().max()) + 1 if num_image_tokens else 0
+        n_image_end = (
+            int((input_ids == tokenizer.convert_tokens_to_ids(image_token)).nonzero().max()) + 1
+            if num_image_tokens
+            else 0
+        )
         if max_length <= n_image_end:
             raise ConversationError(
-                f"max_length={max_length} cannot hold the {num_image_tokens} image tokens; raise max_length above {n_image_end}"
+                f"max_length={max_length} cannot hold the {num_image_tokens} image tokens; "
+                f"raise max_length above {n_image_end}"
             )
         input_ids, loss_mask, truncated = input_ids[:max_length], loss_mask[:max_length], True
     return EncodedConversation(input_ids, loss_mask, truncated)
@@ -106,5 +111,6 @@ def prompt_ids(question: str, tokenizer, num_image_tokens: int) -> torch.Tensor:
     if not question or not question.strip():
         raise ConversationError("the prompt is empty: pass a question about the image")
     text = question if IMAGE_PLACEHOLDER in question else f"{IMAGE_PLACEHOLDER}\n{question}"
-    return encode_conversation([{"from": "human", "value": text}], tokenizer, num_image_tokens,
-                               add_generation_prompt=True).input_ids
+    return encode_conversation(
+        [{"from": "human", "value": text}], tokenizer, num_image_tokens, add_generation_prompt=True
+    ).input_ids

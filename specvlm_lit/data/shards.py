@@ -76,18 +76,20 @@ class SampleEncoder:
             self.skipped["truncated_away"] += 1
             return None
         out = {
-            "__key__": key, "input_ids": enc.input_ids, "loss_mask": enc.loss_mask,
-            "pixel_values": pixel_values, "record": record,
+            "__key__": key,
+            "input_ids": enc.input_ids,
+            "loss_mask": enc.loss_mask,
+            "pixel_values": pixel_values,
+            "record": record,
             "stats": dict(self.skipped) | {"truncated": int(enc.truncated), "seen": 1 + sum(self.skipped.values())},
         }
         self.skipped = Counter()
         return out
 
 
-
-
-def shard_pipeline(urls: str | list[str], encoder: SampleEncoder, *, shuffle_buffer: int = 0, seed: int = 0,
-                   resample: bool = False) -> wds.DataPipeline:
+def shard_pipeline(
+    urls: str | list[str], encoder: SampleEncoder, *, shuffle_buffer: int = 0, seed: int = 0, resample: bool = False
+) -> wds.DataPipeline:
     """A pipeline over ``urls`` (paths, URLs or brace patterns like ``train-{000000..000011}.tar``).
 
     Split by node (DDP rank) and DataLoader worker, so ranks and workers see disjoint shards;
@@ -106,6 +108,7 @@ def shard_pipeline(urls: str | list[str], encoder: SampleEncoder, *, shuffle_buf
 def encode_stage(encoder: SampleEncoder):
     """webdataset stage: encode samples, dropping unusable ones; a final stats-only marker carries
     the counts of bad samples that no later good sample could carry."""
+
     def stage(samples):
         for raw in samples:
             out = encoder(raw)
@@ -114,6 +117,7 @@ def encode_stage(encoder: SampleEncoder):
         if encoder.skipped:
             yield {"stats_only": dict(encoder.skipped) | {"seen": sum(encoder.skipped.values())}}
             encoder.skipped = Counter()
+
     return stage
 
 
@@ -125,6 +129,7 @@ def batched_by_size(batch_size: int, collate_fn, *, flush_partial: bool = True):
     One finished batch is held back so skip counts that arrive at the end of the stream can still
     be attached to a batch; counts are never dropped.
     """
+
     def stage(samples):
         buckets: dict[tuple, list] = {}
         pending: Counter = Counter()
@@ -147,6 +152,7 @@ def batched_by_size(batch_size: int, collate_fn, *, flush_partial: bool = True):
             if i == len(out) - 1:
                 batch["stats"] = dict(Counter(batch["stats"]) + pending)
             yield batch
+
     return stage
 
 
@@ -164,9 +170,13 @@ def collate(samples: list[dict], pad_id: int) -> dict:
     for s in samples:
         stats.update(s["stats"])
     return {
-        "input_ids": input_ids, "attention_mask": attention_mask, "loss_mask": loss_mask,
-        "pixel_values": [s["pixel_values"] for s in samples], "records": [s["record"] for s in samples],
-        "keys": [s["__key__"] for s in samples], "stats": dict(stats),
+        "input_ids": input_ids,
+        "attention_mask": attention_mask,
+        "loss_mask": loss_mask,
+        "pixel_values": [s["pixel_values"] for s in samples],
+        "records": [s["record"] for s in samples],
+        "keys": [s["__key__"] for s in samples],
+        "stats": dict(stats),
     }
 
 

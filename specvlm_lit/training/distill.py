@@ -13,16 +13,15 @@ the drafter + compressor, and Lightning checkpoints hold only them.
 
 from __future__ import annotations
 
-import math
-import time
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import lightning as L
 import torch
 import torch.nn.functional as F
 from torchmetrics import MeanMetric, SumMetric
 
-from ..data.shards import BadSampleMonitor
 from ..drafter.compressor import normalize_compressor_config
 from ..drafter.eagle import EagleVLMDrafter
 from ..drafter.sequence import build_draft_sequence
@@ -43,49 +42,91 @@ class _Frozen:
 
 @dataclass
 class DraftBatch:
-    embeds: torch.Tensor      # [B, L, H]
-    features: torch.Tensor    # [B, L, H]
-    padding: torch.Tensor     # [B, L] 1 = real row
+    embeds: torch.Tensor  # [B, L, H]
+    features: torch.Tensor  # [B, L, H]
+    padding: torch.Tensor  # [B, L] 1 = real row
     target_feat: torch.Tensor  # [B, L, H] f_{t+1} per row (zeros where invalid)
     teacher_logits: torch.Tensor  # [B, L, V]
-    valid: torch.Tensor       # [B, L] bool: row predicts an assistant-answer token
+    valid: torch.Tensor  # [B, L] bool: row predicts an assistant-answer token
     branches: list[int | None]
-    visual_rows: list[int]    # visual rows the drafter saw, per sample
+    visual_rows: list[int]  # visual rows the drafter saw, per sample
+
+
+#: What a drafter config (conf/drafter/*.yaml) may set, with the values used when it leaves a key out.
+DRAFTER_DEFAULTS = {
+    "intermediate_size": None,
+    "lambda_logit": 0.1,
+    "lambda_feat": 1.0,
+    "feature_noise": 0.0,
+    "unroll_steps": 1,
+    "unroll_decay": 0.8,
+}
+
+
+def drafter_settings(drafter: Mapping[str, Any] | None) -> dict:
+    """The drafter config with defaults filled in, validated: unknown keys and out-of-range values are refused."""
+    given = dict(drafter or {})
+    unknown = sorted(set(given) - set(DRAFTER_DEFAULTS))
+    if unknown:
+        raise ConfigMismatchError(f"drafter: unknown key(s) {unknown}; valid keys are {sorted(DRAFTER_DEFAULTS)}")
+    s = {**DRAFTER_DEFAULTS, **given}
+    if isinstance(s["unroll_steps"], bool) or not isinstance(s["unroll_steps"], int) or s["unroll_steps"] < 1:
+        raise ConfigMismatchError(
+            f"drafter.unroll_steps must be an integer >= 1 (1 = no unrolling), got {s['unroll_steps']!r}"
+        )
+    if s["lambda_logit"] < 0 or s["lambda_feat"] < 0 or s["lambda_logit"] + s["lambda_feat"] == 0:
+        raise ConfigMismatchError(
+            f"drafter.lambda_logit and drafter.lambda_feat must be >= 0 and not both 0, got "
+            f"{s['lambda_logit']} and {s['lambda_feat']}"
+        )
+    if s["feature_noise"] < 0:
+        raise ConfigMismatchError(f"drafter.feature_noise must be >= 0, got {s['feature_noise']}")
+    return s
 
 
 class OnlineDistillation(L.LightningModule):
-    def __init__(self, target_path: str, target_dtype: str = "float32", compressor: dict | None = None,
-                 intermediate_size: int | None = None, lambda_logit: float = 0.1, lambda_feat: float = 1.0,
-                 optimizer: dict | None = None, warmup_steps: int = 0, feature_noise: float = 0.0,
-                 unroll_steps: int = 1, unroll_decay: float = 0.8, max_bad_fraction: float = 0.05,
-                 val_decode_samples: int = 0, val_decode_max_new_tokens: int = 48):
+    """Trains ``drafter`` (settings: :data:`DRAFTER_DEFAULTS`) + ``compressor`` against the frozen target.
+
+    ``optimizer`` and ``scheduler`` are partials (Hydra ``_partial_: true``) that receive the drafter's parameters /
+    the optimiser; ``scheduler=None`` keeps the learning rate constant. The scheduler steps every optimiser step.
+    """
+
+    def __init__(
+        self,
+        target_path: str,
+        optimizer: Callable[..., torch.optim.Optimizer],
+        target_dtype: str = "float32",
+        drafter: Mapping[str, Any] | None = None,
+        compressor: Mapping[str, Any] | None = None,
+        scheduler: Callable[[torch.optim.Optimizer], Any] | None = None,
+    ):
         super().__init__()
-        if unroll_steps < 1:
-            raise ValueError(f"unroll_steps must be >= 1 (1 = no unrolling), got {unroll_steps}")
-        if lambda_logit < 0 or lambda_feat < 0 or lambda_logit + lambda_feat == 0:
-            raise ValueError(f"loss weights must be >= 0 and not both 0, got lambda_logit={lambda_logit}, lambda_feat={lambda_feat}")
-        if feature_noise < 0:
-            raise ValueError(f"feature_noise must be >= 0, got {feature_noise}")
-        self.save_hyperparameters()
+        settings = drafter_settings(drafter)
+        # The partials are not hyperparameters Lightning can serialise; the run's full config is logged by train.py.
+        self.save_hyperparameters(ignore=["optimizer", "scheduler"])
+        self.settings = settings
+        self.optimizer_factory, self.scheduler_factory = optimizer, scheduler
         adapter = TargetAdapter.from_pretrained(target_path, dtype=getattr(torch, target_dtype))
         self._frozen = _Frozen(adapter)
         hidden = adapter.hidden_size
-        overrides = {"compressor": normalize_compressor_config(compressor, hidden), "target_name_or_path": str(target_path),
-                     "target_fingerprint": adapter.fingerprint()}
-        if intermediate_size:
-            overrides["intermediate_size"] = int(intermediate_size)
+        overrides = {
+            "compressor": normalize_compressor_config(compressor, hidden),
+            "target_name_or_path": str(target_path),
+            "target_fingerprint": adapter.fingerprint(),
+        }
+        if settings["intermediate_size"]:
+            overrides["intermediate_size"] = int(settings["intermediate_size"])
         self.drafter = EagleVLMDrafter.for_target(adapter, **overrides)
         self.drafter.check_target(adapter)
         self.target_fingerprint = adapter.fingerprint()
-        self.top1 = torch.nn.ModuleDict({f"{stage}_{k}": MeanMetric() for stage in ("train", "val")
-                                         for k in range(1, unroll_steps + 1)})
+        unroll_steps = settings["unroll_steps"]
+        self.top1 = torch.nn.ModuleDict(
+            {f"{stage}_{k}": MeanMetric() for stage in ("train", "val") for k in range(1, unroll_steps + 1)}
+        )
         n_branches = len(getattr(self.drafter.compressor, "branches", {}) or {})
         self.branch_names = list(getattr(self.drafter.compressor, "branches", {}) or [])
         self.branch_hist = SumMetric() if n_branches else None
         self.visual_rows = MeanMetric()
-        self.bad_samples = BadSampleMonitor(max_bad_fraction)
-        self._step_start = None
-        self._val_prompts: list[tuple[torch.Tensor, torch.Tensor, tuple]] = []
 
     # ----------------------------------------------------------------------------------------- plumbing
     @property
@@ -99,19 +140,23 @@ class OnlineDistillation(L.LightningModule):
         self.target.model.to(self.device)
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
-        checkpoint["specvlm"] = {"target_fingerprint": self.target_fingerprint,
-                                 "compressor": self.drafter.config.compressor}
+        checkpoint["specvlm"] = {
+            "target_fingerprint": self.target_fingerprint,
+            "compressor": self.drafter.config.compressor,
+        }
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         saved = checkpoint.get("specvlm", {})
         if saved.get("target_fingerprint") not in (None, self.target_fingerprint):
             raise ConfigMismatchError(
                 f"checkpoint was trained for target {saved['target_fingerprint']} but this run's target is "
-                f"{self.target_fingerprint}; resume with the same target=... as the original run")
+                f"{self.target_fingerprint}; resume with the same target=... as the original run"
+            )
         if "compressor" in saved and saved["compressor"] != self.drafter.config.compressor:
             raise ConfigMismatchError(
                 f"checkpoint was trained with compressor {saved['compressor']} but this run uses "
-                f"{self.drafter.config.compressor}; resume with the same compressor=... as the original run")
+                f"{self.drafter.config.compressor}; resume with the same compressor=... as the original run"
+            )
 
     # ------------------------------------------------------------------------------------------ teacher
     @torch.no_grad()
@@ -131,9 +176,16 @@ class OnlineDistillation(L.LightningModule):
             h, w = batch["pixel_values"][i].shape[-2:]
             grid = self.target.visual_grid(h, w)
             answer_pos = loss_mask[i].nonzero()
-            seq = build_draft_sequence(embeds[i], out.hidden[i], ids[i], self.target.image_token_id,
-                                       compressor=self.drafter.compressor, grid=grid, length=n,
-                                       question_end=int(answer_pos[0]) if answer_pos.numel() else n)
+            seq = build_draft_sequence(
+                embeds[i],
+                out.hidden[i],
+                ids[i],
+                self.target.image_token_id,
+                compressor=self.drafter.compressor,
+                grid=grid,
+                length=n,
+                question_end=int(answer_pos[0]) if answer_pos.numel() else n,
+            )
             src = seq.source
             ok = src >= 0
             nxt = torch.where(ok, src + 1, torch.zeros_like(src))
@@ -161,25 +213,25 @@ class OnlineDistillation(L.LightningModule):
 
     # ------------------------------------------------------------------------------------------- losses
     def _losses(self, db: DraftBatch, stage: str):
-        hp = self.hparams
+        hp = self.settings
         features = db.features
-        if stage == "train" and hp.feature_noise > 0:
-            features = features + (torch.rand_like(features) * 2 - 1) * hp.feature_noise
+        if stage == "train" and hp["feature_noise"] > 0:
+            features = features + (torch.rand_like(features) * 2 - 1) * hp["feature_noise"]
         total, logs = 0.0, {}
         teacher_p = db.teacher_logits[db.valid].float().softmax(-1)
         teacher_top1 = db.teacher_logits[db.valid].argmax(-1)
-        for k in range(1, hp.unroll_steps + 1):
+        for k in range(1, hp["unroll_steps"] + 1):
             out = self.drafter(db.embeds, features, attention_mask=db.padding)
             pred = out.hidden
             logits = self.target.lm_head(pred[db.valid]).float()
             l_feat = F.smooth_l1_loss(pred[db.valid].float(), db.target_feat[db.valid].float())
             l_logit = -(teacher_p * logits.log_softmax(-1)).sum(-1).mean()
-            weight = hp.unroll_decay ** (k - 1)
-            total = total + weight * (hp.lambda_logit * l_logit + hp.lambda_feat * l_feat)
+            weight = hp["unroll_decay"] ** (k - 1)
+            total = total + weight * (hp["lambda_logit"] * l_logit + hp["lambda_feat"] * l_feat)
             self.top1[f"{stage}_{k}"].update((logits.argmax(-1) == teacher_top1).float())
             logs[f"{stage}/loss_feat_step{k}"] = l_feat
             logs[f"{stage}/loss_logit_step{k}"] = l_logit
-            if k < hp.unroll_steps:
+            if k < hp["unroll_steps"]:
                 # Training-time test (EAGLE-3 style): the next step feeds the drafter its own predictions
                 # in place of the target's features on answer rows, as tree drafting does at depth > 1.
                 shifted = torch.cat([features[:, :1], pred[:, :-1]], dim=1)
@@ -193,7 +245,7 @@ class OnlineDistillation(L.LightningModule):
         loss = logs.pop(f"{stage}/loss")
         self.log_dict(logs, prog_bar=False, batch_size=batch_size, sync_dist=stage == "val")
         self.log(f"{stage}/loss", loss, prog_bar=True, batch_size=batch_size, sync_dist=stage == "val")
-        for k in range(1, self.hparams.unroll_steps + 1):
+        for k in range(1, self.settings["unroll_steps"] + 1):
             self.log(f"{stage}/top1_step{k}", self.top1[f"{stage}_{k}"], prog_bar=k == 1, batch_size=batch_size)
         self.visual_rows.update(torch.tensor(db.visual_rows, dtype=torch.float32))
         self.log(f"{stage}/drafter_visual_tokens", self.visual_rows, batch_size=batch_size)
@@ -206,71 +258,29 @@ class OnlineDistillation(L.LightningModule):
             # over the validation epoch -- the branch mix decoding will actually see.
             prefix = "gate" if stage == "train" else "val/gate"
             for name, c in zip(self.branch_names, counts):
-                self.log(f"{prefix}/{name}", c / max(1, len(db.branches)), batch_size=batch_size,
-                         sync_dist=stage == "val")
+                self.log(
+                    f"{prefix}/{name}", c / max(1, len(db.branches)), batch_size=batch_size, sync_dist=stage == "val"
+                )
 
     # -------------------------------------------------------------------------------------------- steps
-    def on_train_batch_start(self, batch, batch_idx) -> None:
-        self._step_start = time.perf_counter()
-
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-        self.bad_samples.update(batch["stats"])
         db = self.draft_batch(batch)
         loss, logs = self._losses(db, "train")
         bs = batch["input_ids"].shape[0]
         self._log_common(db, logs, "train", bs)
-        self.log("data/bad_samples", float(self.bad_samples.bad), batch_size=bs)
-        self.log("data/truncated", float(self.bad_samples.counts["truncated"]), batch_size=bs)
+        monitor = getattr(getattr(self.trainer, "datamodule", None), "bad_samples", None)
+        if monitor is not None:  # counted by the DataModule (skips happen in loader workers)
+            self.log("data/bad_samples", float(monitor.bad), batch_size=bs)
+            self.log("data/truncated", float(monitor.counts["truncated"]), batch_size=bs)
         return loss
-
-    def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
-        if self._step_start is not None:
-            dt = time.perf_counter() - self._step_start
-            self.log("train/samples_per_s", batch["input_ids"].shape[0] / max(dt, 1e-9), prog_bar=True,
-                     batch_size=batch["input_ids"].shape[0])
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         db = self.draft_batch(batch)
         _, logs = self._losses(db, "val")
         self._log_common(db, logs, "val", batch["input_ids"].shape[0])
-        self._keep_val_prompts(batch)
-
-    def _keep_val_prompts(self, batch: dict) -> None:
-        """Remember a few validation prompts (question up to "ASSISTANT:") for the sigma measurement."""
-        for i in range(batch["input_ids"].shape[0]):
-            if len(self._val_prompts) >= self.hparams.val_decode_samples:
-                return
-            answer = batch["loss_mask"][i].nonzero()
-            if answer.numel():
-                ids = batch["input_ids"][i, : int(answer[0])].unsqueeze(0)
-                self._val_prompts.append((ids, batch["pixel_values"][i], tuple(batch["pixel_values"][i].shape[-2:])))
-
-    def on_validation_epoch_end(self) -> None:
-        """Real average accepted length (sigma) of greedy tree decoding with the current drafter."""
-        prompts, self._val_prompts = self._val_prompts, []
-        if not prompts or self.trainer.sanity_checking:
-            return
-        from ..decoding.acceptance import WarpConfig
-        from ..decoding.speculative import SpeculativeDecoder, TreeConfig
-
-        decoder = SpeculativeDecoder(self.target, self.drafter, TreeConfig(), WarpConfig())
-        tokens = rounds = 0
-        for ids, pixels, (h, w) in prompts:
-            feats = self.target.encode_images([pixels])
-            out = decoder.generate(ids.to(self.device), image_features=feats, image_grid=self.target.visual_grid(h, w),
-                                   max_new_tokens=self.hparams.val_decode_max_new_tokens,
-                                   eos_token_id=self.target.text_config.eos_token_id)
-            tokens += out.stats.new_tokens
-            rounds += out.stats.rounds
-        self.log("val/sigma", tokens / max(rounds, 1), prog_bar=True, sync_dist=True)
 
     def configure_optimizers(self):
-        hp = self.hparams
-        opt_cfg = dict(hp.optimizer or {})
-        opt = torch.optim.AdamW(self.drafter.parameters(), lr=opt_cfg.get("lr", 3e-4),
-                                betas=tuple(opt_cfg.get("betas", (0.9, 0.95))),
-                                weight_decay=opt_cfg.get("weight_decay", 0.0))
-        if not hp.warmup_steps:
+        opt = self.optimizer_factory(self.drafter.parameters())
+        if self.scheduler_factory is None:
             return opt
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / hp.warmup_steps))
-        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": self.scheduler_factory(opt), "interval": "step"}}

@@ -25,25 +25,26 @@ ROOT = Path(__file__).resolve().parents[2]
 
 def measure(overrides: list[str], batches: int = 12, warmup: int = 2) -> dict:
     os.environ.setdefault("PROJECT_ROOT", str(ROOT))
-    import sys
+    import hydra
 
-    sys.path.insert(0, str(ROOT))
-    import train as train_script
-
-    from .distill import OnlineDistillation
+    import specvlm_lit.utils.hydra_resolvers  # noqa: F401
 
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        cfg = compose(config_name="train", overrides=[f"paths.output_dir={ROOT}/outputs/throughput",
-                                                        f"paths.root_dir={ROOT}", *overrides])
-    dm = train_script.build_datamodule(cfg, cfg.target.path)
+        cfg = compose(
+            config_name="train",
+            overrides=[f"paths.output_dir={ROOT}/outputs/throughput", f"paths.root_dir={ROOT}", *overrides],
+        )
+    dm = hydra.utils.instantiate(cfg.data, _convert_="all")
+    dm.prepare_data()
     data = []
     for b in dm.train_dataloader():
         data.append(b)
         if len(data) == batches + warmup:
             break
-    comp = OmegaConf.to_container(cfg.compressor.compressor) if cfg.compressor.compressor else None
-    module = OnlineDistillation(target_path=cfg.target.path, compressor=comp)
-    opt = torch.optim.AdamW(module.drafter.parameters(), lr=1e-4)
+    comp = OmegaConf.to_container(cfg.compressor) if cfg.compressor else None
+    module = hydra.utils.instantiate(cfg.model, _convert_="all")
+    opt = module.configure_optimizers()
+    opt = opt["optimizer"] if isinstance(opt, dict) else opt
 
     def teacher_only(b):
         module.teacher(b)
@@ -66,10 +67,17 @@ def measure(overrides: list[str], batches: int = 12, warmup: int = 2) -> dict:
             n += b["input_ids"].shape[0]
         results[name] = n / (time.perf_counter() - t0)
     return {
-        "samples_per_s": results, "train_over_teacher": results["train_step"] / results["teacher_forward"],
-        "batches": batches, "batch_size": cfg.data.batch_size, "compressor": comp and comp.get("type"),
-        "machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
-                    "torch_threads": torch.get_num_threads(), "torch": torch.__version__},
+        "samples_per_s": results,
+        "train_over_teacher": results["train_step"] / results["teacher_forward"],
+        "batches": batches,
+        "batch_size": cfg.data.batch_size,
+        "compressor": comp and comp.get("type"),
+        "machine": {
+            "cpu": platform.processor() or platform.machine(),
+            "cores": os.cpu_count(),
+            "torch_threads": torch.get_num_threads(),
+            "torch": torch.__version__,
+        },
     }
 
 
