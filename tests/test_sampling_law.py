@@ -143,8 +143,11 @@ def law_pvalue(counts: Counter, law: dict[tuple, float], min_expected: float = 2
     if dof < 1:
         return 1.0
     stat = sum((o - e) ** 2 / e for o, e in zip(obs, exp, strict=True))
-    return float(torch.special.gammaincc(torch.tensor(dof / 2.0, dtype=torch.float64),
-                                         torch.tensor(stat / 2.0, dtype=torch.float64)))
+    return float(
+        torch.special.gammaincc(
+            torch.tensor(dof / 2.0, dtype=torch.float64), torch.tensor(stat / 2.0, dtype=torch.float64)
+        )
+    )
 
 
 def marginal(counts: Counter, n_tokens: int) -> Counter:
@@ -159,8 +162,12 @@ def _draft_fn(before_root: tuple):
     """``build_tree_from_fn`` drafter: query ``i``'s sequence is everything before the root + its root->i path."""
 
     def fn(tokens, parents_mask, depths):
-        return torch.stack([DRAFTER.logprobs(before_root + tuple(tokens[parents_mask[i]].tolist()))
-                            for i in range(parents_mask.shape[0])])
+        return torch.stack(
+            [
+                DRAFTER.logprobs(before_root + tuple(tokens[parents_mask[i]].tolist()))
+                for i in range(parents_mask.shape[0])
+            ]
+        )
 
     return fn
 
@@ -292,8 +299,9 @@ def test_law_pvalue_accepts_the_law_and_rejects_a_nearby_one():
     law = exact_joint(WarpConfig(1.0), 3)
     keys = list(law)
     rng = torch.Generator().manual_seed(3)
-    draws = torch.multinomial(torch.tensor([law[k] for k in keys], dtype=torch.float64), 20000, replacement=True,
-                              generator=rng)
+    draws = torch.multinomial(
+        torch.tensor([law[k] for k in keys], dtype=torch.float64), 20000, replacement=True, generator=rng
+    )
     counts = Counter(keys[i] for i in draws.tolist())
     assert law_pvalue(counts, law) > ALPHA
     flat = {k: 0.9 * p + 0.1 / len(law) for k, p in law.items()}
@@ -385,8 +393,12 @@ def test_joint_law_rejects_mutants_on_dynamic_tree(bug, monkeypatch):
 # Bugs in how SIBLINGS are walked cannot show on a chain (one child per node): after its only draft is rejected
 # the walk ends, so an un-renormalised mass or a residual that zeroes only the last rejection is never used again,
 # and a uniform "shared by siblings" has nobody to share with. These need the fan-out / dynamic shapes.
-CHAIN_BLIND = ("mass_not_subtracted", "no_renorm_from_depth3", "bonus_zeroes_last_rejected_only",
-               "shared_uniform_siblings")
+CHAIN_BLIND = (
+    "mass_not_subtracted",
+    "no_renorm_from_depth3",
+    "bonus_zeroes_last_rejected_only",
+    "shared_uniform_siblings",
+)
 
 
 @pytest.mark.parametrize("bug", CHAIN_BLIND[:3])
@@ -397,16 +409,22 @@ def test_sibling_mutants_are_invisible_on_chains_by_construction(bug):
             probs = warp_logits(logits, WarpConfig(1.0))
             g1, g2 = torch.Generator().manual_seed(9), torch.Generator().manual_seed(9)
             for _ in range(50):
-                assert accept_sampling_probs(tree, probs, g1).tokens.tolist() == \
-                    mutated_walk(tree, probs, g2, bug=bug).tokens.tolist()
+                assert (
+                    accept_sampling_probs(tree, probs, g1).tokens.tolist()
+                    == mutated_walk(tree, probs, g2, bug=bug).tokens.tolist()
+                )
 
 
 # Not blind by construction, but too weak to test: sampled trees (2 candidates drawn with replacement) often have
 # one distinct child, and no_renorm_from_depth3 needs a rejected first child of two distinct ones below depth 2 on
 # the walked path: p4 ~ 0.04 at 10k draws. The fan-out and dynamic shapes reject it at 3000.
 LOW_POWER = {("no_renorm_from_depth3", "sampled")}
-MUTANT_SHAPE_CASES = [(bug, shape) for shape in ("chain", "fanout", "sampled") for bug in MUTANTS
-                      if not (shape == "chain" and bug in CHAIN_BLIND) and (bug, shape) not in LOW_POWER]
+MUTANT_SHAPE_CASES = [
+    (bug, shape)
+    for shape in ("chain", "fanout", "sampled")
+    for bug in MUTANTS
+    if not (shape == "chain" and bug in CHAIN_BLIND) and (bug, shape) not in LOW_POWER
+]
 
 
 @pytest.mark.slow
@@ -492,8 +510,7 @@ class TableDrafter:
 
         return DynamicCache()
 
-    def __call__(self, token_embeds, features, position_ids, attention_mask=None, past_key_values=None,
-                 use_cache=True):
+    def __call__(self, token_embeds, features, position_ids, attention_mask=None, past_key_values=None, use_cache=True):
         cache = past_key_values
         past = cache.get_seq_length()
         new = token_embeds[0].argmax(-1).tolist()
@@ -504,8 +521,10 @@ class TableDrafter:
             visible = torch.arange(past + T)[None, :] <= (torch.arange(T) + past)[:, None]
         else:
             visible = attention_mask[0, 0] == 0
-        rows = [DRAFTER.logprobs((self.first,) + tuple(ids[j] for j in visible[i].nonzero().flatten().tolist()))
-                for i in range(T)]
+        rows = [
+            DRAFTER.logprobs((self.first,) + tuple(ids[j] for j in visible[i].nonzero().flatten().tolist()))
+            for i in range(T)
+        ]
         return SimpleNamespace(hidden=torch.stack(rows)[None], past_key_values=cache)
 
 
@@ -551,12 +570,15 @@ def test_decoder_joint_law_rejects_mutants(bug, monkeypatch):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("tree,cfg,max_new", [
-    # the decoder's defaults shape: clip_to_budget, depth 7 clipped to 3 for the first round of 5 new tokens
-    (TreeConfig(top_k=2, depth=7, total_tokens=20), WarpConfig(0.7, top_k=3), 5),
-    (E2E_TREE, WarpConfig(1.3, top_p=0.8), 4),
-    (TreeConfig(top_k=1, depth=4, total_tokens=5, clip_to_budget=False), WarpConfig(1.0), 4),
-])
+@pytest.mark.parametrize(
+    "tree,cfg,max_new",
+    [
+        # the decoder's defaults shape: clip_to_budget, depth 7 clipped to 3 for the first round of 5 new tokens
+        (TreeConfig(top_k=2, depth=7, total_tokens=20), WarpConfig(0.7, top_k=3), 5),
+        (E2E_TREE, WarpConfig(1.3, top_p=0.8), 4),
+        (TreeConfig(top_k=1, depth=4, total_tokens=5, clip_to_budget=False), WarpConfig(1.0), 4),
+    ],
+)
 def test_decoder_joint_law_slow(tree, cfg, max_new):
     p3, p4, deep = _check_decoder_law(tree, cfg, max_new, 8000, seed=1)
     assert deep > 8000 // 20, deep
