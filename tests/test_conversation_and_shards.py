@@ -7,7 +7,7 @@ import pytest
 from recipes.embedded_target.tokenizer import build_processor
 from specvlm_lit.data.conversation import ConversationError, encode_conversation, prompt_ids
 from specvlm_lit.data.datamodule import ShardDataModule
-from specvlm_lit.data.shards import BadSampleMonitor, TooManyBadSamples
+from specvlm_lit.data.skips import BadSampleMonitor, NoUsableSamples, TooManyBadSamples
 from specvlm_lit.target import llava_visual_tokens
 
 CONV = [
@@ -89,10 +89,7 @@ def test_bad_samples_are_skipped_and_counted(tmp_path, small_corpus, corpus_toke
     dm = ShardDataModule([str(shard)], [str(shard)], processor, batch_size=2, num_workers=0)
     batches = list(dm.val_dataloader())
     assert sum(b["input_ids"].shape[0] for b in batches) == 4
-    stats = {}
-    for b in batches:
-        for k, v in b["stats"].items():
-            stats[k] = stats.get(k, 0) + v
+    stats = dm.val_bad_samples.counts  # the loader takes every count out of the stream, batches or not
     assert stats["seen"] == 8
     assert stats["corrupt_image"] == 1 and stats["bad_json"] == 1 and stats["no_answer"] == 1
     assert stats["missing_image"] == 1
@@ -106,12 +103,30 @@ def test_bad_samples_are_skipped_and_counted(tmp_path, small_corpus, corpus_toke
 
 
 def test_bad_sample_monitor_stops_past_the_limit():
-    m = BadSampleMonitor(max_bad_fraction=0.1, min_seen=10)
-    m.update({"seen": 10, "corrupt_image": 1})
-    with pytest.raises(TooManyBadSamples, match="corrupt_image"):
-        m.update({"seen": 10, "corrupt_image": 2})
-    with pytest.raises(ValueError):
-        BadSampleMonitor(max_bad_fraction=2)
+    m = BadSampleMonitor("train", max_bad_fraction=0.1, min_seen=10)
+    m.update({"seen": 5, "corrupt_image": 2})
+    m.check()  # 2 of 5 bad, but 5 samples say too little (min_seen)
+    m.update({"seen": 35, "corrupt_image": 2})
+    m.check()  # 4 of 40: judged, exactly at the limit
+    m.update({"seen": 1, "corrupt_image": 1})
+    with pytest.raises(TooManyBadSamples, match="corrupt_image=5"):
+        m.check()
+    with pytest.raises(ValueError, match="data.max_bad_fraction"):
+        BadSampleMonitor("train", max_bad_fraction=2)
+
+
+def test_bad_sample_monitor_judges_every_pass_end_and_a_pass_without_usable_samples():
+    m = BadSampleMonitor("val", max_bad_fraction=0.5, min_seen=32)
+    m.start_pass()
+    m.update({"seen": 4, "bad_json": 3})
+    m.check()  # mid-pass: too few to judge
+    with pytest.raises(TooManyBadSamples, match="bad_json=3"):
+        m.check(end_of_pass=True)  # at the end of a pass always
+    m = BadSampleMonitor("val", max_bad_fraction=1.0)
+    m.start_pass()
+    m.update({"seen": 2, "corrupt_image": 2})
+    with pytest.raises(NoUsableSamples, match="no usable val sample"):
+        m.check(end_of_pass=True)  # even when every sample may be bad
 
 
 def test_corrupt_tar_is_skipped_and_counted(tmp_path, small_corpus, corpus_tokenizer):
@@ -123,9 +138,7 @@ def test_corrupt_tar_is_skipped_and_counted(tmp_path, small_corpus, corpus_token
         [str(broken)], [str(small_corpus / "val-000000.tar"), str(broken)], processor, batch_size=2, num_workers=0
     )
     batches = list(dm.val_dataloader())
-    stats = {}
-    for b in batches:
-        for k, v in b["stats"].items():
-            stats[k] = stats.get(k, 0) + v
-    assert stats.get("corrupt_tar", 0) >= 1
+    stats = dm.val_bad_samples.counts
+    assert stats["corrupt_tar"] == 1  # one shard cut short, counted once; its incomplete last sample is part of it
+    assert not stats["missing_image"] and not stats["missing_json"] and not stats["bad_json"]
     assert sum(b["input_ids"].shape[0] for b in batches) >= 16  # the intact shard still flows

@@ -18,7 +18,14 @@ ROLE_ALIASES = {"human": "user", "user": "user", "gpt": "assistant", "assistant"
 
 
 class ConversationError(UserError):
-    """A conversation that cannot be trained on (no answer, bad roles, no image placeholder, ...)."""
+    """A conversation that cannot be trained on (no answer, bad roles, no image placeholder, ...).
+
+    ``reason`` is the skip-count key the data pipeline files the sample under (see ``data/skips.py``).
+    """
+
+    def __init__(self, message: str, reason: str = "bad_conversation"):
+        super().__init__(message)
+        self.reason = reason
 
 
 @dataclass
@@ -29,10 +36,19 @@ class EncodedConversation:
 
 
 def normalise(conversations: list[dict]) -> list[tuple[str, str]]:
-    """Accept LLaVA ``{"from", "value"}`` or chat ``{"role", "content"}`` messages; validate turn order."""
+    """Accept LLaVA ``{"from", "value"}`` or chat ``{"role", "content"}`` messages; validate turn order.
+
+    Any other shape (``null``, a string, a list of strings, non-string roles) is a :class:`ConversationError`,
+    never a ``TypeError``: shards come from outside and one odd record must not stop a run.
+    """
+    if not isinstance(conversations, list):
+        raise ConversationError(f"conversations must be a list of messages, got {type(conversations).__name__}")
     turns = []
     for i, m in enumerate(conversations):
-        role = ROLE_ALIASES.get(m.get("from", m.get("role")))
+        if not isinstance(m, dict):
+            raise ConversationError(f"message {i} is not a {{'from', 'value'}} object: {m!r:.80}")
+        role = m.get("from", m.get("role"))
+        role = ROLE_ALIASES.get(role) if isinstance(role, str) else None
         text = m.get("value", m.get("content"))
         if role is None or not isinstance(text, str):
             raise ConversationError(f"message {i} is not a human/gpt message with text: {m!r}")
@@ -64,7 +80,7 @@ def encode_conversation(
     turns = normalise(conversations)
     if not add_generation_prompt:
         if not any(role == "assistant" and text.strip() for role, text in turns):
-            raise ConversationError("conversation has no assistant answer to learn from")
+            raise ConversationError("conversation has no assistant answer to learn from", reason="no_answer")
     image_token = getattr(tokenizer, "image_token", None) or IMAGE_PLACEHOLDER
     n_placeholders = sum(text.count(IMAGE_PLACEHOLDER) for _, text in turns)
     if n_placeholders != (1 if num_image_tokens > 0 else 0):
@@ -100,7 +116,8 @@ def encode_conversation(
         if max_length <= n_image_end:
             raise ConversationError(
                 f"max_length={max_length} cannot hold the {num_image_tokens} image tokens; "
-                f"raise max_length above {n_image_end}"
+                f"raise max_length above {n_image_end}",
+                reason="image_exceeds_max_length",
             )
         input_ids, loss_mask, truncated = input_ids[:max_length], loss_mask[:max_length], True
     return EncodedConversation(input_ids, loss_mask, truncated)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import itertools
+import logging
 import math
 import os
 import random
@@ -12,16 +13,27 @@ import lightning as L
 import webdataset as wds
 from torch.utils.data import DataLoader
 
+from ..errors import UserError
 from ..target import visual_token_counter
-from .shards import BadSampleMonitor, SampleEncoder, batched_by_size, collate, encode_stage, shard_pipeline
+from .shards import (
+    SampleEncoder,
+    batched_by_size,
+    collate,
+    encode_stage,
+    read_shards,
+    shard_pipeline,
+    skip_batches,
+    take_batches,
+)
+from .skips import MIN_SEEN, BadSampleMonitor, TooManyBadSamples, describe
+from .sources import check_shards, expand_shards, local_path
+
+__all__ = ["DataConfigError", "ShardDataModule", "SkipCountingLoader", "expand_shards"]
+log = logging.getLogger(__name__)
 
 
-def expand_shards(urls) -> list[str]:
-    return (
-        list(wds.shardlists.expand_urls(urls))
-        if isinstance(urls, str)
-        else [u for x in urls for u in wds.shardlists.expand_urls(x)]
-    )
+class DataConfigError(UserError):
+    """A ``data.*`` value out of range."""
 
 
 def _epoch_shards(shards: list[str], seed: int, epoch: int):
@@ -42,11 +54,39 @@ def _epoch_shards(shards: list[str], seed: int, epoch: int):
     return stage
 
 
-def _skip(n: int):
-    def stage(items):
-        return itertools.islice(items, n, None)
+class SkipCountingLoader(DataLoader):
+    """A DataLoader whose stream also carries skip counts: it hands every count to ``monitor`` and yields only
+    batches, so the count of a skipped sample reaches the training process even when no batch can form.
 
-    return stage
+    Single process, the rule is checked as the counts arrive (an all-corrupt stream stops within
+    ``monitor.min_seen`` samples). Under DDP a rank must not raise alone (the others would wait for it in a
+    collective): a rank that breaks the rule on its own counts before it can form another batch yields a marker
+    batch instead, and ``ShardDataModule.on_before_batch_transfer`` stops every rank together.
+    """
+
+    def __init__(self, dataset, *, monitor: BadSampleMonitor, trainer_of=lambda: None, **kwargs):
+        super().__init__(dataset, **kwargs)
+        self.monitor, self.trainer_of = monitor, trainer_of
+
+    def __iter__(self):
+        trainer = self.trainer_of()
+        distributed = trainer is not None and trainer.world_size > 1
+        self.monitor.distributed = distributed
+        self.monitor.start_pass(sanity=bool(trainer is not None and trainer.sanity_checking))
+        since_batch = 0  # samples read since the last batch (this rank)
+        for item in super().__iter__():
+            self.monitor.update(item["stats"])
+            if not distributed:
+                self.monitor.check()
+            if "stats_only" not in item:
+                since_batch = 0
+                yield item
+                continue
+            since_batch += item["stats"].get("seen", 0)
+            if distributed and since_batch >= self.monitor.min_seen and self.monitor.split == "train":
+                if self.monitor.violation(self.monitor.pass_local) is not None:
+                    yield {"skips_abort": True, "stats": {}}
+                    return
 
 
 class ShardDataModule(L.LightningDataModule):
@@ -81,17 +121,32 @@ class ShardDataModule(L.LightningDataModule):
         corpus_dir: str | None = None,
         generate_if_missing: bool = False,
         max_bad_fraction: float = 0.05,
+        bad_fraction_min_samples: int = MIN_SEEN,
     ):
         super().__init__()
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        if samples_per_epoch is not None and samples_per_epoch < batch_size:
-            raise ValueError(f"samples_per_epoch ({samples_per_epoch}) must be at least batch_size ({batch_size})")
+        # Start-up checks: this runs before any model loads, so every mistake here costs nothing.
+        for name, value, low in (("batch_size", batch_size, 1), ("max_length", max_length, 1)):
+            if not isinstance(value, int) or value < low:
+                raise DataConfigError(f"data.{name} must be an integer >= {low}, got {value!r}")
+        for name, value in (("num_workers", num_workers), ("shuffle_buffer", shuffle_buffer)):
+            if not isinstance(value, int) or value < 0:
+                raise DataConfigError(f"data.{name} must be an integer >= 0, got {value!r}")
+        if samples_per_epoch is not None and (not isinstance(samples_per_epoch, int) or samples_per_epoch < batch_size):
+            raise DataConfigError(
+                f"data.samples_per_epoch ({samples_per_epoch!r}) must be at least data.batch_size ({batch_size}), "
+                f"or null for an endless stream"
+            )
+        self.bad_samples = BadSampleMonitor("train", max_bad_fraction, bad_fraction_min_samples, source=str(train_urls))
+        self.val_bad_samples = BadSampleMonitor("val", max_bad_fraction, bad_fraction_min_samples, source=str(val_urls))
+        self.corpus_dir, self.generate_if_missing = corpus_dir, generate_if_missing
+        self._pending_corpus = self._corpus_to_generate()
+        self.train_urls, self.val_urls = train_urls, val_urls
+        self._train_shards = check_shards(train_urls, "data.train_urls", pending=self._pending_corpus)
+        self._val_shards = check_shards(val_urls, "data.val_urls", pending=self._pending_corpus)
         if isinstance(processor, (str, os.PathLike)):
             from transformers import AutoProcessor
 
             processor = AutoProcessor.from_pretrained(processor)
-        self.train_urls, self.val_urls = train_urls, val_urls
         self.encoder = SampleEncoder(
             processor.tokenizer, processor.image_processor, visual_token_counter(processor), max_length
         )
@@ -103,9 +158,21 @@ class ShardDataModule(L.LightningDataModule):
             seed,
         )
         self.samples_per_epoch = samples_per_epoch
-        self.corpus_dir, self.generate_if_missing = corpus_dir, generate_if_missing
-        self.bad_samples = BadSampleMonitor(max_bad_fraction)
         self._resume = None  # (epoch, batches already consumed in it)
+        self._warned_workers: set[str] = set()
+
+    def _corpus_to_generate(self):
+        """``corpus_dir`` if :meth:`prepare_data` will generate the corpus there, after checking it may (a directory
+        the project did not write is refused now, before any model loads, and left untouched)."""
+        if not (self.corpus_dir and self.generate_if_missing):
+            return None
+        from ..synthetic.generate import MANIFEST, CorpusSpec, corpus_is_current
+        from ..utils.atomic import check_replaceable
+
+        if corpus_is_current(self.corpus_dir, CorpusSpec()):
+            return None
+        check_replaceable(self.corpus_dir, "corpus", published_before=lambda d: (d / MANIFEST).is_file())
+        return local_path(str(self.corpus_dir))
 
     def prepare_data(self) -> None:
         if self.corpus_dir and self.generate_if_missing:
@@ -113,75 +180,131 @@ class ShardDataModule(L.LightningDataModule):
 
             ensure_corpus(self.corpus_dir, CorpusSpec())
 
+    def setup(self, stage: str) -> None:
+        if self._pending_corpus is not None:  # generated by prepare_data by now: the shards must all be there
+            self._train_shards = check_shards(self.train_urls, "data.train_urls")
+            self._val_shards = check_shards(self.val_urls, "data.val_urls")
+            self._pending_corpus = None
+
+    # ---------------------------------------------------------------------------------------------- skip counts
     def on_before_batch_transfer(self, batch: dict, dataloader_idx: int) -> dict:
-        # Skip counts travel inside training batches (they are counted in loader workers); the run stops here,
-        # in the training process, once too many samples were unusable.
+        # Under DDP the training counts are summed over ranks once per step -- every rank is here once per step --
+        # so all ranks judge the same totals and stop together (single process, the loader judges them).
         trainer = getattr(self, "trainer", None)
-        if trainer is not None and trainer.training and "stats" in batch:
-            self.bad_samples.update(batch["stats"])
+        if trainer is not None and trainer.training and trainer.world_size > 1:
+            monitor = self.bad_samples
+            stalled = monitor.sync(trainer, flag="skips_abort" in batch)
+            if stalled:
+                raise monitor.violation(monitor.counts, end_of_pass=True) or TooManyBadSamples(
+                    f"train data: a rank read {monitor.min_seen} or more samples in a row without enough usable ones "
+                    f"to form a batch ({describe(monitor.counts)} over all ranks); fix or remove the bad shards, or "
+                    f"raise data.max_bad_fraction"
+                )
+            monitor.check()
         return batch
 
-    # Lightning stores this in checkpoints: the data position for exact resume.
+    def end_pass(self, split: str) -> BadSampleMonitor:
+        """Sum a pass's counts over ranks and judge them, end-of-pass rule (every rank must call this together).
+
+        Called by :class:`~specvlm_lit.data.skip_report.SkipReport` at the end of each epoch and validation."""
+        monitor = self.bad_samples if split == "train" else self.val_bad_samples
+        monitor.sync(getattr(self, "trainer", None))
+        monitor.check(end_of_pass=True)
+        return monitor
+
+    # Lightning stores this in checkpoints: the data position for exact resume, and the skip counts so far.
     def state_dict(self) -> dict:
+        state = {"skips": {"train": self.bad_samples.state_dict(), "val": self.val_bad_samples.state_dict()}}
         trainer = getattr(self, "trainer", None)
-        if trainer is None or self.samples_per_epoch is None:
-            return {}
-        loop = trainer.fit_loop
-        return {"epoch": trainer.current_epoch, "batches_done": loop.epoch_loop.batch_progress.current.completed}
+        if trainer is not None and self.samples_per_epoch is not None:
+            loop = trainer.fit_loop
+            state |= {"epoch": trainer.current_epoch, "batches_done": loop.epoch_loop.batch_progress.current.completed}
+        return state
 
     def load_state_dict(self, state: dict) -> None:
-        if state:
+        if "epoch" in state:
             self._resume = (state["epoch"], state["batches_done"])
+        skips = state.get("skips", {})
+        self.bad_samples.load_state_dict(skips.get("train", {}))
+        self.val_bad_samples.load_state_dict(skips.get("val", {}))
 
+    # ---------------------------------------------------------------------------------------------- loaders
     def batches_per_rank(self, world_size: int) -> int:
         return max(1, self.samples_per_epoch // (self.batch_size * world_size))
+
+    def _workers(self, n_shards: int, world: int, split: str) -> int:
+        """Loader workers for ``n_shards`` split disjointly over ``world`` ranks: fewer than ``data.num_workers`` when
+        there are too few shards (a worker without a shard would end the epoch early, or never yield), with a
+        warning for training data; never fewer than 1 unless ``data.num_workers=0``."""
+        per_rank = n_shards // world
+        if per_rank == 0 and split == "train":
+            raise DataConfigError(
+                f"{n_shards} training shard(s) cannot be split over {world} DDP ranks: write at least {world} shards "
+                f"(python -m specvlm_lit.synthetic --samples-per-shard ...) or use trainer.devices<={n_shards}"
+            )
+        if self.num_workers == 0:
+            return 0
+        use = max(1, min(self.num_workers, per_rank))
+        if use < self.num_workers and split == "train" and split not in self._warned_workers:
+            self._warned_workers.add(split)
+            log.warning(
+                "data.num_workers=%d but %d training shard(s) over %d rank(s) give only %d per rank: using %d loader "
+                "worker(s); write more, smaller shards to load faster",
+                self.num_workers,
+                n_shards,
+                world,
+                per_rank,
+                use,
+            )
+        return use
 
     def train_dataloader(self) -> DataLoader:
         if self.samples_per_epoch is None:
             pipe = shard_pipeline(
-                self.train_urls, self.encoder, shuffle_buffer=self.shuffle_buffer, seed=self.seed, resample=True
+                self._train_shards, self.encoder, shuffle_buffer=self.shuffle_buffer, seed=self.seed, resample=True
             )
             pipe.append(batched_by_size(self.batch_size, self.collate))
-            return self._loader(pipe, persistent=True)
+            return self._loader(pipe, self.bad_samples, self.num_workers, persistent=True)
         trainer = getattr(self, "trainer", None)
         epoch = trainer.current_epoch if trainer is not None else 0
         world = trainer.world_size if trainer is not None else 1
         per_rank = self.batches_per_rank(world)
-        workers = max(1, self.num_workers)
+        num_workers = self._workers(len(self._train_shards), world, "train")
+        workers = max(1, num_workers)
         per_worker = math.ceil(per_rank / workers)
-        shards = expand_shards(self.train_urls)
-        if len(shards) < world * workers:
-            raise ValueError(
-                f"{len(shards)} training shard(s) cannot be split disjointly over {world} rank(s) x {workers} "
-                f"loader worker(s): write more shards (python -m specvlm_lit.synthetic --samples-per-shard ...) "
-                f"or use fewer devices / data.num_workers"
-            )
         stages = [
-            _epoch_shards(shards, self.seed, epoch),
+            _epoch_shards(self._train_shards, self.seed, epoch),
             wds.split_by_node,
             wds.split_by_worker,
-            wds.tarfile_to_samples(handler=self.encoder.tar_error),
+            read_shards(self.encoder),
         ]
         if self.shuffle_buffer:
             stages.append(
                 wds.shuffle(self.shuffle_buffer, initial=min(self.shuffle_buffer, 256), seed=self.seed + epoch)
             )
         stages += [encode_stage(self.encoder), batched_by_size(self.batch_size, self.collate, flush_partial=False)]
-        pipe = wds.DataPipeline(*stages).with_epoch(per_worker)
+        stages.append(take_batches(per_worker))
         if self._resume is not None and self._resume[0] == epoch and self._resume[1] > 0:
-            pipe.append(_skip(math.ceil(self._resume[1] / workers)))
+            stages.append(skip_batches(math.ceil(self._resume[1] / workers)))
         self._resume = None
-        return self._loader(pipe, persistent=False, length=per_rank)
+        return self._loader(wds.DataPipeline(*stages), self.bad_samples, num_workers, persistent=False, length=per_rank)
 
     def val_dataloader(self) -> DataLoader:
-        pipe = shard_pipeline(self.val_urls, self.encoder, shuffle_buffer=0, seed=self.seed)
+        trainer = getattr(self, "trainer", None)
+        world = trainer.world_size if trainer is not None else 1
+        pipe = shard_pipeline(self._val_shards, self.encoder, shuffle_buffer=0, seed=self.seed)
         pipe.append(batched_by_size(self.batch_size, self.collate))
-        return self._loader(pipe, persistent=False)
+        return self._loader(pipe, self.val_bad_samples, self._workers(len(self._val_shards), world, "val"), False)
 
-    def _loader(self, pipe, persistent: bool, length: int | None = None) -> DataLoader:
+    def _loader(self, pipe, monitor, num_workers: int, persistent: bool, length: int | None = None) -> DataLoader:
         if length is not None:
             pipe = pipe.with_length(length)
         # Batches are formed inside the pipeline (bucketed by image size), so the loader does not batch.
-        return DataLoader(
-            pipe, batch_size=None, num_workers=self.num_workers, persistent_workers=persistent and self.num_workers > 0
+        return SkipCountingLoader(
+            pipe,
+            monitor=monitor,
+            trainer_of=lambda: getattr(self, "trainer", None),
+            batch_size=None,
+            num_workers=num_workers,
+            persistent_workers=persistent and num_workers > 0,
         )

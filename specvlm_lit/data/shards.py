@@ -2,14 +2,18 @@
 
 Each sample is ``<key>.{png,jpg,jpeg,webp}`` + ``<key>.json`` with a ``conversations`` list (the
 synthetic corpus and converted real LLaVA data share this). Bad samples never stop the stream: they
-are skipped and *counted*, and the counts travel inside the batches, so the training process sees
-exact totals even when decoding runs in DataLoader workers.
+are skipped and *counted* by reason (``skips.SKIP_REASONS``). The counts travel with the data -- inside
+batches (``stats``) and, when many skips come without a usable sample, as stats-only items
+(``{"stats_only": True, "stats": ...}``) -- so the training process sees exact totals even when decoding
+runs in DataLoader workers, and sees them even when no batch can form.
 """
 
 from __future__ import annotations
 
+import functools
 import io
 import json
+import logging
 from collections import Counter
 from collections.abc import Callable
 
@@ -17,74 +21,136 @@ import torch
 import webdataset as wds
 from PIL import Image, UnidentifiedImageError
 
-from ..errors import UserError
 from .conversation import ConversationError, encode_conversation
+from .skips import SEEN, TRUNCATED, TooManyBadSamples  # noqa: F401  (TooManyBadSamples: its old home)
 
 IMAGE_KEYS = ("png", "jpg", "jpeg", "webp")
+#: Skips a worker may collect before it sends their counts on without waiting for a usable sample.
+FLUSH_EVERY = 16
+log = logging.getLogger(__name__)
 
 
-class TooManyBadSamples(UserError):
-    """More of the data is unusable than ``max_bad_fraction`` allows: the shards need fixing."""
+def stats_item(stats: dict) -> dict:
+    return {"stats_only": True, "stats": dict(stats)}
 
 
 class SampleEncoder:
-    """Raw tar sample -> model inputs, or ``None`` (counted) when the sample is unusable."""
+    """Raw tar sample -> model inputs, or ``None`` (counted by reason) when the sample is unusable.
+
+    Never raises on what a sample holds: every malformed shape is a skip. The first skip of each reason in a
+    process is logged with the sample's key, so the cause can be found."""
 
     def __init__(self, tokenizer, image_processor, num_visual_tokens: Callable[[int, int], int], max_length: int):
         self.tokenizer = tokenizer
         self.image_processor = image_processor
         self.num_visual_tokens = num_visual_tokens
         self.max_length = max_length
-        self.skipped: Counter = Counter()  # since the last emitted sample (this worker)
+        self.skipped: Counter = Counter()  # since the counts were last sent on (this worker)
+        self._logged: set[str] = set()
 
-    def tar_error(self, exn: Exception) -> bool:
-        """webdataset handler: a corrupt tar member or unreadable shard is skipped and counted, not fatal.
+    def skip(self, reason: str, where: str, detail: object) -> None:
+        self.skipped[reason] += 1
+        if reason not in self._logged:
+            self._logged.add(reason)
+            log.warning("skipping %s (%s): %s; further %s skips are counted, not logged", where, reason, detail, reason)
 
-        Counted in the same per-worker counter as bad samples, so it reaches the training process
-        inside the next batch (or the end-of-stream marker)."""
-        wds.warn_and_continue(exn)
-        self.skipped["corrupt_tar"] += 1
-        return True
+    def take_skipped(self) -> dict:
+        """The pending skip counts (``seen`` included) as a stats dict; resets them."""
+        out = dict(self.skipped) | {SEEN: sum(self.skipped.values())}
+        self.skipped = Counter()
+        return out
 
     def __call__(self, sample: dict) -> dict | None:
         key = sample.get("__key__", "?")
+        where = f"sample {key} of {sample.get('__url__', '?')}"
+        if "json" not in sample:
+            return self.skip("missing_json", where, f"no .json member (members: {sorted(sample)})")
         try:
             record = json.loads(sample["json"])
-            conversations = record["conversations"]
-        except (KeyError, ValueError, TypeError):
-            self.skipped["bad_json"] += 1
-            return None
+        except ValueError as e:  # includes bad UTF-8
+            return self.skip("bad_json", where, e)
+        if not isinstance(record, dict):
+            return self.skip("bad_json", where, f"the .json holds a {type(record).__name__}, not an object")
+        if "conversations" not in record:
+            return self.skip("bad_conversation", where, "the record has no 'conversations' field")
         image_bytes = next((sample[k] for k in IMAGE_KEYS if k in sample), None)
         if image_bytes is None:
-            self.skipped["missing_image"] += 1
-            return None
+            return self.skip("missing_image", where, f"no {'/'.join(IMAGE_KEYS)} member")
         try:
             image = Image.open(io.BytesIO(image_bytes))
             image.load()
             image = image.convert("RGB")
-        except (UnidentifiedImageError, OSError, ValueError):
-            self.skipped["corrupt_image"] += 1
-            return None
-        pixel_values = self.image_processor(images=image, return_tensors="pt")["pixel_values"][0]
-        n_visual = self.num_visual_tokens(*pixel_values.shape[-2:])
+            pixel_values = self.image_processor(images=image, return_tensors="pt")["pixel_values"][0]
+        except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as e:
+            return self.skip("corrupt_image", where, e)
         try:
-            enc = encode_conversation(conversations, self.tokenizer, n_visual, max_length=self.max_length)
+            n_visual = self.num_visual_tokens(*pixel_values.shape[-2:])
+        except ValueError as e:  # smaller than one patch
+            return self.skip("image_too_small", where, e)
+        try:
+            enc = encode_conversation(record["conversations"], self.tokenizer, n_visual, max_length=self.max_length)
         except ConversationError as e:
-            self.skipped["no_answer" if "no assistant answer" in str(e) else "bad_conversation"] += 1
-            return None
+            return self.skip(e.reason, where, e)
         if not enc.loss_mask.any():  # truncation removed every answer token
-            self.skipped["truncated_away"] += 1
-            return None
-        out = {
+            return self.skip("truncated_away", where, f"max_length={self.max_length} cuts off every answer token")
+        stats = self.take_skipped()
+        stats[SEEN] += 1
+        stats[TRUNCATED] = int(enc.truncated)
+        return {
             "__key__": key,
             "input_ids": enc.input_ids,
             "loss_mask": enc.loss_mask,
             "pixel_values": pixel_values,
             "record": record,
-            "stats": dict(self.skipped) | {"truncated": int(enc.truncated), "seen": 1 + sum(self.skipped.values())},
+            "stats": stats,
         }
-        self.skipped = Counter()
-        return out
+
+
+def _complete(sample: dict) -> bool:
+    return "json" in sample and any(k in sample for k in IMAGE_KEYS)
+
+
+def _record(errors: list, exn: Exception) -> bool:
+    """webdataset handler: note the error and go on (the shard's reader decides what it costs)."""
+    errors.append(exn)
+    return True
+
+
+def read_shards(encoder: SampleEncoder):
+    """webdataset stage: shard URLs -> raw samples, one shard at a time so unreadable data is counted per shard.
+
+    A shard that cannot be read to its end (truncated, corrupt, unopenable) counts once as ``corrupt_tar``; the
+    incomplete sample at the break is part of that count, not a ``missing_image``/``missing_json``. A readable
+    shard without samples counts as ``empty_shard``. Both counts are sent on at once as a stats-only item, so an
+    endless stream over such shards still reports them (and stops) instead of spinning silently."""
+    logged: set[str] = set()
+
+    def stage(urls):
+        for item in urls:
+            url = item["url"]
+            errors: list[Exception] = []
+            held, n = None, 0
+            for sample in wds.tarfile_to_samples(handler=functools.partial(_record, errors))(iter([item])):
+                if held is not None:
+                    yield held
+                held, n = sample, n + 1
+            if errors:
+                if held is not None and not _complete(held):
+                    held = None
+                reason, detail = "corrupt_tar", str(errors[0].args[0] if errors[0].args else errors[0])
+            elif n == 0:
+                reason, detail = "empty_shard", "the shard holds no sample"
+            else:
+                reason = None
+            if held is not None:
+                yield held
+            if reason is not None:
+                if url not in logged:
+                    logged.add(url)
+                    log.warning("shard %s: %s (%s); counted, the stream goes on", url, detail, reason)
+                yield stats_item({reason: 1, SEEN: 1})
+
+    return stage
 
 
 def shard_pipeline(
@@ -98,60 +164,95 @@ def shard_pipeline(
     stages = [wds.ResampledShards(urls, seed=seed) if resample else wds.SimpleShardList(urls)]
     if not resample:
         stages += [wds.split_by_node, wds.split_by_worker]
-    stages.append(wds.tarfile_to_samples(handler=encoder.tar_error))
+    stages.append(read_shards(encoder))
     if shuffle_buffer:
         stages.append(wds.shuffle(shuffle_buffer, initial=min(shuffle_buffer, 256), rng=None))
     stages.append(encode_stage(encoder))
     return wds.DataPipeline(*stages)
 
 
-def encode_stage(encoder: SampleEncoder):
-    """webdataset stage: encode samples, dropping unusable ones; a final stats-only marker carries
-    the counts of bad samples that no later good sample could carry."""
+def encode_stage(encoder: SampleEncoder, flush_every: int = FLUSH_EVERY):
+    """webdataset stage: encode samples, dropping unusable ones. Their counts ride on the next usable sample, or
+    go on as a stats-only item once ``flush_every`` pile up (and at the end of the stream)."""
 
     def stage(samples):
         for raw in samples:
+            if "stats_only" in raw:
+                yield raw
+                continue
             out = encoder(raw)
             if out is not None:
                 yield out
+            elif sum(encoder.skipped.values()) >= flush_every:
+                yield stats_item(encoder.take_skipped())
         if encoder.skipped:
-            yield {"stats_only": dict(encoder.skipped) | {"seen": sum(encoder.skipped.values())}}
-            encoder.skipped = Counter()
+            yield stats_item(encoder.take_skipped())
 
     return stage
 
 
 def batched_by_size(batch_size: int, collate_fn, *, flush_partial: bool = True):
-    """webdataset stage: batch samples of equal image size together.
+    """webdataset stage: batch samples of equal image size together; stats-only items pass straight through.
 
     Mixed resolutions in one batch pad every row to the largest visual-token count; bucketing by
     image size removes that padding (2-3x fewer tokens per step on the synthetic corpus).
-    One finished batch is held back so skip counts that arrive at the end of the stream can still
-    be attached to a batch; counts are never dropped.
+    Without ``flush_partial`` the partial buckets left at the end are dropped, but their counts are sent on.
     """
 
     def stage(samples):
         buckets: dict[tuple, list] = {}
-        pending: Counter = Counter()
-        held = None
         for s in samples:
             if "stats_only" in s:
-                pending.update(s["stats_only"])
+                yield s
                 continue
             key = tuple(s["pixel_values"].shape[-2:])
             bucket = buckets.setdefault(key, [])
             bucket.append(s)
             if len(bucket) == batch_size:
-                if held is not None:
-                    yield held
-                held = collate_fn(bucket)
+                yield collate_fn(bucket)
                 buckets[key] = []
-        tail = [collate_fn(b) for b in buckets.values() if b] if flush_partial else []
-        out = ([held] if held is not None else []) + tail
-        for i, batch in enumerate(out):
-            if i == len(out) - 1:
-                batch["stats"] = dict(Counter(batch["stats"]) + pending)
-            yield batch
+        for bucket in buckets.values():
+            if bucket:
+                yield collate_fn(bucket) if flush_partial else stats_item(sum_stats(bucket))
+
+    return stage
+
+
+def sum_stats(samples: list[dict]) -> dict:
+    stats: Counter = Counter()
+    for s in samples:
+        stats.update(s["stats"])
+    return dict(stats)
+
+
+def take_batches(n: int):
+    """webdataset stage: end the stream after ``n`` batches (stats-only items do not count)."""
+
+    def stage(items):
+        if n <= 0:
+            return
+        done = 0
+        for item in items:
+            yield item
+            if "stats_only" not in item:
+                done += 1
+                if done == n:
+                    return
+
+    return stage
+
+
+def skip_batches(n: int):
+    """webdataset stage: drop the first ``n`` batches and the counts that came with them (a resumed run already
+    holds those counts in its checkpoint)."""
+
+    def stage(items):
+        done = 0
+        for item in items:
+            if done >= n:
+                yield item
+            elif "stats_only" not in item:
+                done += 1
 
     return stage
 
@@ -166,9 +267,6 @@ def collate(samples: list[dict], pad_id: int) -> dict:
     for i, s in enumerate(samples):
         n = len(s["input_ids"])
         input_ids[i, :n], attention_mask[i, :n], loss_mask[i, :n] = s["input_ids"], 1, s["loss_mask"]
-    stats: Counter = Counter()
-    for s in samples:
-        stats.update(s["stats"])
     return {
         "input_ids": input_ids,
         "attention_mask": attention_mask,
@@ -176,33 +274,5 @@ def collate(samples: list[dict], pad_id: int) -> dict:
         "pixel_values": [s["pixel_values"] for s in samples],
         "records": [s["record"] for s in samples],
         "keys": [s["__key__"] for s in samples],
-        "stats": dict(stats),
+        "stats": sum_stats(samples),
     }
-
-
-class BadSampleMonitor:
-    """Accumulates skip counts from batches; raises once the bad fraction exceeds the limit."""
-
-    def __init__(self, max_bad_fraction: float = 0.05, min_seen: int = 200):
-        if not 0.0 <= max_bad_fraction <= 1.0:
-            raise ValueError(f"max_bad_fraction must be in [0, 1], got {max_bad_fraction}")
-        self.max_bad_fraction, self.min_seen = max_bad_fraction, min_seen
-        self.counts: Counter = Counter()
-
-    def update(self, stats: dict) -> None:
-        self.counts.update(stats)
-        seen = self.counts["seen"]
-        bad = self.bad
-        if seen >= self.min_seen and bad / seen > self.max_bad_fraction:
-            raise TooManyBadSamples(
-                f"{bad} of {seen} samples were unusable ({dict(self.reasons)}), more than "
-                f"max_bad_fraction={self.max_bad_fraction}; check the shards or raise the limit"
-            )
-
-    @property
-    def reasons(self) -> Counter:
-        return Counter({k: v for k, v in self.counts.items() if k not in ("seen", "truncated")})
-
-    @property
-    def bad(self) -> int:
-        return sum(self.reasons.values())

@@ -26,6 +26,7 @@ from pathlib import Path
 
 import webdataset as wds
 
+from ..errors import UserError, one_line
 from ..utils.atomic import atomic_directory
 from .scenes import DEFAULT_RESOLUTIONS, MAX_OBJECTS, render, repaint_unnamed, sample_scene, validate_scene_args
 from .tasks import TASKS, make_turn, to_llava_conversation
@@ -209,7 +210,9 @@ def main(argv: list[str] | None = None) -> None:
     spec = CorpusSpec(**{**a, "resolutions": tuple(a["resolutions"])})
     try:
         generate_corpus(out, spec)
-    except ValueError as e:
+    except UserError as e:  # e.g. --out names a directory this project did not write: one line, nothing touched
+        raise SystemExit(f"error: {one_line(e)}") from None
+    except ValueError as e:  # a flag value CorpusSpec.validate rejects: argparse's usage + error
         p.error(str(e))
 
 
