@@ -34,6 +34,7 @@ import hashlib
 import json
 import os
 import struct
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,6 +47,7 @@ from transformers.cache_utils import Cache
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 from .attention_masks import prefix_mask
+from .config_weights import ShapeFact, check_integer_fields, check_shapes, load_pretrained_checked
 from .errors import UserError
 
 __all__ = [
@@ -53,11 +55,14 @@ __all__ = [
     "TargetLoadError",
     "TargetOutput",
     "encode_by_size",
+    "fit_long_side",
+    "image_input_size",
     "image_list",
     "llava_image_features",
     "llava_visual_grid",
     "llava_visual_tokens",
     "read_model_config",
+    "resize_for_target",
     "square_grid",
     "supported_model_types",
     "visual_token_counter",
@@ -150,6 +155,44 @@ def visual_token_counter(processor) -> Callable[[int, int], int]:
     return functools.partial(llava_visual_tokens, patch_size=patch, strategy=strategy)
 
 
+def fit_long_side(width: int, height: int, limit: int, min_side: int = 1) -> tuple[int, int]:
+    """``(width, height)`` downscaled, aspect ratio kept, so the long side is ``limit``; never upscaled.
+
+    The short side stays at least ``min(its size, min_side)`` (one patch), so a very elongated image still gives
+    one row of patches instead of none.
+    """
+    long_side = max(width, height)
+    if long_side <= limit:
+        return width, height
+    scale = limit / long_side
+    return (
+        max(round(width * scale), min(width, min_side)),
+        max(round(height * scale), min(height, min_side)),
+    )
+
+
+def image_input_size(image_processor, vision_config, width: int, height: int) -> tuple[int, int]:
+    """The ``(width, height)`` a ``width x height`` image is handed to the target's image processor at.
+
+    An image processor that resizes (LLaVA-1.5's ``CLIPImageProcessor`` with ``do_resize``) is left to do it: the
+    size is unchanged. One that does not (the embedded target's keeps each image's own resolution, its tower
+    interpolating position embeddings) would give an ordinary photo hundreds of thousands of visual tokens, so an
+    image larger than the vision tower's native ``image_size`` is downscaled until its long side is ``image_size``
+    (:func:`fit_long_side`, bicubic in :func:`resize_for_target`). Images are never upscaled.
+    """
+    if getattr(image_processor, "do_resize", False):
+        return width, height
+    return fit_long_side(width, height, int(vision_config.image_size), int(vision_config.patch_size))
+
+
+def resize_for_target(image, image_processor, vision_config):
+    """``image`` (PIL) at :func:`image_input_size` (bicubic); the same object when no resize is needed."""
+    from PIL import Image
+
+    size = image_input_size(image_processor, vision_config, *image.size)
+    return image if size == tuple(image.size) else image.resize(size, Image.BICUBIC)
+
+
 def image_list(pixel_values: torch.Tensor | Sequence[torch.Tensor]) -> list[torch.Tensor]:
     """Images as a flat list of ``[3, h, w]`` tensors, from a ``[B, 3, h, w]`` / ``[3, h, w]`` tensor or a list of
     ``[3, h, w]`` / ``[k, 3, h, w]`` tensors whose sizes may differ."""
@@ -220,8 +263,8 @@ _WEIGHT_FILES = (
 )
 
 
-def _check_safetensors_file(path: Path) -> None:
-    """Cheaply validate a ``.safetensors`` file without reading the tensor data.
+def _check_safetensors_file(path: Path) -> dict:
+    """Cheaply validate a ``.safetensors`` file without reading the tensor data; return its parsed header.
 
     The format is ``u64 little-endian header length N`` + ``N bytes JSON header`` + raw tensor bytes, where every
     tensor's ``data_offsets`` are relative to the end of the header. A truncated download/copy is therefore detected
@@ -259,6 +302,12 @@ def _check_safetensors_file(path: Path) -> None:
     expected = 8 + header_len + data_end
     if size < expected:
         raise TargetLoadError(f"Weights file {path} is {size} bytes but its header describes {expected} bytes. {fix}")
+    return header
+
+
+def header_shapes(header: dict) -> dict[str, tuple[int, ...]]:
+    """Tensor name -> shape from a safetensors header (:func:`_check_safetensors_file`)."""
+    return {name: tuple(info.get("shape", ())) for name, info in header.items() if name != "__metadata__"}
 
 
 def read_model_config(config_file: Path, error: type[UserError], *, missing: str, fix: str) -> dict:
@@ -278,8 +327,9 @@ def read_model_config(config_file: Path, error: type[UserError], *, missing: str
     return config
 
 
-def _check_checkpoint_dir(path: Path) -> dict:
-    """Validate a local checkpoint directory and return its parsed ``config.json``.
+def _check_checkpoint_dir(path: Path) -> tuple[dict, dict[str, tuple[int, ...]]]:
+    """Validate a local checkpoint directory; return its parsed ``config.json`` and the weights' tensor shapes
+    (read from the safetensors headers; empty for ``pytorch_model.bin`` checkpoints, whose shapes need a load).
 
     Everything here is checked up front so that the user gets one clear :class:`TargetLoadError` instead of an
     exception from deep inside transformers (which, for a missing local directory, would even try the Hub).
@@ -306,8 +356,9 @@ def _check_checkpoint_dir(path: Path) -> dict:
             f"No model weights in {path}: expected one of {', '.join(_WEIGHT_FILES)}. Copy the weight files next to "
             f"config.json (or re-save the model with `save_pretrained`)."
         )
+    shapes: dict[str, tuple[int, ...]] = {}
     if weights[0] == "model.safetensors":
-        _check_safetensors_file(path / "model.safetensors")
+        shapes = header_shapes(_check_safetensors_file(path / "model.safetensors"))
     elif weights[0] == "model.safetensors.index.json":
         index_file = path / "model.safetensors.index.json"
         try:
@@ -322,8 +373,52 @@ def _check_checkpoint_dir(path: Path) -> dict:
                 raise TargetLoadError(
                     f"Weight shard {shard_path} listed in {index_file} is missing. Download all shards."
                 )
-            _check_safetensors_file(shard_path)
-    return config
+            shapes.update(header_shapes(_check_safetensors_file(shard_path)))
+    return config, shapes
+
+
+_LLAVA_TEXT = r"language_model\.(?:model\.)?layers\."
+_LLAVA_VISION = r"vision_tower\.(?:vision_model\.)?"
+
+
+def _llava_head_dim(value) -> int:
+    return int(
+        value("text_config.head_dim") or value("text_config.hidden_size") // value("text_config.num_attention_heads")
+    )
+
+
+_LLAVA_SHAPE_FACTS = (
+    ShapeFact(("text_config.vocab_size",), r"embed_tokens\.weight$", 0),
+    ShapeFact(("text_config.hidden_size",), r"embed_tokens\.weight$", 1),
+    ShapeFact(("text_config.num_hidden_layers",), _LLAVA_TEXT + r"(\d+)\.", None),
+    ShapeFact(("text_config.intermediate_size",), _LLAVA_TEXT + r"0\.mlp\.gate_proj\.weight$", 0),
+    ShapeFact(
+        ("text_config.num_attention_heads", "text_config.head_dim"),
+        _LLAVA_TEXT + r"0\.self_attn\.q_proj\.weight$",
+        0,
+        lambda v: v("text_config.num_attention_heads") * _llava_head_dim(v),
+        "num_attention_heads x head_dim",
+    ),
+    ShapeFact(
+        ("text_config.num_key_value_heads", "text_config.head_dim"),
+        _LLAVA_TEXT + r"0\.self_attn\.k_proj\.weight$",
+        0,
+        lambda v: v("text_config.num_key_value_heads") * _llava_head_dim(v),
+        "num_key_value_heads x head_dim",
+    ),
+    ShapeFact(("vision_config.hidden_size",), _LLAVA_VISION + r"embeddings\.patch_embedding\.weight$", 0),
+    ShapeFact(("vision_config.num_channels",), _LLAVA_VISION + r"embeddings\.patch_embedding\.weight$", 1),
+    ShapeFact(("vision_config.patch_size",), _LLAVA_VISION + r"embeddings\.patch_embedding\.weight$", 2),
+    ShapeFact(
+        ("vision_config.image_size", "vision_config.patch_size"),
+        _LLAVA_VISION + r"embeddings\.position_embedding\.weight$",
+        0,
+        lambda v: (v("vision_config.image_size") // v("vision_config.patch_size")) ** 2 + 1,
+        "(image_size / patch_size)^2 + 1 (CLS)",
+    ),
+    ShapeFact(("vision_config.intermediate_size",), _LLAVA_VISION + r"encoder\.layers\.0\.mlp\.fc1\.weight$", 0),
+    ShapeFact(("vision_config.num_hidden_layers",), _LLAVA_VISION + r"encoder\.layers\.(\d+)\.", None),
+)
 
 
 class TargetAdapter:
@@ -396,7 +491,7 @@ class TargetAdapter:
             interpolate_pos_encoding: see :meth:`__init__`.
         """
         path = Path(path).expanduser()
-        config = _check_checkpoint_dir(path)
+        config, shapes = _check_checkpoint_dir(path)
         model_type = config["model_type"]
         adapter_cls = _ADAPTERS.get(model_type)
         if adapter_cls is None or not issubclass(adapter_cls, cls):
@@ -405,17 +500,25 @@ class TargetAdapter:
                 f"(supported: {', '.join(supported_model_types())}). Use a supported target or add a "
                 f"TargetAdapter subclass for this family."
             )
+        adapter_cls.check_config_against_weights(path / "config.json", config, shapes)
 
-        kwargs = {"dtype": dtype, "local_files_only": True, "output_loading_info": True}
-        if attn_implementation is not None:
-            kwargs["attn_implementation"] = attn_implementation
-        try:
-            model, info = adapter_cls.model_class.from_pretrained(str(path), **kwargs)
-        except Exception as e:  # noqa: BLE001 - re-raised with context: any failure here means a bad checkpoint
-            raise TargetLoadError(
-                f"Failed to load target from {path} ({type(e).__name__}: {e}). Check that the checkpoint is "
-                f"complete and was saved by a compatible transformers version."
-            ) from e
+        # Every case transformers' load report lists comes back as one line of ours (or the warning below).
+        model, info = load_pretrained_checked(
+            adapter_cls.model_class,
+            path,
+            TargetLoadError,
+            "Check that the checkpoint is complete, saved by a compatible transformers version, and that "
+            "config.json is the original one.",
+            dtype=dtype,
+            **({} if attn_implementation is None else {"attn_implementation": attn_implementation}),
+        )
+        unexpected = sorted(info.get("unexpected_keys") or ())
+        if unexpected:
+            warnings.warn(
+                f"{path} holds {len(unexpected)} weight(s) that {adapter_cls.model_class.__name__} does not use "
+                f"({', '.join(unexpected[:3])}{' ...' if len(unexpected) > 3 else ''}); they are ignored.",
+                stacklevel=2,
+            )
         missing = sorted(info.get("missing_keys") or ())
         if missing:
             shown = ", ".join(missing[:5]) + (" ..." if len(missing) > 5 else "")
@@ -425,6 +528,38 @@ class TargetAdapter:
             )
         model.to(device)
         return adapter_cls(model, interpolate_pos_encoding=interpolate_pos_encoding)
+
+    @classmethod
+    def shape_facts(cls) -> tuple[ShapeFact, ...]:
+        """The sizes in ``config.json`` that this family's weights pin down (family hook; LLaVA here), most basic
+        first, so the first mismatch found is the field that was edited. Tensor patterns accept both the names
+        transformers 5 saves (``language_model.model.layers``) and its in-memory ones (``model.language_model``)."""
+        return _LLAVA_SHAPE_FACTS
+
+    @classmethod
+    def check_config_against_weights(cls, config_file: Path, config: dict, shapes: dict) -> None:
+        """Raise :class:`TargetLoadError` naming the field when ``config.json`` does not describe the weights' shapes
+        (an edited or hand-written config), before transformers builds the model (see :mod:`..config_weights`)."""
+        fix = "restore config.json from the original checkpoint."
+        facts = cls.shape_facts()
+        check_integer_fields(config_file, config, facts, TargetLoadError, fix)
+        config_class = cls.model_class.config_class
+        try:
+            parsed = config_class.from_dict(config)
+        except Exception as e:  # noqa: BLE001 - transformers' own validation of a field: re-raised naming the file
+            raise TargetLoadError(
+                f"{config_file} is not a valid {config_class.__name__} ({type(e).__name__}: "
+                f"{' '.join(str(e).split())[:300]}). Fix the field it names, or {fix}"
+            ) from e
+        check_shapes(
+            config_file,
+            config,
+            lambda field: functools.reduce(getattr, field.split("."), parsed),
+            shapes,
+            facts,
+            TargetLoadError,
+            fix,
+        )
 
     def check_tokenizer(self, tokenizer) -> None:
         """Raise :class:`TargetLoadError` if ``tokenizer`` does not belong to this target.
@@ -501,6 +636,12 @@ class TargetAdapter:
     def num_layers(self) -> int:
         return int(self.text_config.num_hidden_layers)
 
+    @property
+    def context_length(self) -> int:
+        """Positions the text decoder was built for (``text_config.max_position_embeddings``): prompt, visual and
+        generated tokens together must fit in it."""
+        return int(self.text_config.max_position_embeddings)
+
     # ---------------------------------------------------------------------------------------- family hooks
     def _language_model(self) -> nn.Module:
         """The text decoder (without LM head)."""
@@ -529,15 +670,9 @@ class TargetAdapter:
         use_cache: bool,
     ) -> torch.Tensor:
         """Run the HF multimodal model on ready embeddings; return the final-norm hidden states ``[B, T, H]``."""
-        out = self.model.model(
-            inputs_embeds=inputs_embeds,
-            attention_mask=attention_mask,
-            position_ids=position_ids,
-            past_key_values=past_key_values,
-            # Explicit: the decoder otherwise defaults to config.use_cache (True).
-            use_cache=use_cache,
-            return_dict=True,
-        )
+        state = {"attention_mask": attention_mask, "position_ids": position_ids, "past_key_values": past_key_values}
+        # use_cache explicit: the decoder otherwise defaults to config.use_cache (True).
+        out = self.model.model(inputs_embeds=inputs_embeds, use_cache=use_cache, return_dict=True, **state)
         return out.last_hidden_state
 
     def num_visual_tokens(self, height: int, width: int) -> int:
@@ -546,6 +681,11 @@ class TargetAdapter:
         return llava_visual_tokens(
             height, width, int(self.config.vision_config.patch_size), self.config.vision_feature_select_strategy
         )
+
+    def image_input_size(self, image_processor, width: int, height: int) -> tuple[int, int]:
+        """(width, height) an image is handed to ``image_processor`` at (:func:`image_input_size` with this
+        target's vision config)."""
+        return image_input_size(image_processor, self.config.vision_config, width, height)
 
     def visual_grid(self, height: int, width: int) -> tuple[int, int] | None:
         """(rows, cols) of the patch grid the visual tokens are laid out on, or ``None`` (:func:`llava_visual_grid`

@@ -439,7 +439,7 @@ def test_load_errors(adapter, tmp_path):
     cfg = json.loads((d2 / "config.json").read_text())
     cfg["compressor"] = {"type": "resampler", "num_queries": 2, "num_heads": 8}
     (d2 / "config.json").write_text(json.dumps(cfg))
-    with pytest.raises(DrafterLoadError, match="does not match"):
+    with pytest.raises(DrafterLoadError, match="do not match"):
         EagleVLMDrafter.load(d2)
 
 

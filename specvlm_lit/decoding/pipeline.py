@@ -9,7 +9,10 @@
 Everything a caller can get wrong is checked *before* any model work and raised as :class:`DecodeInputError`
 (a ``ValueError``) with a one-line message: missing / unreadable image (the file is named), empty prompt,
 ``max_new_tokens < 1``, negative temperature, ``top_p`` outside (0, 1], negative ``top_k``, a bad seed, a bad
-tree shape. The rules themselves live once, in :mod:`.configs` (``WarpConfig``, ``TreeConfig``, ``check_int``); the
+tree shape; and, once the target is known, a prompt + image + ``max_new_tokens`` that do not fit its context
+(:func:`check_context`). Images are brought to the size the target family encodes them at first (a photo is
+downscaled to the vision tower's native size when the processor does not resize: ``target.image_input_size``).
+The rules themselves live once, in :mod:`.configs` (``WarpConfig``, ``TreeConfig``, ``check_int``); the
 ``check_*`` functions here apply them and re-raise a broken one as :class:`DecodeInputError`. Loading
 problems keep their own types: :class:`~specvlm_lit.target.TargetLoadError` (target checkpoint / tokenizer),
 :class:`~specvlm_lit.drafter.eagle.DrafterLoadError` (drafter directory) and
@@ -48,6 +51,7 @@ __all__ = [
     "PreparedPrompt",
     "SpecVLMPipeline",
     "as_decode_input_error",
+    "check_context",
     "check_dtype",
     "check_int_option",
     "check_max_new_tokens",
@@ -164,6 +168,19 @@ def check_target_dir(target) -> str:
             f"config.json + model.safetensors + processor>"
         )
     return str(target)
+
+
+def check_context(prompt_tokens: int, visual_tokens: int, max_new_tokens: int, context: int) -> None:
+    """Raise :class:`DecodeInputError` unless the prompt's text and visual tokens plus ``max_new_tokens`` fit the
+    target's ``context`` (``text_config.max_position_embeddings``). Past it the positions have no trained meaning:
+    the answer silently degenerates, and a huge ``max_new_tokens`` would run on and on."""
+    total = prompt_tokens + visual_tokens + max_new_tokens
+    if total > context:
+        raise DecodeInputError(
+            f"the request needs {prompt_tokens} prompt tokens + {visual_tokens} visual tokens + {max_new_tokens} "
+            f"max_new_tokens = {total} positions, but the target's context (text_config.max_position_embeddings) is "
+            f"{context}: use a shorter prompt, a lower max_new_tokens or a smaller image"
+        )
 
 
 def _tree_from_mapping(tree) -> TreeConfig:
@@ -317,10 +334,17 @@ class PreparedPrompt:
     n_visual: int
     grid: tuple[int, int] | None
     image_size: tuple[int, int]  # (width, height) of the processed image
+    original_size: tuple[int, int] | None = None  # (width, height) of the image as given
+    downscaled: bool = False  # by the pipeline, to the vision tower's native size (target.image_input_size)
 
     @property
     def prompt_len(self) -> int:
         return int(self.input_ids.shape[1])
+
+    def image_info(self) -> dict:
+        """Sizes for results / logs: as given, as encoded, and whether the pipeline downscaled it."""
+        original = self.original_size or self.image_size
+        return {"original_size": list(original), "encoded_size": list(self.image_size), "downscaled": self.downscaled}
 
 
 @dataclass
@@ -362,6 +386,7 @@ def format_stats(result: DecodeResult, tree: TreeConfig | None = None) -> str:
             f"({tps:.1f} tokens/s)"
         )
         lines.append(f"visual tokens: target {s.target_visual_tokens}, drafter - (no drafter)")
+        lines.extend(_image_line(result.extra.get("image")))
     else:
         acc = f"{s.accept_length:.2f}" if s.verify_rounds else "-"
         lines.append(
@@ -373,6 +398,7 @@ def format_stats(result: DecodeResult, tree: TreeConfig | None = None) -> str:
             f"other {ms(s.time_other)} | total {ms(s.time_total)} ({tps:.1f} tokens/s)"
         )
         lines.append(f"visual tokens: target {s.target_visual_tokens}, drafter {s.draft_visual_tokens}")
+        lines.extend(_image_line(result.extra.get("image")))
         lines.append(f"KV cache: draft {s.draft_kv_len} rows, target {s.target_kv_len} rows")
         if tree is not None:
             lines.append(
@@ -380,6 +406,24 @@ def format_stats(result: DecodeResult, tree: TreeConfig | None = None) -> str:
                 + (" (auto)" if tree.auto else "")
             )
     return "\n".join(lines)
+
+
+def _image_line(info: Mapping | None) -> list[str]:
+    """``image: ...`` statistics line: the size encoded and, when it differs, the size given and who resized it."""
+    if not info:
+        return []
+    size = lambda wh: f"{wh[0]}x{wh[1]}"  # noqa: E731
+    original, encoded = info["original_size"], info["encoded_size"]
+    if info.get("downscaled"):
+        how = (
+            f"downscaled from {size(original)} (the image processor does not resize: long side fitted to the vision "
+            f"tower's native {max(encoded)} px)"
+        )
+    elif list(original) != list(encoded):
+        how = f"resized by the image processor from {size(original)}"
+    else:
+        how = "as given"
+    return [f"image: {size(encoded)} px, {how}"]
 
 
 def _torch_dtype(dtype):
@@ -484,15 +528,28 @@ class SpecVLMPipeline:
         return 2 * int(c.num_key_value_heads) * int(c.head_dim) * elem
 
     # ------------------------------------------------------------------------------------------- inputs
-    def prepare(self, image, prompt: str) -> PreparedPrompt:
+    def prepare(self, image, prompt: str, *, max_new_tokens: int | None = None) -> PreparedPrompt:
         """Image -> pixel values, prompt -> ``"<s>USER: <image>\\n{prompt} ASSISTANT:"`` ids with the image
-        placeholder expanded to the target's visual-token count. No model forward happens here."""
+        placeholder expanded to the target's visual-token count. No model forward happens here.
+
+        The image is first brought to the size the target family encodes it at
+        (:func:`~specvlm_lit.target.image_input_size`: a processor that resizes does it itself; otherwise an image
+        larger than the vision tower's native size is downscaled, bicubic, aspect kept). The prompt must leave room
+        in the target's context for ``max_new_tokens`` (at least one new token when not given):
+        :func:`check_context`.
+        """
         from ..data.conversation import ConversationError, prompt_ids
+        from ..target import resize_for_target
 
         img = load_image(image)
         prompt = check_prompt(prompt)
+        if max_new_tokens is not None:
+            max_new_tokens = check_max_new_tokens(max_new_tokens)
+        image_processor = self.processor.image_processor
+        original = tuple(img.size)
+        img = resize_for_target(img, image_processor, self.adapter.config.vision_config)
         try:
-            pixels = self.processor.image_processor(images=img, return_tensors="pt")["pixel_values"]
+            pixels = image_processor(images=img, return_tensors="pt")["pixel_values"]
         except Exception as e:  # noqa: BLE001
             raise DecodeInputError(f"the target's image processor rejected the image ({e})") from None
         h, w = int(pixels.shape[-2]), int(pixels.shape[-1])
@@ -504,7 +561,15 @@ class SpecVLMPipeline:
             ids = prompt_ids(prompt, self.tokenizer, n_visual).unsqueeze(0)
         except ConversationError as e:
             raise DecodeInputError(str(e)) from None
-        return PreparedPrompt(ids, pixels, n_visual, self.adapter.visual_grid(h, w), (w, h))
+        inputs = PreparedPrompt(
+            ids, pixels, n_visual, self.adapter.visual_grid(h, w), (w, h), original, tuple(img.size) != original
+        )
+        self.check_fits(inputs, 1 if max_new_tokens is None else max_new_tokens)
+        return inputs
+
+    def check_fits(self, inputs: PreparedPrompt, max_new_tokens: int) -> None:
+        """:func:`check_context` of prepared inputs and ``max_new_tokens`` against this target's context."""
+        check_context(inputs.prompt_len - inputs.n_visual, inputs.n_visual, max_new_tokens, self.adapter.context_length)
 
     def decoder(self, warp):
         """The (cached) :class:`SpeculativeDecoder` for ``warp`` (caching keeps an ``auto`` tree size decision)."""
@@ -526,6 +591,7 @@ class SpecVLMPipeline:
 
     def decode(self, inputs: PreparedPrompt, *, max_new_tokens: int, warp, seed=None):
         """Speculative decoding of prepared inputs -> :class:`SpecResult` (image encoding counted in the prefill)."""
+        self.check_fits(inputs, max_new_tokens)
         return self.decoder(warp).generate(
             inputs.input_ids,
             pixel_values=inputs.pixel_values,
@@ -544,6 +610,7 @@ class SpecVLMPipeline:
         more ``generate()`` kwargs (the benchmark encodes an assistant's image there)."""
         import torch
 
+        self.check_fits(inputs, max_new_tokens)
         ad = self.adapter
         ids = inputs.input_ids.to(ad.device)
         kwargs = dict(hf_sampling_kwargs(warp.temperature, warp.top_p, warp.top_k))
@@ -593,35 +660,24 @@ class SpecVLMPipeline:
         if self.drafter is None:
             return self._generate_ar(req)
         warp = check_sampling(req.temperature, req.top_p, req.top_k)
-        inputs = self.prepare(req.image, req.prompt)
+        inputs = self.prepare(req.image, req.prompt, max_new_tokens=req.max_new_tokens)
         res = self.decode(inputs, max_new_tokens=req.max_new_tokens, warp=warp, seed=req.seed)
         tokens = res.tokens.tolist()
-        return DecodeResult(
-            self.tokenizer.decode(tokens, skip_special_tokens=True).strip(), tokens, res.stats, self.method
-        )
+        text = self.tokenizer.decode(tokens, skip_special_tokens=True).strip()
+        return DecodeResult(text, tokens, res.stats, self.method, {"image": inputs.image_info()})
 
-    def generate_ar(
-        self,
-        image,
-        prompt: str,
-        *,
-        max_new_tokens: int = 128,
-        temperature: float = 0.0,
-        top_p: float = 1.0,
-        top_k: int = 0,
-        seed: int | None = None,
-    ) -> DecodeResult:
-        """The reference: the target's plain Hugging Face ``generate()`` with the same warping and EOS."""
-        req = validate_request(
-            image, prompt, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k, seed=seed
-        )
-        return self._generate_ar(req)
+    def generate_ar(self, image, prompt: str, **options) -> DecodeResult:
+        """The reference: the target's plain Hugging Face ``generate()`` with the same warping and EOS.
+
+        Takes :meth:`generate`'s keyword options (``max_new_tokens``, ``temperature``, ``top_p``, ``top_k``, ``seed``).
+        """
+        return self._generate_ar(validate_request(image, prompt, **options))
 
     def _generate_ar(self, req: DecodeRequest) -> DecodeResult:
         from .speculative import SpecStats
 
         warp = check_sampling(req.temperature, req.top_p, req.top_k)
-        inputs = self.prepare(req.image, req.prompt)
+        inputs = self.prepare(req.image, req.prompt, max_new_tokens=req.max_new_tokens)
         tokens, elapsed, counter = self.hf_generate(inputs, max_new_tokens=req.max_new_tokens, warp=warp, seed=req.seed)
         n = len(tokens)
         first = (counter.first_done - counter.started) if counter.first_done is not None else elapsed
@@ -637,4 +693,4 @@ class SpecVLMPipeline:
             time_total=elapsed,
         )
         text = self.tokenizer.decode(tokens, skip_special_tokens=True).strip()
-        return DecodeResult(text, tokens, stats, "ar")
+        return DecodeResult(text, tokens, stats, "ar", {"image": inputs.image_info()})

@@ -41,8 +41,9 @@ from transformers.masking_utils import create_causal_mask
 from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRMSNorm, LlamaRotaryEmbedding
 
 from ..attention_masks import as_additive
+from ..config_weights import ShapeFact, check_integer_fields, check_shapes, load_pretrained_checked
 from ..errors import UserError
-from ..target import TargetAdapter, TargetLoadError, _check_safetensors_file, read_model_config
+from ..target import TargetAdapter, TargetLoadError, _check_safetensors_file, header_shapes, read_model_config
 from ..utils.atomic import atomic_directory, check_replaceable, interrupted_writes
 from .compressor import Compressor, build_compressor, normalize_compressor_config
 
@@ -397,6 +398,15 @@ class EagleVLMDrafter(PreTrainedModel):
                 f"drafter has hidden size {cfg.hidden_size}{trained_for} but the target has {target.hidden_size}: {fix}"
             )
         if cfg.vocab_size is not None and int(target.vocab_size) != int(cfg.vocab_size):
+            if cfg.target_fingerprint and cfg.target_fingerprint == target.fingerprint():
+                # Trained for this very target (the fingerprint covers its vocabulary): the file was edited.
+                source = getattr(self, "name_or_path", None)
+                where = f"{Path(source) / 'config.json'}: " if source else ""
+                raise DrafterLoadError(
+                    f"{where}vocab_size is {cfg.vocab_size} but the drafter's target_fingerprint says it was trained "
+                    f"for this target, whose vocabulary has {target.vocab_size} rows. Fix: set vocab_size to "
+                    f"{target.vocab_size}, or re-export the drafter"
+                )
             raise DrafterMismatchError(
                 f"drafter has vocabulary size {cfg.vocab_size}{trained_for} but the target has "
                 f"{target.vocab_size}: {fix}"
@@ -440,22 +450,25 @@ class EagleVLMDrafter(PreTrainedModel):
         """
         path = Path(path).expanduser()
         _check_drafter_dir(path)
-        kwargs: dict[str, Any] = {"local_files_only": True, "output_loading_info": True}
-        if dtype is not None:
-            kwargs["dtype"] = dtype
-        try:
-            model, info = cls.from_pretrained(str(path), **kwargs)
-        except Exception as e:  # noqa: BLE001 - re-raised with context
-            raise DrafterLoadError(
-                f"failed to load the drafter from {path} ({type(e).__name__}: {e}). Re-export it with "
-                f"save_atomically(drafter, '{path}')."
-            ) from e
+        # Every case transformers' load report lists is raised in one line (here or in load_pretrained_checked).
+        model, info = load_pretrained_checked(
+            cls,
+            path,
+            DrafterLoadError,
+            f"Fix the field of {path / 'config.json'} this names, or re-export the drafter with "
+            f"save_atomically(drafter, '{path}').",
+            **({} if dtype is None else {"dtype": dtype}),
+        )
         missing = sorted(info.get("missing_keys") or ())
         unexpected = sorted(info.get("unexpected_keys") or ())
         if missing or unexpected:
+            keys = missing + unexpected
+            field = "compressor" if all(k.startswith("compressor.") for k in keys) else None
+            field = field or ("final_norm" if all(k.startswith("norm.") for k in keys) else None)
+            cause = f"config.json's {field} was edited" if field else "config.json was edited?"
             raise DrafterLoadError(
-                f"{path / 'model.safetensors'} does not match {path / 'config.json'}: missing {missing[:5]}, "
-                f"unexpected {unexpected[:5]} (was config.json's compressor edited?). Re-export the drafter."
+                f"the weights in {path} do not match {path / 'config.json'}: missing {missing[:5]}, "
+                f"unexpected {unexpected[:5]} ({cause}). Re-export the drafter, or restore config.json."
             )
         if device is not None:
             model.to(device)
@@ -502,10 +515,49 @@ def _check_drafter_dir(path: Path) -> dict:
     if not weights.is_file():
         raise DrafterLoadError(f"{weights} is missing (half-written export?). {fix}")
     try:
-        _check_safetensors_file(weights)
+        header = _check_safetensors_file(weights)
     except TargetLoadError as e:
         raise DrafterLoadError(str(e)) from e
+    _check_config_against_weights(config_file, config, header_shapes(header))
     return config
+
+
+def _drafter_head_dim(value) -> int:
+    return int(value("head_dim") or value("hidden_size") // value("num_attention_heads"))
+
+
+# The sizes of config.json the weights pin down (see specvlm_lit.config_weights), most basic first.
+_DRAFTER_FACTS = (
+    ShapeFact(("hidden_size",), r"^norm_embeds\.weight$", 0),
+    ShapeFact(("intermediate_size",), r"^layer\.mlp\.gate_proj\.weight$", 0),
+    ShapeFact(
+        ("num_attention_heads", "head_dim"),
+        r"^layer\.self_attn\.q_proj\.weight$",
+        0,
+        lambda v: v("num_attention_heads") * _drafter_head_dim(v),
+        "num_attention_heads x head_dim",
+    ),
+    ShapeFact(
+        ("num_key_value_heads", "head_dim"),
+        r"^layer\.self_attn\.k_proj\.weight$",
+        0,
+        lambda v: (v("num_key_value_heads") or v("num_attention_heads")) * _drafter_head_dim(v),
+        "num_key_value_heads x head_dim",
+    ),
+)
+
+
+def _check_config_against_weights(config_file: Path, config: dict, shapes: dict) -> None:
+    """:class:`DrafterLoadError` naming the field when config.json's sizes do not fit the weights. Checked on the
+    JSON itself (a missing key takes :class:`EagleVLMConfig`'s default, as loading would), because building the
+    config can already fail on a wrong size (a compressor that does not divide ``hidden_size``)."""
+    fix = "restore config.json (or re-export the drafter)."
+    check_integer_fields(config_file, config, _DRAFTER_FACTS, DrafterLoadError, fix)
+
+    def value(field: str):
+        return config.get(field, getattr(EagleVLMConfig, field))
+
+    check_shapes(config_file, config, value, shapes, _DRAFTER_FACTS, DrafterLoadError, fix)
 
 
 def _is_drafter_export(path: Path) -> bool:
