@@ -22,7 +22,7 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 
 import specvlm_lit.utils.hydra_resolvers  # noqa: F401  (registers ${safe_dirname:...} for sweep dirs)
-from specvlm_lit.errors import UserError, one_line
+from specvlm_lit.errors import find_user_error, one_line
 
 ROOT = Path(__file__).resolve().parent
 os.environ.setdefault("PROJECT_ROOT", str(ROOT))
@@ -135,17 +135,24 @@ def run_bench(cfg: dict, root: Path, out_dir: str) -> Path:
     import json
 
     report = json.loads((out / "bench.json").read_text())
-    print(f"{'method':<20} {'T':>4} {'tau':>6} {'sigma':>6} {'tok/s':>8} {'identical':>9}")
+    # tau: median over prompts of paired per-prompt ratios vs HF generate(), with its interval; vs own: the same
+    # against this project's own AR loop (the gain from speculation alone).
+    print(
+        f"{'method':<24} {'T':>4} {'tau':>6} {'95% interval':>14} {'vs own':>7} {'sigma':>6} {'tok/s':>8} "
+        f"{'identical':>9}"
+    )
     for m, per_t in report["results"].items():
         for t, r in per_t.items():
             if "skipped" in r:
-                print(f"{LABELS[m]:<20} {float(t):>4g}  skipped: {r['skipped']}")
+                print(f"{LABELS[m]:<24} {float(t):>4g}  skipped: {r['skipped']}")
                 continue
             ident = "-" if r.get("identical") is None else f"{100 * r['identical']:.0f}%"
             fmt = lambda v, nd=2: "-" if v is None else f"{v:.{nd}f}"  # noqa: E731
+            ci = r.get("tau_ci")
+            interval = "-" if not ci else f"[{ci[0]:.2f}, {ci[1]:.2f}]"
             print(
-                f"{LABELS[m]:<20} {float(t):>4g} {fmt(r.get('tau')):>6} {fmt(r.get('sigma')):>6} "
-                f"{fmt(r.get('tokens_per_s'), 1):>8} {ident:>9}"
+                f"{LABELS[m]:<24} {float(t):>4g} {fmt(r.get('tau')):>6} {interval:>14} {fmt(r.get('tau_own')):>7} "
+                f"{fmt(r.get('sigma')):>6} {fmt(r.get('tokens_per_s'), 1):>8} {ident:>9}"
             )
     m = report["machine"]
     print(f"machine: {m['cpu'] or m['machine']}, {m['torch_threads']} torch threads, {m['device']} {m['dtype']}")
@@ -168,8 +175,11 @@ def main(cfg: DictConfig) -> None:
             print(Path(out).resolve())
         else:
             raise SystemExit(f"error: mode must be 'generate' or 'bench', got {mode!r}")
-    except UserError as e:  # the user's to fix: one line, no traceback
-        raise SystemExit(f"error: {one_line(e)}") from None
+    except Exception as e:
+        user_error = find_user_error(e)
+        if user_error is None:
+            raise
+        raise SystemExit(f"error: {one_line(user_error)}") from None  # the user's to fix: one line, no traceback
 
 
 if __name__ == "__main__":

@@ -18,3 +18,15 @@ class UserError(ValueError):
 def one_line(e: BaseException) -> str:
     """The message folded onto one line, for ``error: ...`` output."""
     return " ".join(str(e).split())
+
+
+def find_user_error(e: BaseException) -> UserError | None:
+    """The :class:`UserError` behind ``e``: ``e`` itself, or a cause it wraps (Hydra's ``instantiate`` wraps what a
+    ``_target_`` raises in an ``InstantiationException``; Lightning may re-raise from a hook)."""
+    seen: set[int] = set()
+    while e is not None and id(e) not in seen:
+        if isinstance(e, UserError):
+            return e
+        seen.add(id(e))
+        e = e.__cause__
+    return None

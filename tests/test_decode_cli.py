@@ -317,6 +317,7 @@ def test_cli_bench_writes_json_markdown_and_plot(setup, tmp_path):
         "bench.samples_per_resolution=2",
         "bench.max_new_tokens=8",
         "bench.warmup=1",
+        "bench.repeats=1",  # tests/test_bench.py runs the repeats; one keeps this CLI run short
         "tree.top_k=4",
         "tree.depth=4",
         "tree.total_tokens=12",
@@ -327,8 +328,11 @@ def test_cli_bench_writes_json_markdown_and_plot(setup, tmp_path):
     assert "100%" in out.stderr  # the progress bar ran to the end
     report = json.loads((run_dir / "bench.json").read_text())
     assert {"platform", "cpu", "torch_threads", "torch", "transformers"} <= set(report["machine"])
+    assert {"loadavg_before", "loadavg_after", "busy", "warnings"} <= set(report["load"])
+    assert set(report["load"]["warnings"]) <= set(report["warnings"])
     assert report["config"]["resolutions"] == [64, 128] and report["config"]["temperatures"] == [0.0, 1.0]
-    methods = ["ar", "prompt_lookup", "assisted", "eaglevlm", "specvlm", "eaglevlm_adaptive", "specvlm_adaptive"]
+    spec_methods = ["eaglevlm", "specvlm", "eaglevlm_adaptive", "specvlm_adaptive"]
+    methods = ["ar", "ar_own", "prompt_lookup", "assisted", *spec_methods]
     assert list(report["results"]) == methods
     eagle_dir, spec_dir = str(setup["paths"]["none"]), str(root / "outputs/train/runs/1/drafter")
     assert report["config"]["drafter_paths"] == {
@@ -343,6 +347,9 @@ def test_cli_bench_writes_json_markdown_and_plot(setup, tmp_path):
             assert "skipped" not in r, (m, t, r)
             assert {
                 "tau",
+                "tau_ci",
+                "tau_own",
+                "tau_total",
                 "sigma",
                 "tokens_per_s",
                 "identical",
@@ -353,6 +360,7 @@ def test_cli_bench_writes_json_markdown_and_plot(setup, tmp_path):
                 "per_task",
             } <= set(r)
             assert r["n"] == 4 and r["tau"] > 0 and r["sigma"] >= 1.0 and r["tokens_per_s"] > 0
+            assert r["tau_ci"][0] <= r["tau"] <= r["tau_ci"][1] and r["tau_own"] > 0
             assert not r.get("errors"), r.get("errors")
         assert report["results"][m]["0.0"]["identical"] == 1.0, m
         assert report["results"][m]["1.0"]["identical"] is None
@@ -360,7 +368,7 @@ def test_cli_bench_writes_json_markdown_and_plot(setup, tmp_path):
     spec, eagle = report["results"]["specvlm"]["0.0"], report["results"]["eaglevlm"]["0.0"]
     assert spec["drafter_visual_tokens"] <= eagle["drafter_visual_tokens"]
     assert all(r.get("assistant_saw_image") for r in report["runs"] if r["method"] == "assisted")
-    for m in methods[3:]:  # the per-phase breakdown adds up to the measured wall time
+    for m in spec_methods:  # the per-phase breakdown adds up to the measured wall time
         b = report["results"][m]["0.0"]["breakdown"]
         assert b["rounds"] >= 4 and b["round_ms"] > 0 and b["ar_step_ms"] > 0 and b["tree_nodes_per_round"] >= 1
         assert 0 <= b["tree_depth_per_round"] <= 4

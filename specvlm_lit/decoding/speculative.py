@@ -57,7 +57,7 @@ from __future__ import annotations
 import math
 import statistics
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -68,9 +68,10 @@ from .. import kv_cache
 from ..attention_masks import causal_mask, prefix_mask
 from ..drafter.sequence import build_draft_sequence
 from ..target import image_list
-from .acceptance import WarpConfig, accept_greedy, accept_sampling, truncate_at_eos, warp_logits
+from .acceptance import WarpConfig, accept_greedy, accept_sampling, truncate_at_eos
 from .configs import TreeConfig
 from .cost_model import RoundCostModel
+from .decoder import TargetDecoder, pick_token, sync
 from .tree import DraftTree, TreeBuilder
 
 __all__ = [
@@ -148,11 +149,6 @@ class SpecResult:
 
 
 # ------------------------------------------------------------------------------------------------- helpers
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def _module_dtype_device(module, fallback_dtype, fallback_device) -> tuple[torch.dtype, torch.device]:
     params = getattr(module, "parameters", None)
     if callable(params):
@@ -161,25 +157,6 @@ def _module_dtype_device(module, fallback_dtype, fallback_device) -> tuple[torch
                 return p.dtype, p.device
             break
     return fallback_dtype, fallback_device
-
-
-def _eos_list(eos_token_id) -> list[int]:
-    if eos_token_id is None:
-        return []
-    if isinstance(eos_token_id, Tensor):
-        eos_token_id = eos_token_id.flatten().tolist()
-    if isinstance(eos_token_id, bool):
-        raise ValueError(f"eos_token_id must be an int, a list of ints or None, got {eos_token_id!r}")
-    if isinstance(eos_token_id, int):
-        return [eos_token_id]
-    try:
-        ids = list(eos_token_id)
-    except TypeError:
-        raise ValueError(f"eos_token_id must be an int, a list of ints or None, got {eos_token_id!r}") from None
-    for i in ids:
-        if isinstance(i, bool) or not isinstance(i, int):
-            raise ValueError(f"eos_token_id must be an int, a list of ints or None, got {eos_token_id!r}")
-    return ids
 
 
 def _single_image_grid(adapter, pixel_values) -> tuple[int, int] | None:
@@ -228,12 +205,12 @@ def time_verification(
         tree = DraftTree.from_parents(torch.randint(0, adapter.vocab_size, (n,), generator=g), parents)
         times = []
         for rep in range(repeats + 1):
-            _sync(device)
+            sync(device)
             t0 = time.perf_counter()
             adapter.tree_forward(
                 tree.tokens[None].to(device), tree.position_ids(prefix_len).to(device), tree.mask, cache
             )
-            _sync(device)
+            sync(device)
             if rep > 0:
                 times.append(time.perf_counter() - t0)
             kv_cache.crop(cache, prefix_len)
@@ -277,7 +254,7 @@ def choose_total_tokens(
 
 
 # ------------------------------------------------------------------------------------------------ decoder
-class SpeculativeDecoder:
+class SpeculativeDecoder(TargetDecoder):
     """EAGLE-2 dynamic-tree speculative decoding of a :class:`~specvlm_lit.target.TargetAdapter` (batch size 1).
 
     Args:
@@ -336,40 +313,6 @@ class SpeculativeDecoder:
         self._draft_dtype, self._draft_device = _module_dtype_device(drafter, adapter.dtype, adapter.device)
 
     # ------------------------------------------------------------------------------------------ validation
-    def _validate(self, input_ids, image_features, pixel_values, max_new_tokens, eos_token_id, generator):
-        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens <= 0:
-            raise ValueError(f"max_new_tokens must be an int >= 1, got {max_new_tokens!r}")
-        if not isinstance(input_ids, Tensor):
-            raise ValueError(f"input_ids must be a LongTensor of shape [1, T], got {type(input_ids).__name__}")
-        if input_ids.dtype.is_floating_point or input_ids.dtype.is_complex or input_ids.dtype == torch.bool:
-            raise ValueError(f"input_ids must be an integer tensor, got dtype {input_ids.dtype}")
-        if input_ids.dim() != 2 or input_ids.shape[0] != 1:
-            raise ValueError(
-                f"input_ids must have shape [1, T] (batch size 1, no padding), got {tuple(input_ids.shape)}"
-            )
-        if input_ids.shape[1] == 0:
-            raise ValueError("input_ids is empty: the prompt needs at least one token")
-        vocab = self.adapter.vocab_size
-        lo, hi = int(input_ids.min()), int(input_ids.max())
-        if lo < 0 or hi >= vocab:
-            raise ValueError(f"input_ids contain ids outside [0, {vocab}) (min {lo}, max {hi})")
-        eos = _eos_list(eos_token_id)
-        if image_features is not None and pixel_values is not None:
-            raise ValueError("Pass either image_features or pixel_values, not both.")
-        if image_features is not None:
-            if isinstance(image_features, Tensor):
-                image_features = [image_features] if image_features.dim() == 2 else list(image_features)
-            n_feat = sum(int(f.shape[0]) for f in image_features)
-            n_tok = int((input_ids == self.adapter.image_token_id).sum())
-            if n_feat != n_tok:
-                raise ValueError(
-                    f"input_ids contain {n_tok} image tokens but image_features hold {n_feat} vectors; expand each "
-                    f"image placeholder to its number of visual tokens."
-                )
-        if generator is not None and not isinstance(generator, torch.Generator):
-            raise ValueError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
-        return eos, image_features
-
     # --------------------------------------------------------------------------------------------- drafter
     def _draft(self, embeds: Tensor, features: Tensor, positions: Tensor, mask: Tensor | None, cache) -> Tensor:
         """One drafter forward over ``T`` rows (no batch dim); returns ``hidden [T, H]`` in the drafter dtype."""
@@ -437,7 +380,7 @@ class SpeculativeDecoder:
             logprobs = self._logprobs(hidden)
             frontier = builder.expand(logprobs)
             if cost is not None:
-                _sync(self._draft_device)
+                sync(self._draft_device)
                 cost.step.update(time.perf_counter() - t_step)
                 levels += 1
         kv_cache.crop(cache, draft_len)
@@ -474,9 +417,11 @@ class SpeculativeDecoder:
         cal.observe(cond_q, cal.first_children(parents), on_path[parents], on_path[1:])
 
     # -------------------------------------------------------------------------------------------- generate
-    def _hook(self, event: str, **info) -> None:
+    def _hook(self, event: str, ids: Tensor, out_tokens: list[int], draft_cache, draft_len: int, **info) -> None:
+        """Call ``debug_hook`` (if any) with the state every event shares plus the event's own ``info``."""
         if self.debug_hook is not None:
-            self.debug_hook(event, info)
+            sequence = self._sequence(ids, out_tokens)
+            self.debug_hook(event, {"draft_cache": draft_cache, "draft_len": draft_len, "sequence": sequence, **info})
 
     @staticmethod
     def _sequence(ids: Tensor, out_tokens: list[int]) -> Tensor:
@@ -504,53 +449,14 @@ class SpeculativeDecoder:
             self._cost = RoundCostModel(time_verification(self.adapter, prefix_len, sizes, top_k=top_k))
         return cap
 
-    def _pick(self, logits: Tensor, generator: torch.Generator | None) -> int:
-        """The token ``generate()`` would emit from next-token ``logits [V]`` (argmax, or a warped sample)."""
-        if self.warp.greedy:
-            return int(logits.argmax(-1))
-        probs = warp_logits(logits, self.warp)
-        if generator is not None:
-            probs = probs.to(generator.device)
-        return int(torch.multinomial(probs, 1, generator=generator))
-
-    @torch.no_grad()
-    def generate(
-        self,
-        input_ids: Tensor,
-        image_features: Sequence[Tensor] | None = None,
-        pixel_values: Tensor | Sequence[Tensor] | None = None,
-        *,
-        max_new_tokens: int,
-        eos_token_id: int | Iterable[int] | None = None,
-        generator: torch.Generator | None = None,
-        image_grid: tuple[int, int] | None = None,
-    ) -> SpecResult:
-        """Generate up to ``max_new_tokens`` tokens after ``input_ids`` ``[1, T]``.
-
-        Images come pre-encoded (``image_features``, from ``adapter.encode_images``) or as ``pixel_values``. Stops
-        right after the first EOS (kept) or at ``max_new_tokens``, exactly like HF ``generate()``. ``generator``
-        drives all sampling randomness (``None`` = torch's global RNG). ``image_grid`` = ``(rows, cols)`` patch grid
-        for the drafter's visual compressor (inferred from a single image's pixels, or assumed square).
-        """
-        t_start = time.perf_counter()
-        eos, image_features = self._validate(
-            input_ids, image_features, pixel_values, max_new_tokens, eos_token_id, generator
-        )
-        drafter = self.drafter
-        was_training = bool(getattr(drafter, "training", False))
-        if was_training:
-            drafter.eval()
-        try:
-            return self._generate(
-                input_ids, image_features, pixel_values, max_new_tokens, eos, generator, image_grid, t_start
-            )
-        finally:
-            if was_training:
-                drafter.train()
+    def _modules_in_eval(self):
+        return (self.drafter,)
 
     def _generate(
-        self, input_ids, image_features, pixel_values, max_new_tokens, eos, generator, image_grid, t_start
+        self, input_ids, image_features, pixel_values, max_new_tokens, eos, generator, t_start, image_grid=None
     ) -> SpecResult:
+        """``image_grid`` = ``(rows, cols)`` patch grid for the drafter's visual compressor (inferred from a single
+        image's pixels, or assumed square)."""
         ad = self.adapter
         dev = ad.device
         stats = SpecStats(prompt_len=int(input_ids.shape[1]))
@@ -561,7 +467,7 @@ class SpeculativeDecoder:
         out_tokens: list[int] = []
 
         def finish() -> SpecResult:
-            _sync(dev)
+            sync(dev)
             stats.new_tokens = len(out_tokens)
             stats.time_total = time.perf_counter() - t_start
             stats.time_other = max(0.0, stats.time_total - stats.time_prefill - stats.time_draft - stats.time_verify)
@@ -569,7 +475,7 @@ class SpeculativeDecoder:
             return SpecResult(torch.tensor(out_tokens, dtype=torch.long), stats)
 
         # 1. Target prefill -> first token.
-        _sync(dev)
+        sync(dev)
         t0 = time.perf_counter()
         if pixel_values is not None:
             grid_hint = _single_image_grid(ad, pixel_values)
@@ -578,11 +484,11 @@ class SpeculativeDecoder:
             grid_hint = None
         tcache = ad.new_cache()
         tout = ad.forward(ids, image_features=image_features, past_key_values=tcache, use_cache=True, logits_to_keep=1)
-        first = self._pick(tout.logits[0, -1], generator)
+        first = pick_token(tout.logits[0, -1], self.warp, generator)
         kept, finished = truncate_at_eos([first], eos, max_new_tokens)
         out_tokens += kept.tolist()
         stats.finished_by_eos = bool(finished and eos and out_tokens[-1] in eos)
-        _sync(dev)
+        sync(dev)
         stats.time_prefill = time.perf_counter() - t0
         total = self._total_tokens(T)
         stats.total_tokens = total
@@ -614,17 +520,9 @@ class SpeculativeDecoder:
         dcache = self.drafter.new_cache()
         dh = self._draft(d_embeds, d_feats, torch.arange(draft_len, device=dev), None, dcache)
         h_root = dh[-1]
-        _sync(dev)
+        sync(dev)
         stats.time_draft += time.perf_counter() - t0
-        if self.debug_hook is not None:
-            self._hook(
-                "prefill",
-                draft_cache=dcache,
-                draft_len=draft_len,
-                target_cache=tcache,
-                sequence=self._sequence(ids, out_tokens),
-                draft_sequence=seq,
-            )
+        self._hook("prefill", ids, out_tokens, dcache, draft_len, target_cache=tcache, draft_sequence=seq)
 
         while True:
             remaining = max_new_tokens - len(out_tokens)
@@ -637,19 +535,10 @@ class SpeculativeDecoder:
                 tree = self._draft_tree(root, h_root, dcache, draft_len, depth, total)
             else:
                 tree = DraftTree.from_parents(torch.tensor([root], device=dev), [-1])
-            _sync(dev)
+            sync(dev)
             t_tree = time.perf_counter() - t0
             stats.time_draft += t_tree
-            if self.debug_hook is not None:
-                self._hook(
-                    "tree",
-                    tree=tree,
-                    root=root,
-                    h_root=h_root,
-                    draft_cache=dcache,
-                    draft_len=draft_len,
-                    sequence=self._sequence(ids, out_tokens),
-                )
+            self._hook("tree", ids, out_tokens, dcache, draft_len, tree=tree, root=root, h_root=h_root)
 
             # 4. Verify with one target forward, accept, compact the target KV.
             t0 = time.perf_counter()
@@ -662,7 +551,7 @@ class SpeculativeDecoder:
             accepted = acc.accepted.to(dev)
             kv_cache.compact(tcache, prefix_len, accepted)
             self._observe_acceptance(tree, acc.accepted)
-            _sync(dev)
+            sync(dev)
             stats.time_verify += time.perf_counter() - t0
 
             stats.verify_rounds += 1
@@ -689,19 +578,11 @@ class SpeculativeDecoder:
             draft_len += k
             h_root = dh[-1]
             root = int(new_tokens[-1])
-            _sync(dev)
+            sync(dev)
             t_end = time.perf_counter()
             stats.time_draft += t_end - t0
             if self._cost is not None and self.tree.adaptive:
                 self._cost.fixed.update(max(0.0, t_end - t_round - t_tree - self._cost.verify_time(tree.size)))
             stats.draft_kv_lens.append(draft_len)
             stats.draft_kv_len = draft_len
-            if self.debug_hook is not None:
-                self._hook(
-                    "round",
-                    acceptance=acc,
-                    draft_cache=dcache,
-                    draft_len=draft_len,
-                    target_cache=tcache,
-                    sequence=self._sequence(ids, out_tokens),
-                )
+            self._hook("round", ids, out_tokens, dcache, draft_len, acceptance=acc, target_cache=tcache)

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from ...target import resize_for_target
 from ..pipeline import DecodeInputError
 from .settings import BenchSettings
 
@@ -74,6 +75,8 @@ class Assistant:
         self.model.register_forward_hook(self._track)
 
     def pixels(self, image):
+        # The size the target is fed (target.py's rule), so both models see the same image.
+        image = resize_for_target(image, self.image_processor, self.adapter.config.vision_config)
         return self.image_processor(images=image, return_tensors="pt")["pixel_values"]
 
     def encode(self, pixel_values) -> None:

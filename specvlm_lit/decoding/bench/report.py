@@ -1,17 +1,17 @@
-"""The benchmark's outputs: the ``bench.json`` report (results, samples, every run, notes), ``bench.md`` and
-``bench.png``."""
+"""The benchmark's outputs: the ``bench.json`` report (results, load, warnings, samples, every run, notes),
+``bench.md`` and ``bench.png``."""
 
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import asdict
 from pathlib import Path
 
-from .aggregate import rounded, temperature_key
-from .methods import LABELS
+from .aggregate import SPEEDUP_PREFIX, rounded, temperature_key
+from .methods import LABELS, OWN_AR
+from .stats import CI_LEVEL
 
-__all__ = ["build_report", "write_markdown", "write_plot", "write_report"]
+__all__ = ["build_report", "report_warnings", "write_markdown", "write_plot", "write_report"]
 
 
 def _notes(s, runner, runs: list[dict], samples, prepared) -> list[str]:
@@ -47,11 +47,25 @@ def _notes(s, runner, runs: list[dict], samples, prepared) -> list[str]:
     return notes
 
 
-def build_report(s, machine: dict, urls: list[str], runner, results: dict, samples, prepared, runs: list[dict]) -> dict:
-    """The ``bench.json`` content; ``prepared`` holds ``(sample, PreparedPrompt, assistant pixels)`` per sample."""
+def report_warnings(load: dict, results: dict) -> list[str]:
+    """What makes this run's ratios less trustworthy: the load warnings (:mod:`.load`), then each distinct
+    interval warning (too few prompts, :func:`~.stats.median_interval`)."""
+    warnings = list(load["warnings"])
+    for per_t in results.values():
+        for r in per_t.values():
+            for prefix in SPEEDUP_PREFIX.values():
+                w = r.get(f"{prefix}_ci_warning")
+                if w and w not in warnings:
+                    warnings.append(w)
+    return warnings
+
+
+def build_report(
+    s, machine: dict, load: dict, urls: list[str], runner, results: dict, samples, prepared, runs: list[dict]
+) -> dict:
+    """The ``bench.json`` content; ``load`` is :func:`~.load.load_report`'s block; ``prepared`` holds
+    ``(sample, PreparedPrompt, assistant pixels)`` per sample."""
     notes = _notes(s, runner, runs, samples, prepared)
-    if hasattr(os, "getloadavg"):
-        machine["loadavg_end"] = [round(x, 2) for x in os.getloadavg()]
     config = asdict(s)
     config.update(
         test_urls_resolved=urls,
@@ -60,6 +74,8 @@ def build_report(s, machine: dict, urls: list[str], runner, results: dict, sampl
     )
     return {
         "machine": machine,
+        "load": load,
+        "warnings": report_warnings(load, results),
         "config": config,
         "results": results,
         "samples": [
@@ -96,48 +112,69 @@ def _fmt(v, nd=2, pct=False):
     return f"{v:.{nd}f}" if isinstance(v, float) else str(v)
 
 
+def _with_ci(r: dict, prefix: str) -> str:
+    """``1.32 [1.20, 1.41]``: a speedup and its interval (``-`` when that baseline did not run)."""
+    ci = r.get(f"{prefix}_ci")
+    return _fmt(r.get(prefix)) + (f" [{_fmt(ci[0])}, {_fmt(ci[1])}]" if ci else "")
+
+
+def _load_line(load: dict) -> str:
+    fmt = lambda la: "n/a" if la is None else " / ".join(f"{x:.2f}" for x in la)  # noqa: E731
+    return (
+        f"Load average (1 / 5 / 15 min) before the timed runs {fmt(load['loadavg_before'])}, after "
+        f"{fmt(load['loadavg_after'])}, on {load['cores']} cores with {load['torch_threads']} torch threads."
+    )
+
+
 def write_markdown(report: dict, path: Path) -> None:
-    m, cfg = report["machine"], report["config"]
-    lines = [
-        "# SpecVLM decoding benchmark",
-        "",
+    m, cfg, load = report["machine"], report["config"], report["load"]
+    lines = ["# SpecVLM decoding benchmark", ""]
+    if report["warnings"]:
+        lines += ["**Warning:** the ratios below may not hold on another run:", ""]
+        lines += [f"- {w}" for w in report["warnings"]] + [""]
+    tasks = "every task type" if cfg.get("tasks") is None else "task type(s) " + ", ".join(cfg["tasks"])
+    lines += [
         f"Machine: {m['cpu'] or m['machine']} ({m['cpu_count']} CPUs, {m['torch_threads']} torch threads), "
         f"{m['platform']}, torch {m['torch']}, transformers {m['transformers']}, device {m['device']}, "
         f"dtype {m['dtype']}. {m['note']}.",
         "",
+        _load_line(load),
+        "",
         f"Target `{cfg['target']}`; {cfg['samples_per_resolution']} held-out samples per resolution at "
-        f"{', '.join(str(r) for r in cfg['resolutions'])} px; max_new_tokens {cfg['max_new_tokens']}; "
-        f"tree {cfg['tree']}.",
+        f"{', '.join(str(r) for r in cfg['resolutions'])} px ({tasks}); max_new_tokens {cfg['max_new_tokens']}; "
+        f"{cfg['repeats']} interleaved repeat(s) per prompt and method; tree {cfg['tree']}.",
         "",
     ]
     methods = list(report["results"])
+    level = f"{CI_LEVEL:.0%}"
     for t in cfg["temperatures"]:
         tk = temperature_key(t)
         lines += [
             f"## T = {t:g}",
             "",
-            "| method | tau (speedup vs AR) | sigma | tokens/s | TTFT ms | identical to AR | drafter visual "
-            "tokens | draft KV rows | n |",
-            "|---|---|---|---|---|---|---|---|---|",
+            f"| method | tau vs HF AR [{level} CI] | tau vs own AR [{level} CI] | tau_total | sigma | tokens/s | "
+            "TTFT ms | identical to AR | drafter visual tokens | draft KV rows | time spread | n |",
+            "|---" * 12 + "|",
         ]
-        tasks: set[str] = set()
+        task_names: set[str] = set()
         for meth in methods:
             r = report["results"][meth].get(tk, {})
             if "skipped" in r:
-                lines.append(f"| {LABELS[meth]} | skipped: {r['skipped']} | | | | | | | |")
+                lines.append(f"| {LABELS[meth]} | skipped: {r['skipped']} |" + " |" * 10)
                 continue
-            tasks |= set(r.get("per_task", {}))
+            task_names |= set(r.get("per_task", {}))
             lines.append(
-                f"| {LABELS[meth]} | {_fmt(r.get('tau'))} | {_fmt(r.get('sigma'))} | "
+                f"| {LABELS[meth]} | {_with_ci(r, 'tau')} | {_with_ci(r, SPEEDUP_PREFIX[OWN_AR])} | "
+                f"{_fmt(r.get('tau_total'))} | {_fmt(r.get('sigma'))} | "
                 f"{_fmt(r.get('tokens_per_s'), 1)} | {_fmt(r.get('ttft_ms'), 1)} | "
                 f"{_fmt(r.get('identical'), pct=True)} | {_fmt(r.get('drafter_visual_tokens'), 1)} | "
-                f"{_fmt(r.get('draft_kv'), 1)} | {r.get('n', 0)} |"
+                f"{_fmt(r.get('draft_kv'), 1)} | {_fmt(r.get('time_spread'), pct=True)} | {r.get('n', 0)} |"
             )
-        if tasks:
-            order = sorted(tasks)
+        if task_names:
+            order = sorted(task_names)
             lines += [
                 "",
-                f"Per task type at T = {t:g} (tau / sigma):",
+                f"Per task type at T = {t:g} (tau vs HF AR / sigma):",
                 "",
                 "| method | " + " | ".join(order) + " |",
                 "|---" * (len(order) + 1) + "|",
@@ -159,9 +196,9 @@ def write_markdown(report: dict, path: Path) -> None:
                 f"Where the time goes at T = {t:g} (ms; shares of the method's total wall time):",
                 "",
                 "| method | prefill / request | draft / round | verify / round | other / round | round | "
-                "tree nodes / round | tree depth / round | AR step | prefill % | draft % | verify % | other % | "
-                "pipeline % |",
-                "|---" * 14 + "|",
+                "tree nodes / round | tree depth / round | AR step (HF) | AR step (own) | prefill % | draft % | "
+                "verify % | other % | pipeline % |",
+                "|---" * 15 + "|",
             ]
             for meth, b in spec:
                 sh = b["share"]
@@ -170,7 +207,7 @@ def write_markdown(report: dict, path: Path) -> None:
                     f"{_fmt(b['draft_ms_per_round'], 1)} | {_fmt(b['verify_ms_per_round'], 1)} | "
                     f"{_fmt(b['other_ms_per_round'], 1)} | {_fmt(b['round_ms'], 1)} | "
                     f"{_fmt(b['tree_nodes_per_round'], 1)} | {_fmt(b['tree_depth_per_round'], 1)} | "
-                    f"{_fmt(b['ar_step_ms'], 1)} | "
+                    f"{_fmt(b['ar_step_ms'], 1)} | {_fmt(b.get('ar_own_step_ms'), 1)} | "
                     + " | ".join(_fmt(sh[k], pct=True) for k in ("prefill", "draft", "verify", "other", "pipeline"))
                     + " |"
                 )
@@ -178,11 +215,17 @@ def write_markdown(report: dict, path: Path) -> None:
     lines += [
         "## Definitions",
         "",
-        "- tau = sum of AR wall times / sum of the method's wall times on the same prompts (image encoding "
-        "included everywhere).",
+        "- paired ratio = AR wall time / the method's wall time for the same prompt and repeat (methods interleaved "
+        "in a rotating order; image encoding included everywhere); per-prompt ratio = median over the repeats.",
+        f"- tau = median of the per-prompt ratios; [{level} CI] = distribution-free order-statistic interval for "
+        "that median. 'vs HF AR' pairs with HF generate(), 'vs own AR' with this project's AR loop (same kernels "
+        "as the speculative decoder: the gain from speculation alone).",
+        "- tau_total = sum of HF AR wall times / sum of the method's wall times over the same runs (the earlier "
+        "reports' tau).",
         "- sigma = new tokens / target forwards that produced them (speculative: prefill + verifications).",
-        "- TTFT: HF methods = a max_new_tokens=1 call on the same input; speculative = its prefill.",
-        "- identical = fraction of greedy outputs token-identical to the AR output (T = 0 only).",
+        "- TTFT: HF methods = a max_new_tokens=1 call on the same input; own AR and speculative = their prefill.",
+        "- identical = fraction of greedy outputs token-identical to the HF AR output (T = 0 only).",
+        "- time spread = median over prompts of (max - min) / median of the method's times across repeats.",
         "",
     ]
     if report.get("notes"):
@@ -201,11 +244,11 @@ def write_plot(report: dict, path: Path) -> None:
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
     width = 0.8 / max(len(temps), 1)
     for ax, key, title in (
-        (axes[0], "tau", "speedup tau vs AR (same prompts)"),
+        (axes[0], "tau", f"speedup tau vs HF AR: median of paired ratios, {CI_LEVEL:.0%} CI"),
         (axes[1], "sigma", "sigma: tokens per target forward"),
     ):
         for i, t in enumerate(temps):
-            xs, ys = [], []
+            xs, ys, errs = [], [], [[], []]
             for j, m in enumerate(methods):
                 r = report["results"][m].get(temperature_key(t), {})
                 x = j + (i - (len(temps) - 1) / 2) * width
@@ -224,7 +267,10 @@ def write_plot(report: dict, path: Path) -> None:
                     continue
                 xs.append(x)
                 ys.append(v)
-            bars = ax.bar(xs, ys, width=width, label=f"T = {t:g}")
+                ci = r.get(f"{key}_ci") or [v, v]  # sigma has no interval: it does not depend on timing
+                errs[0].append(max(0.0, v - ci[0]))
+                errs[1].append(max(0.0, ci[1] - v))
+            bars = ax.bar(xs, ys, width=width, label=f"T = {t:g}", yerr=errs, capsize=2, error_kw={"lw": 0.8})
             for b_, y in zip(bars, ys):
                 ax.text(b_.get_x() + b_.get_width() / 2, y, f"{y:.2f}", ha="center", va="bottom", fontsize=7)
         ax.axhline(1.0, color="black", lw=0.8, ls="--")
@@ -233,7 +279,10 @@ def write_plot(report: dict, path: Path) -> None:
         ax.set_title(title, fontsize=10)
         ax.legend(fontsize=8)
     m = report["machine"]
-    fig.suptitle(f"{m['cpu'] or m['machine']}, {m['torch_threads']} threads, {m['device']} {m['dtype']}", fontsize=8)
+    busy = " - BUSY MACHINE, see bench.md" if report["load"]["busy"] else ""
+    fig.suptitle(
+        f"{m['cpu'] or m['machine']}, {m['torch_threads']} threads, {m['device']} {m['dtype']}{busy}", fontsize=8
+    )
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -1,9 +1,12 @@
-"""Running the benchmark: load every method once, then time them side by side on the same prompts.
+"""Running the benchmark: load every method once, then time them interleaved on the same prompts.
 
 For every temperature, each method first gets ``warmup`` untimed runs on the first sample (a method that fails
-there is skipped at that temperature, with the reason). Then, per held-out sample, every method decodes the
-*same* prepared prompt right after the others, so machine-load drifts hit all methods alike. Image encoding is
-inside every method's timed region.
+there is skipped at that temperature, with the reason). Then, per held-out sample and per repeat
+(``bench.repeats``), every method decodes the *same* prepared prompt right after the others, in an order that
+rotates from round to round (:mod:`.schedule`), so load drifts hit all methods alike and no method always runs
+right after another. Each run is paired with the AR runs of its round for the ratios (:mod:`.stats`). Image
+encoding is inside every method's timed region. The load average is read just before and right after the timed
+runs (:mod:`.load`).
 """
 
 from __future__ import annotations
@@ -19,9 +22,11 @@ from typing import Any
 from ..pipeline import drafter_kind, find_exported_drafters, pick_drafter
 from .aggregate import summarise_results, temperature_key
 from .baselines import load_assistant, run_hf_method
-from .methods import DRAFTER_KINDS, SPEC_METHODS, drafter_of
+from .load import load_average, load_report
+from .methods import DRAFTER_KINDS, OWN_AR, SPEC_METHODS, drafter_of
 from .report import build_report, write_report
 from .samples import collect_samples, resolve_test_urls
+from .schedule import order_for_round
 from .settings import BenchSettings
 
 __all__ = ["MethodRunner", "machine_info", "run_benchmark", "time_methods"]
@@ -54,8 +59,6 @@ def machine_info(device: str, dtype: str) -> dict:
         "note": "timings measured side by side in one process on this machine; compare ratios (tau), "
         "not absolute times, across machines",
     }
-    if hasattr(os, "getloadavg"):
-        info["loadavg_start"] = [round(x, 2) for x in os.getloadavg()]
     if device.startswith("cuda") and torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name(torch.device(device))
     return info
@@ -130,6 +133,8 @@ class MethodRunner:
 
     def run(self, method: str, inputs, a_pixels, warp, seed, *, ttft: bool = True) -> dict:
         """One timed run -> its record (tokens, new tokens, target forwards, wall time, TTFT, drafter cost)."""
+        if method == OWN_AR:
+            return self._run_own_ar(inputs, warp, seed)
         if method not in SPEC_METHODS:
             return run_hf_method(method, self.base, self.s, self.assistant, inputs, a_pixels, warp, seed, ttft=ttft)
         p = self.pipes[method]
@@ -154,6 +159,37 @@ class MethodRunner:
         )
         return rec
 
+    def _run_own_ar(self, inputs, warp, seed) -> dict:
+        """This project's AR loop on the target (:mod:`~specvlm_lit.decoding.autoregressive`); its prefill is the
+        TTFT, as for the speculative methods."""
+        import torch
+
+        from ..autoregressive import AutoregressiveDecoder
+
+        ad = self.adapter
+        # Seeded like the speculative methods; on CPU this stream equals HF's torch.manual_seed(seed) stream.
+        generator = None if seed is None else torch.Generator(device=ad.device).manual_seed(int(seed))
+        t0 = time.perf_counter()
+        res = AutoregressiveDecoder(ad, warp).generate(
+            inputs.input_ids,
+            pixel_values=inputs.pixel_values,
+            max_new_tokens=self.s.max_new_tokens,
+            eos_token_id=self.base.eos_token_id,
+            generator=generator,
+        )
+        elapsed = time.perf_counter() - t0
+        st = res.stats
+        return {
+            "tokens": res.tokens.tolist(),
+            "new_tokens": st.new_tokens,
+            "target_forwards": st.rounds,
+            "time_s": elapsed,
+            "ttft_s": st.time_prefill,
+            "drafter_visual_tokens": None,
+            "draft_kv": None,
+            "draft_kv_bytes": None,
+        }
+
 
 def _error_text(e: Exception) -> str:
     return f"{type(e).__name__}: {' '.join(str(e).split())[:300]}"
@@ -162,9 +198,11 @@ def _error_text(e: Exception) -> str:
 def time_methods(
     runner: MethodRunner, s: BenchSettings, prepared: list, *, progress: bool
 ) -> tuple[list[dict], dict[tuple[str, str], str]]:
-    """Warm-up, then every active method on every prepared sample, per temperature (see the module doc).
+    """Warm-up, then ``s.repeats`` interleaved rounds of every active method per prepared sample, per temperature
+    (see the module doc). A round's method order comes from :func:`~.schedule.order_for_round`.
 
-    Returns the run records and ``{(method, temperature key): why}`` for methods that failed their warm-up.
+    Returns the run records (``key`` = sample index, ``repeat``, ``position`` in its round) and
+    ``{(method, temperature key): why}`` for methods that failed their warm-up.
     """
     import torch
     import transformers
@@ -173,7 +211,7 @@ def time_methods(
     from ..configs import WarpConfig
 
     active = [m for m in s.methods if m not in runner.skipped]
-    per_t_runs = len(prepared) * len(active) + s.warmup * len(active)
+    per_t_runs = len(prepared) * s.repeats * len(active) + s.warmup * len(active)
     runs: list[dict] = []
     skipped_t: dict[tuple[str, str], str] = {}
     bar = tqdm(
@@ -199,39 +237,44 @@ def time_methods(
                         skipped_t[(m, tk)] = f"failed in transformers {transformers.__version__}: {_error_text(e)}"
                     bar.update(1)
             for i, (smp, inp, a_px) in enumerate(prepared):
+                # Every repeat of a prompt uses the same seed: repeats differ in timing only, never in output.
                 seed = None if s.seed is None else s.seed + i
-                for m in active:
-                    bar.set_postfix_str(f"T={t:g} {smp.resolution}px {m}")
-                    base = {
-                        "method": m,
-                        "temperature": t,
-                        "resolution": smp.resolution,
-                        "sample": smp.id,
-                        "task": smp.task,
-                        "key": i,
-                        "target_visual_tokens": inp.n_visual,
-                        "prompt_len": inp.prompt_len,
-                    }
-                    if (m, tk) in skipped_t:
+                for rep in range(s.repeats):
+                    for pos, m in enumerate(order_for_round(active, i * s.repeats + rep)):
+                        bar.set_postfix_str(f"T={t:g} {smp.resolution}px {m}")
+                        if (m, tk) in skipped_t:
+                            bar.update(1)
+                            continue
+                        base = {
+                            "method": m,
+                            "temperature": t,
+                            "resolution": smp.resolution,
+                            "sample": smp.id,
+                            "task": smp.task,
+                            "key": i,
+                            "repeat": rep,
+                            "position": pos,
+                            "target_visual_tokens": inp.n_visual,
+                            "prompt_len": inp.prompt_len,
+                        }
+                        try:
+                            rec = runner.run(m, inp, a_px, warp, seed)
+                        except Exception as e:  # noqa: BLE001
+                            rec = {"error": _error_text(e)}
+                        runs.append({**base, **rec})
                         bar.update(1)
-                        continue
-                    try:
-                        rec = runner.run(m, inp, a_px, warp, seed)
-                    except Exception as e:  # noqa: BLE001
-                        rec = {"error": _error_text(e)}
-                    runs.append({**base, **rec})
-                    bar.update(1)
     bar.close()
     return runs, skipped_t
 
 
 def run_benchmark(s: BenchSettings, *, progress: bool = True, log: Callable[[str], None] | None = None) -> Path:
-    """Run the benchmark described by ``s``; write bench.json / bench.md / bench.png into ``s.out_dir``."""
+    """Run the benchmark described by ``s``; write bench.json / bench.md / bench.png into ``s.out_dir``. Every
+    warning of the report (busy machine, too few prompts for an interval) is also passed to ``log``."""
     log = log or (lambda msg: print(msg, file=sys.stderr))
     out_dir = Path(s.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     urls = resolve_test_urls(s, log)
-    samples = collect_samples(urls, s.resolutions, s.samples_per_resolution)
+    samples = collect_samples(urls, s.resolutions, s.samples_per_resolution, s.tasks)
 
     import transformers
 
@@ -242,13 +285,19 @@ def run_benchmark(s: BenchSettings, *, progress: bool = True, log: Callable[[str
         machine = machine_info(s.device, s.dtype)
         prepared = []
         for smp in samples:
-            inp = runner.base.prepare(smp.image, smp.question)
+            inp = runner.base.prepare(smp.image, smp.question, max_new_tokens=s.max_new_tokens)
             a_px = runner.assistant.pixels(smp.image) if runner.assistant is not None else None
             prepared.append((smp, inp, a_px))
+        load_before = load_average()
         runs, skipped_t = time_methods(runner, s, prepared, progress=progress)
+        load_after = load_average()
         results = summarise_results(s.methods, s.temperatures, runs, runner.skipped, skipped_t)
-        report = build_report(s, machine, urls, runner, results, samples, prepared, runs)
+        ar_spread = {tk: r.get("time_spread") for tk, r in results["ar"].items()}
+        load = load_report(load_before, load_after, machine["cpu_count"], machine["torch_threads"], ar_spread)
+        report = build_report(s, machine, load, urls, runner, results, samples, prepared, runs)
     finally:
         transformers.logging.set_verbosity(verbosity)
     write_report(report, out_dir)
+    for warning in report["warnings"]:
+        log(f"warning: {warning}")
     return out_dir

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import glob
 import os
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,7 +14,7 @@ from typing import Any
 from ..pipeline import DecodeInputError
 from .settings import BenchSettings
 
-__all__ = ["Sample", "collect_samples", "expand_urls", "resolve_test_urls"]
+__all__ = ["Sample", "collect_samples", "expand_urls", "resolve_test_urls", "task_of"]
 
 
 @dataclass
@@ -55,16 +56,28 @@ def resolve_test_urls(s: BenchSettings, log=print) -> list[str]:
     return urls
 
 
-def collect_samples(urls: Sequence[str], resolutions: Sequence[int], n: int) -> list[Sample]:
+def task_of(rec: dict) -> str:
+    """The task type of a test record: its first turn's (the one the benchmark asks), ``"unknown"`` if untagged."""
+    return str((rec.get("tasks") or ["unknown"])[0])
+
+
+def collect_samples(
+    urls: Sequence[str], resolutions: Sequence[int], n: int, tasks: Sequence[str] | None = None
+) -> list[Sample]:
     """``n`` held-out samples per resolution: the first samples whose image natively has that size, topped up (if
-    the split has too few) with the next samples resized to it (bicubic; marked ``resized``)."""
+    the split has too few) with the next samples resized to it (bicubic; marked ``resized``). ``tasks``: keep only
+    samples of these task types (``None`` = all), e.g. ``["describe"]`` for long answers."""
     from PIL import Image
 
     from ...synthetic.samples import iter_test_samples
 
     native: dict[int, list] = {r: [] for r in resolutions}
     pool: list = []
+    seen: Counter = Counter()
     for img, rec in iter_test_samples(list(urls)):
+        seen[task_of(rec)] += 1
+        if tasks is not None and task_of(rec) not in tasks:
+            continue
         w, h = img.size
         entry = (img, rec)
         if w == h and w in native and len(native[w]) < n:
@@ -81,14 +94,16 @@ def collect_samples(urls: Sequence[str], resolutions: Sequence[int], n: int) -> 
                 break
             chosen.append((img.resize((r, r), Image.BICUBIC), rec, True, img.size))
         if len(chosen) < n:
+            which = "" if tasks is None else f" of task(s) {list(tasks)} (the split has {dict(sorted(seen.items()))})"
             raise DecodeInputError(
-                f"the test split holds only {len(chosen)} samples; lower bench.samples_per_resolution (asked {n})"
+                f"the test split holds only {len(chosen)} samples{which}; lower bench.samples_per_resolution "
+                f"(asked {n})" + ("" if tasks is None else " or change bench.tasks")
             )
         for img, rec, resized, size in chosen:
             samples.append(
                 Sample(
                     str(rec.get("id", len(samples))),
-                    str((rec.get("tasks") or ["unknown"])[0]),
+                    task_of(rec),
                     rec["conversations"][0]["value"],
                     img,
                     r,

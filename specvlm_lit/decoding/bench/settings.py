@@ -44,6 +44,8 @@ class BenchSettings:
     samples_per_resolution: int = 8
     temperatures: list[float] = field(default_factory=lambda: [0.0, 1.0])
     max_new_tokens: int = 64
+    tasks: list[str] | None = None  # task types of the test samples to keep (None = all); [describe] = long answers
+    repeats: int = 3  # timed runs of every (prompt, method), interleaved (tau pairs them run by run)
     methods: list[str] = field(default_factory=lambda: list(METHODS))
     drafters: dict = field(default_factory=lambda: {"eaglevlm": None, "specvlm": None})
     assistant: str | None = None
@@ -103,6 +105,18 @@ def _temperatures(value) -> list[float]:
     return sorted(set(checked))
 
 
+def _tasks(value) -> list[str] | None:
+    """``None`` (every task type) or a non-empty list of task names (a single name counts as a list of one)."""
+    if value is None:
+        return None
+    tasks = [value] if isinstance(value, str) else list(value) if isinstance(value, (list, tuple)) else None
+    if not tasks or not all(isinstance(t, str) and t for t in tasks):
+        raise DecodeInputError(
+            f"bench.tasks must be null (every task) or a non-empty list of task names such as [describe], got {value!r}"
+        )
+    return tasks
+
+
 def _drafters(b: Mapping, cfg: Mapping) -> dict[str, str | None]:
     """``bench.drafters`` per kind; a top-level ``drafter=<dir>`` fills the slot of its kind when that is unset."""
     drafters = dict(b.get("drafters") or {})
@@ -151,6 +165,7 @@ def settings_from_config(cfg: Mapping, out_dir: str, root: str | os.PathLike) ->
     assistant, assistant_auto = _assistant(b.get("assistant"), root)
     n_pl = check_int_option(b.get("prompt_lookup_num_tokens", 10), "bench.prompt_lookup_num_tokens", 1)
     warmup = check_int_option(b.get("warmup", 1), "bench.warmup", 0)
+    repeats = check_int_option(b.get("repeats", 3), "bench.repeats", 1)
     with as_decode_input_error():
         suppress = check_bool(
             b.get("prompt_lookup_suppress_image_token", True), "bench.prompt_lookup_suppress_image_token"
@@ -168,6 +183,8 @@ def settings_from_config(cfg: Mapping, out_dir: str, root: str | os.PathLike) ->
         samples_per_resolution=check_int_option(b.get("samples_per_resolution", 8), "bench.samples_per_resolution", 1),
         temperatures=temps,
         max_new_tokens=check_max_new_tokens(b.get("max_new_tokens", 64), "bench.max_new_tokens"),
+        tasks=_tasks(b.get("tasks")),
+        repeats=repeats,
         methods=methods,
         drafters=drafters,
         assistant=assistant,
