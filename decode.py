@@ -141,19 +141,26 @@ def run_bench(cfg: dict, root: Path, out_dir: str) -> Path:
         f"{'method':<24} {'T':>4} {'tau':>6} {'95% interval':>14} {'vs own':>7} {'sigma':>6} {'tok/s':>8} "
         f"{'identical':>9}"
     )
+
+    def row(label: str, t: str, r: dict) -> None:
+        ident = "-" if r.get("identical") is None else f"{100 * r['identical']:.0f}%"
+        fmt = lambda v, nd=2: "-" if v is None else f"{v:.{nd}f}"  # noqa: E731
+        ci = r.get("tau_ci")
+        interval = "-" if not ci else f"[{ci[0]:.2f}, {ci[1]:.2f}]"
+        print(
+            f"{label:<24} {float(t):>4g} {fmt(r.get('tau')):>6} {interval:>14} {fmt(r.get('tau_own')):>7} "
+            f"{fmt(r.get('sigma')):>6} {fmt(r.get('tokens_per_s'), 1):>8} {ident:>9}"
+        )
+
     for m, per_t in report["results"].items():
         for t, r in per_t.items():
             if "skipped" in r:
                 print(f"{LABELS[m]:<24} {float(t):>4g}  skipped: {r['skipped']}")
                 continue
-            ident = "-" if r.get("identical") is None else f"{100 * r['identical']:.0f}%"
-            fmt = lambda v, nd=2: "-" if v is None else f"{v:.{nd}f}"  # noqa: E731
-            ci = r.get("tau_ci")
-            interval = "-" if not ci else f"[{ci[0]:.2f}, {ci[1]:.2f}]"
-            print(
-                f"{LABELS[m]:<24} {float(t):>4g} {fmt(r.get('tau')):>6} {interval:>14} {fmt(r.get('tau_own')):>7} "
-                f"{fmt(r.get('sigma')):>6} {fmt(r.get('tokens_per_s'), 1):>8} {ident:>9}"
-            )
+            row(LABELS[m], t, r)
+            if report["config"].get("prompts") is not None:  # bench.prompts: one line per category too
+                for category, rc in r.get("per_task", {}).items():
+                    row(f"  {category}"[:24], t, rc)
     m = report["machine"]
     print(f"machine: {m['cpu'] or m['machine']}, {m['torch_threads']} torch threads, {m['device']} {m['dtype']}")
     return out

@@ -297,3 +297,279 @@ def test_long_answer_setting_keeps_only_describe_samples(tmp_path, small_corpus)
     assert all("describ" in x.question.lower() for x in samples)
     with pytest.raises(DecodeInputError, match=r"of task\(s\) \['poetry'\] \(the split has \{.*'describe'"):
         collect_samples(urls, [64], 1, ["poetry"])
+
+
+# ------------------------------------------------------------------------------------- the user's own prompts
+def _write_prompts(root, lines: list) -> str:
+    """``root/prompts.jsonl`` with one line per item (a dict is written as JSON, a string as it is)."""
+    path = root / "prompts.jsonl"
+    path.write_text("\n".join(x if isinstance(x, str) else json.dumps(x) for x in lines) + "\n", encoding="utf-8")
+    return str(path)
+
+
+@pytest.fixture
+def user_prompts(tmp_path):
+    """Three prompts in two categories: image paths relative to the JSONL and absolute, square and not, PNG and
+    JPEG, a blank line in between and an extra field (a reference answer) that is ignored."""
+    from PIL import Image
+
+    (tmp_path / "images").mkdir()
+    Image.new("RGB", (64, 64), (220, 30, 30)).save(tmp_path / "images/red.png")
+    Image.new("RGB", (96, 64), (30, 200, 30)).save(tmp_path / "images/green.jpg")
+    Image.new("RGB", (64, 64), (30, 30, 220)).save(tmp_path / "blue.png")
+    lines = [
+        {"image": "images/red.png", "prompt": "Describe the image.", "category": "captioning"},
+        {"image": "images/green.jpg", "prompt": "What colour is the image?", "category": "vqa", "answer": "green"},
+        "",
+        {"image": str(tmp_path / "blue.png"), "prompt": "Describe the image in detail.", "category": "captioning"},
+    ]
+    return _write_prompts(tmp_path, lines)
+
+
+def _user_settings(target, out_dir, prompts, methods, **kw):
+    from specvlm_lit.decoding.bench import BenchSettings
+
+    return BenchSettings(
+        target=str(target),
+        out_dir=str(out_dir),
+        test_urls=["/nonexistent/test-*.tar"],  # never read: bench.prompts replaces the test split
+        prompts=prompts,
+        temperatures=[0.0],
+        max_new_tokens=6,
+        methods=methods,
+        repeats=1,
+        tree={"top_k": 4, "depth": 3, "total_tokens": 8},
+        **kw,
+    )
+
+
+def test_run_benchmark_on_user_prompts_reports_every_metric_per_category_and_overall(tiny, user_prompts, tmp_path):
+    from specvlm_lit.decoding.bench import run_benchmark
+    from specvlm_lit.drafter.eagle import EagleVLMDrafter, save_atomically
+
+    pipe, _ = tiny
+    torch.manual_seed(0)
+    drafter = save_atomically(EagleVLMDrafter.for_target(pipe.adapter, compressor=None), tmp_path / "drafter")
+    methods = ["ar", "ar_own", "eaglevlm"]
+    s = _user_settings(
+        pipe.target_path,
+        tmp_path / "bench",
+        user_prompts,
+        methods,
+        drafters={"eaglevlm": str(drafter), "specvlm": None},
+    )
+    out = run_benchmark(s, progress=False, log=lambda _: None)
+    report = json.loads((out / "bench.json").read_text())
+    assert list(report["results"]) == methods
+    metrics = {"tau", "tau_ci", "tau_total", "tau_own", "sigma", "tokens_per_s", "ttft_ms", "identical", "n_runs"}
+    for m in methods:
+        overall = report["results"][m]["0.0"]
+        assert (overall["n"], overall["n_runs"]) == (3, 3) and not overall.get("errors"), (m, overall)
+        per = overall["per_task"]
+        assert list(per) == ["vqa", "captioning"]  # grouped like task types: shorter names first
+        assert (per["captioning"]["n"], per["vqa"]["n"]) == (2, 1)
+        for row in (overall, *per.values()):
+            assert metrics <= set(row) and row["identical"] == 1.0 and row["tau"] > 0, (m, row)
+        # the overall row is the same aggregate over all three prompts, not a mean of the categories
+        assert overall["new_tokens_mean"] == pytest.approx(
+            (2 * per["captioning"]["new_tokens_mean"] + per["vqa"]["new_tokens_mean"]) / 3, abs=1e-2
+        )
+    assert "breakdown" in report["results"]["eaglevlm"]["0.0"]["per_task"]["captioning"]
+    # Each prompt at its own image size, named by its line; the synthetic test split was never looked for.
+    assert [(x["id"], x["task"], x["resolution"], x["source"]) for x in report["samples"]] == [
+        ("line 1", "captioning", 64, "prompts.jsonl line 1"),
+        ("line 2", "vqa", 96, "prompts.jsonl line 2"),
+        ("line 4", "captioning", 64, "prompts.jsonl line 4"),
+    ]
+    assert report["config"]["prompts_resolved"] == [user_prompts] and "test_urls_resolved" not in report["config"]
+    assert any(
+        "bench.resolutions, bench.samples_per_resolution and bench.tasks do not apply" in n for n in report["notes"]
+    )
+    assert Counter(r["method"] for r in report["runs"]) == {m: 3 for m in methods}  # 3 prompts x 1 repeat
+    md = (out / "bench.md").read_text()
+    assert "3 prompt(s) from" in md and "per category: captioning 2, vqa 1" in md
+    assert "Per category at T = 0:" in md and "| AR (own loop) | vqa |" in md
+
+
+def test_bench_limit_uses_the_first_prompts_but_checks_every_line(user_prompts, tmp_path):
+    from specvlm_lit.decoding.bench.prompts import read_user_prompts
+    from specvlm_lit.decoding.pipeline import DecodeInputError
+
+    assert [x.id for x in read_user_prompts(user_prompts, limit=2).samples] == ["line 1", "line 2"]
+    with open(user_prompts, "a") as f:
+        f.write('{"image": "images/red.png", "prompt": ""}\n')
+    with pytest.raises(DecodeInputError, match="line 5: the prompt is empty"):
+        read_user_prompts(user_prompts, limit=2)
+
+
+@pytest.mark.parametrize(
+    "lines, message",
+    [
+        (None, r"bench.prompts: .*prompts.jsonl does not exist; give a JSONL file"),
+        ([{"image": "a.png", "prompt": "Hi?"}, '{"image": "a.png", "prompt": '], r"line 2 is not valid JSON"),
+        ([{"image": "a.png", "prompt": "Hi?"}, {"image": "gone.png", "prompt": "Hi?"}], r"line 2: image .*gone\.png"),
+        ([{"image": "a.png", "prompt": "Hi?"}, {"image": "a.png", "prompt": "  "}], r"line 2: the prompt is empty"),
+        ([{"image": "a.png"}], r"line 1 has no 'prompt' field"),
+        (['["a.png", "Hi?"]'], r"line 1 holds a JSON list, not an object"),
+        ([{"image": "a.png", "prompt": "Hi?", "category": 3}], r"line 1: 'category' must be a non-empty string"),
+        ([{"image": "bad.png", "prompt": "Hi?"}], r"line 1: cannot read image file .*bad\.png"),
+        (["", "  "], r"prompts.jsonl holds no prompts"),
+    ],
+    ids=[
+        "missing-file",
+        "malformed-json",
+        "missing-image",
+        "empty-prompt",
+        "no-prompt",
+        "not-object",
+        "category",
+        "corrupt-image",
+        "empty-file",
+    ],
+)
+def test_bad_user_prompts_are_one_line_errors_naming_the_line_before_model_work(tmp_path, monkeypatch, lines, message):
+    from PIL import Image
+
+    from specvlm_lit.decoding.bench import run_benchmark, runner
+    from specvlm_lit.decoding.pipeline import DecodeInputError
+
+    Image.new("RGB", (64, 64)).save(tmp_path / "a.png")
+    (tmp_path / "bad.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"not really a png" * 4)
+    prompts = str(tmp_path / "prompts.jsonl") if lines is None else _write_prompts(tmp_path, lines)
+
+    def no_model_work(*_):
+        raise AssertionError("a model was loaded before the prompts were checked")
+
+    monkeypatch.setattr(runner, "MethodRunner", no_model_work)
+    with pytest.raises(DecodeInputError, match=message) as e:
+        run_benchmark(_user_settings(tmp_path, tmp_path / "out", prompts, ["ar"]), progress=False)
+    assert "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize(
+    "bench, message",
+    [
+        ({"limit": 4}, "bench.limit caps how many of bench.prompts are used, and bench.prompts is not set"),
+        ({"prompts": "p.jsonl", "limit": 0}, "bench.limit must be an integer >= 1 or null (every prompt), got 0"),
+        ({"prompts": ["a", "b"]}, "bench.prompts must be a JSONL file or a directory / brace pattern of shards"),
+    ],
+)
+def test_prompts_and_limit_options_are_checked(tmp_path, bench, message):
+    from specvlm_lit.decoding.bench import settings_from_config
+    from specvlm_lit.decoding.pipeline import DecodeInputError
+
+    cfg = {"target": str(tmp_path), "bench": {"test_urls": "t-*.tar", "assistant": None, **bench}}
+    with pytest.raises(DecodeInputError) as e:
+        settings_from_config(cfg, str(tmp_path / "out"), tmp_path)
+    assert message in str(e.value)
+    # With bench.prompts, the test split is not needed.
+    ok = settings_from_config(
+        {"target": str(tmp_path), "bench": {"test_urls": None, "prompts": "p.jsonl", "limit": 2, "assistant": None}},
+        str(tmp_path / "out"),
+        tmp_path,
+    )
+    assert (ok.prompts, ok.limit, ok.test_urls) == ("p.jsonl", 2, [])
+
+
+def _write_shard(path, samples):
+    import io
+
+    import webdataset as wds
+
+    with wds.TarWriter(str(path)) as w:
+        for key, image, ext, rec in samples:
+            sample = {"__key__": key, "json": json.dumps(rec).encode()}
+            if image is not None:
+                buf = io.BytesIO()
+                image.save(buf, format="PNG" if ext == "png" else "JPEG")
+                sample[ext] = buf.getvalue()
+            w.write(sample)
+
+
+def test_shards_as_bench_prompts_take_the_first_human_turn_and_its_category(tiny, tmp_path, small_corpus):
+    from PIL import Image
+
+    from specvlm_lit.decoding.bench import run_benchmark
+    from specvlm_lit.decoding.bench.prompts import read_user_prompts
+
+    def conv(question):
+        return [{"from": "human", "value": f"<image>\n{question}"}, {"from": "gpt", "value": "An answer."}]
+
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    _write_shard(
+        shards / "part-000000.tar",
+        [
+            (
+                "s0",
+                Image.new("RGB", (64, 64), "red"),
+                "png",
+                {"conversations": conv("What is red?"), "category": "vqa"},
+            ),
+            ("s1", None, None, {"conversations": [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Hi."}]}),
+        ],
+    )
+    _write_shard(
+        shards / "part-000001.tar",
+        [
+            (
+                "s2",
+                Image.new("RGB", (64, 64), "blue"),
+                "jpg",
+                {"conversations": conv("Describe it."), "tasks": ["describe"]},
+            )
+        ],
+    )
+    user = read_user_prompts(str(shards))  # a directory of shards
+    assert [(x.id, x.task, x.question) for x in user.samples] == [
+        ("s0", "vqa", "<image>\nWhat is red?"),
+        ("s2", "describe", "<image>\nDescribe it."),
+    ]
+    assert user.skipped == {"no_image": 1}  # the text-only sample is counted, not decoded
+    brace = read_user_prompts(str(shards / "part-{000000..000001}.tar"))
+    assert [x.id for x in brace.samples] == ["s0", "s2"] and len(brace.sources) == 2
+    # the synthetic test shards (this project's format): their task types become the categories
+    corpus = read_user_prompts(str(sorted(small_corpus.glob("test-*.tar"))[0]), limit=3)
+    assert len(corpus.samples) == 3 and all(x.task != "unknown" for x in corpus.samples)
+
+    pipe, _ = tiny
+    logged: list[str] = []
+    s = _user_settings(pipe.target_path, tmp_path / "bench", str(shards), ["ar", "ar_own"])
+    report = json.loads((run_benchmark(s, progress=False, log=logged.append) / "bench.json").read_text())
+    for m in ("ar", "ar_own"):
+        r = report["results"][m]["0.0"]
+        assert r["n"] == 2 and {k: v["n"] for k, v in r["per_task"].items()} == {"vqa": 1, "describe": 1}
+        assert r["identical"] == 1.0
+    assert any("left out of bench.prompts: 1 no_image" in n for n in report["notes"])
+    assert any("1 no_image" in line for line in logged)
+
+
+def test_cli_bench_with_a_broken_prompts_line_is_one_line_error(tiny_target, tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from PIL import Image
+
+    Image.new("RGB", (64, 64)).save(tmp_path / "a.png")
+    prompts = _write_prompts(tmp_path, [{"image": "a.png", "prompt": "Hi?"}, "{not json"])
+    repo = Path(__file__).resolve().parents[1]
+    out = subprocess.run(
+        [
+            sys.executable,
+            "decode.py",
+            "mode=bench",
+            f"target={tiny_target}",
+            f"bench.prompts={prompts}",
+            f"hydra.run.dir={tmp_path / 'run'}",
+        ],
+        cwd=repo,
+        env=dict(os.environ, PYTHONPATH=str(repo), HYDRA_FULL_ERROR="0"),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert out.returncode != 0
+    lines = [x for x in (out.stdout + out.stderr).strip().splitlines() if x.strip()]
+    assert lines[-1].startswith("error: bench.prompts ") and "line 2 is not valid JSON" in lines[-1], lines[-3:]
+    assert "Traceback" not in out.stderr

@@ -3,10 +3,12 @@
 ``python decode.py mode=bench`` calls :func:`run_benchmark`. For every temperature, resolution and held-out test
 sample, every method decodes the *same* prompt ``repeats`` times, interleaved: one round = every method once, in
 an order that rotates from round to round (:mod:`.schedule`), after ``warmup`` untimed runs per method and
-temperature. Per run we record the wall time (image encoding included for every method), new tokens, time to
-first token, target forwards, drafter visual tokens and draft KV length, and whether the greedy output equals the
-AR output. Aggregates per method x temperature (and per task type and resolution), the load average before and
-after the timed runs and the warnings go to ``bench.json``, ``bench.md`` and ``bench.png`` in the output directory.
+temperature. ``bench.prompts`` replaces the held-out test samples with the user's own (a JSONL of ``{image,
+prompt[, category]}`` or shards, :mod:`.prompts`), each image at its own size. Per run we record the wall time
+(image encoding included for every method), new tokens, time to first token, target forwards, drafter visual tokens
+and draft KV length, and whether the greedy output equals the AR output. Aggregates per method x temperature (and
+per task type, or the user prompts' category, and resolution), the load average before and after the timed runs
+and the warnings go to ``bench.json``, ``bench.md`` and ``bench.png`` in the output directory.
 
 Definitions (also in docs/decoding.md and docs/benchmarks.md):
 
@@ -25,7 +27,8 @@ Definitions (also in docs/decoding.md and docs/benchmarks.md):
   or too few prompts for a 95% interval. Printed on the console too.
 
 Modules, one concern each: :mod:`.methods` (the methods and their labels), :mod:`.settings` (``bench.*`` options
--> :class:`BenchSettings`), :mod:`.samples` (held-out test samples), :mod:`.baselines` (the Hugging Face
+-> :class:`BenchSettings`), :mod:`.samples` (held-out test samples), :mod:`.prompts` (the user's
+own prompts), :mod:`.baselines` (the Hugging Face
 baselines, and how prompt lookup and assisted decoding are made to work on LLaVA), :mod:`.schedule` (the method
 order per round), :mod:`.runner` (loading and timing), :mod:`.stats` (paired ratios, median and interval),
 :mod:`.load` (load average and busy-machine warnings), :mod:`.aggregate` (tau, sigma, breakdown) and

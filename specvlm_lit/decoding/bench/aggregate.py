@@ -1,6 +1,6 @@
 """Per-method aggregates of the timed runs: tau (median of paired ratios, with a 95% interval) against each AR
-baseline, sigma, tokens/s, TTFT, identical-to-AR, per task type and resolution, and the speculative methods' time
-breakdown (definitions in the package docstring and :mod:`.stats`)."""
+baseline, sigma, tokens/s, TTFT, identical-to-AR, and the speculative methods' time breakdown; overall and per task
+type (a user prompt's category) and resolution (definitions in the package docstring and :mod:`.stats`)."""
 
 from __future__ import annotations
 
@@ -16,20 +16,6 @@ __all__ = ["aggregate", "breakdown", "rounded", "run_key", "summarise", "summari
 
 # The result keys of the speedup against each baseline: tau*, tau*_ci, tau*_ci_level, tau*_total.
 SPEEDUP_PREFIX = {"ar": "tau", OWN_AR: "tau_own"}
-# What the per-task and per-resolution tables keep of a group's aggregate.
-GROUP_KEYS = (
-    "n",
-    "tau",
-    "tau_ci",
-    "tau_total",
-    "tau_own",
-    "sigma",
-    "tokens_per_s",
-    "ttft_ms",
-    "identical",
-    "drafter_visual_tokens",
-    "draft_kv",
-)
 
 
 def _mean(xs):
@@ -150,16 +136,15 @@ def breakdown(runs: list[dict], baselines: Mapping[str, Mapping[tuple[int, int],
 
 
 def summarise(method_runs: list[dict], baselines: Mapping[str, Mapping[tuple[int, int], dict]], greedy: bool) -> dict:
-    """:func:`aggregate` of all the runs, plus the same per task type and per resolution (:data:`GROUP_KEYS`),
-    plus the errors of failed runs."""
+    """:func:`aggregate` of all the runs, plus every one of its metrics per task type (a user prompt's category,
+    :func:`~.samples.task_of`) and per resolution, plus the errors of failed runs."""
     agg = aggregate(method_runs, baselines, greedy)
     for key, field_name in (("per_task", "task"), ("per_resolution", "resolution")):
         groups: dict[str, list] = defaultdict(list)
         for r in method_runs:
             groups[str(r[field_name])].append(r)
         agg[key] = {
-            g: {k: v for k, v in aggregate(rs, baselines, greedy).items() if k in GROUP_KEYS}
-            for g, rs in sorted(groups.items(), key=lambda kv: (len(kv[0]), kv[0]))
+            g: aggregate(rs, baselines, greedy) for g, rs in sorted(groups.items(), key=lambda kv: (len(kv[0]), kv[0]))
         }
     errors = [r["error"] for r in method_runs if "error" in r]
     if errors:

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+from collections import Counter
 from dataclasses import asdict
 from pathlib import Path
 
@@ -14,11 +15,12 @@ from .stats import CI_LEVEL
 __all__ = ["build_report", "report_warnings", "write_markdown", "write_plot", "write_report"]
 
 
-def _notes(s, runner, runs: list[dict], samples, prepared) -> list[str]:
-    """What a reader of the results must know about how this run went (workarounds, fallbacks, image sizes)."""
+def _notes(s, runner, runs: list[dict], samples, prepared, source_notes) -> list[str]:
+    """What a reader of the results must know about how this run went (where the prompts came from, workarounds,
+    fallbacks, image sizes)."""
     import transformers
 
-    notes = list(runner.notes)
+    notes = list(source_notes) + list(runner.notes)
     if "prompt_lookup" in s.methods and s.prompt_lookup_suppress_image_token:
         notes.append(
             "HF prompt lookup runs with suppress_tokens=[image token]: unfiltered, its 1-gram match of "
@@ -61,14 +63,24 @@ def report_warnings(load: dict, results: dict) -> list[str]:
 
 
 def build_report(
-    s, machine: dict, load: dict, urls: list[str], runner, results: dict, samples, prepared, runs: list[dict]
+    s,
+    machine: dict,
+    load: dict,
+    urls: list[str],
+    runner,
+    results: dict,
+    samples,
+    prepared,
+    runs: list[dict],
+    source_notes: list[str] = (),
 ) -> dict:
-    """The ``bench.json`` content; ``load`` is :func:`~.load.load_report`'s block; ``prepared`` holds
-    ``(sample, PreparedPrompt, assistant pixels)`` per sample."""
-    notes = _notes(s, runner, runs, samples, prepared)
+    """The ``bench.json`` content; ``load`` is :func:`~.load.load_report`'s block; ``urls`` the test shards read
+    (or, with ``bench.prompts``, the prompt file / shards); ``prepared`` holds ``(sample, PreparedPrompt, assistant
+    pixels)`` per sample; ``source_notes`` what reading the samples found (:func:`~.runner.benchmark_samples`)."""
+    notes = _notes(s, runner, runs, samples, prepared, source_notes)
     config = asdict(s)
     config.update(
-        test_urls_resolved=urls,
+        **({"test_urls_resolved": urls} if s.prompts is None else {"prompts_resolved": urls}),
         drafter_paths=runner.drafter_paths,
         assistant_generation_defaults=(runner.assistant.generation_defaults if runner.assistant is not None else None),
     )
@@ -88,6 +100,7 @@ def build_report(
                 "processed_size": list(inp.image_size),
                 "target_visual_tokens": inp.n_visual,
                 "prompt_len": inp.prompt_len,
+                **({"source": smp.source} if smp.source else {}),
             }
             for smp, inp, _ in prepared
         ],
@@ -126,13 +139,68 @@ def _load_line(load: dict) -> str:
     )
 
 
+def _metric_header() -> list[str]:
+    """The metric columns of every results table (overall and per task type / category), after the method."""
+    level = f"{CI_LEVEL:.0%}"
+    return [
+        f"tau vs HF AR [{level} CI]",
+        f"tau vs own AR [{level} CI]",
+        "tau_total",
+        "sigma",
+        "tokens/s",
+        "TTFT ms",
+        "identical to AR",
+        "drafter visual tokens",
+        "draft KV rows",
+        "time spread",
+        "n",
+    ]
+
+
+def _metric_cells(r: dict) -> list[str]:
+    """One aggregate (:func:`~.aggregate.aggregate`) as the cells of :func:`_metric_header`."""
+    return [
+        _with_ci(r, "tau"),
+        _with_ci(r, SPEEDUP_PREFIX[OWN_AR]),
+        _fmt(r.get("tau_total")),
+        _fmt(r.get("sigma")),
+        _fmt(r.get("tokens_per_s"), 1),
+        _fmt(r.get("ttft_ms"), 1),
+        _fmt(r.get("identical"), pct=True),
+        _fmt(r.get("drafter_visual_tokens"), 1),
+        _fmt(r.get("draft_kv"), 1),
+        _fmt(r.get("time_spread"), pct=True),
+        str(r.get("n", 0)),
+    ]
+
+
+def _row(cells: list[str]) -> str:
+    return "| " + " | ".join(cells) + " |"
+
+
+def _what_was_decoded(report: dict) -> str:
+    """The sentence that says which prompts the tables are about."""
+    cfg = report["config"]
+    if cfg.get("prompts") is None:
+        tasks = "every task type" if cfg.get("tasks") is None else "task type(s) " + ", ".join(cfg["tasks"])
+        return (
+            f"{cfg['samples_per_resolution']} held-out samples per resolution at "
+            f"{', '.join(str(r) for r in cfg['resolutions'])} px ({tasks})"
+        )
+    per_category = Counter(smp["task"] for smp in report["samples"])
+    counts = ", ".join(f"{c} {n}" for c, n in sorted(per_category.items()))
+    return (
+        f"{len(report['samples'])} prompt(s) from `{cfg['prompts']}` (per category: {counts}), each image at its own "
+        "size"
+    )
+
+
 def write_markdown(report: dict, path: Path) -> None:
     m, cfg, load = report["machine"], report["config"], report["load"]
     lines = ["# SpecVLM decoding benchmark", ""]
     if report["warnings"]:
         lines += ["**Warning:** the ratios below may not hold on another run:", ""]
         lines += [f"- {w}" for w in report["warnings"]] + [""]
-    tasks = "every task type" if cfg.get("tasks") is None else "task type(s) " + ", ".join(cfg["tasks"])
     lines += [
         f"Machine: {m['cpu'] or m['machine']} ({m['cpu_count']} CPUs, {m['torch_threads']} torch threads), "
         f"{m['platform']}, torch {m['torch']}, transformers {m['transformers']}, device {m['device']}, "
@@ -140,54 +208,30 @@ def write_markdown(report: dict, path: Path) -> None:
         "",
         _load_line(load),
         "",
-        f"Target `{cfg['target']}`; {cfg['samples_per_resolution']} held-out samples per resolution at "
-        f"{', '.join(str(r) for r in cfg['resolutions'])} px ({tasks}); max_new_tokens {cfg['max_new_tokens']}; "
+        f"Target `{cfg['target']}`; {_what_was_decoded(report)}; max_new_tokens {cfg['max_new_tokens']}; "
         f"{cfg['repeats']} interleaved repeat(s) per prompt and method; tree {cfg['tree']}.",
         "",
     ]
     methods = list(report["results"])
     level = f"{CI_LEVEL:.0%}"
+    header = _metric_header()
+    group = "task type" if cfg.get("prompts") is None else "category"
     for t in cfg["temperatures"]:
         tk = temperature_key(t)
-        lines += [
-            f"## T = {t:g}",
-            "",
-            f"| method | tau vs HF AR [{level} CI] | tau vs own AR [{level} CI] | tau_total | sigma | tokens/s | "
-            "TTFT ms | identical to AR | drafter visual tokens | draft KV rows | time spread | n |",
-            "|---" * 12 + "|",
-        ]
-        task_names: set[str] = set()
+        lines += [f"## T = {t:g}", "", _row(["method", *header]), "|---" * (len(header) + 1) + "|"]
         for meth in methods:
             r = report["results"][meth].get(tk, {})
             if "skipped" in r:
-                lines.append(f"| {LABELS[meth]} | skipped: {r['skipped']} |" + " |" * 10)
+                lines.append(f"| {LABELS[meth]} | skipped: {r['skipped']} |" + " |" * (len(header) - 1))
                 continue
-            task_names |= set(r.get("per_task", {}))
-            lines.append(
-                f"| {LABELS[meth]} | {_with_ci(r, 'tau')} | {_with_ci(r, SPEEDUP_PREFIX[OWN_AR])} | "
-                f"{_fmt(r.get('tau_total'))} | {_fmt(r.get('sigma'))} | "
-                f"{_fmt(r.get('tokens_per_s'), 1)} | {_fmt(r.get('ttft_ms'), 1)} | "
-                f"{_fmt(r.get('identical'), pct=True)} | {_fmt(r.get('drafter_visual_tokens'), 1)} | "
-                f"{_fmt(r.get('draft_kv'), 1)} | {_fmt(r.get('time_spread'), pct=True)} | {r.get('n', 0)} |"
-            )
-        if task_names:
-            order = sorted(task_names)
-            lines += [
-                "",
-                f"Per task type at T = {t:g} (tau vs HF AR / sigma):",
-                "",
-                "| method | " + " | ".join(order) + " |",
-                "|---" * (len(order) + 1) + "|",
-            ]
-            for meth in methods:
-                r = report["results"][meth].get(tk, {})
-                if "skipped" in r:
-                    continue
-                cells = []
-                for task in order:
-                    pt = r.get("per_task", {}).get(task)
-                    cells.append(f"{_fmt(pt.get('tau'))} / {_fmt(pt.get('sigma'))}" if pt else "-")
-                lines.append(f"| {LABELS[meth]} | " + " | ".join(cells) + " |")
+            lines.append(_row([LABELS[meth], *_metric_cells(r)]))
+        grouped = [(meth, report["results"][meth].get(tk, {}).get("per_task") or {}) for meth in methods]
+        if any(per for _, per in grouped):
+            lines += ["", f"Per {group} at T = {t:g}:", "", _row(["method", group, *header])]
+            lines.append("|---" * (len(header) + 2) + "|")
+            for meth, per in grouped:
+                for name, r in per.items():
+                    lines.append(_row([LABELS[meth], name, *_metric_cells(r)]))
         spec = [(meth, report["results"][meth].get(tk, {}).get("breakdown")) for meth in methods]
         spec = [(meth, b) for meth, b in spec if b]
         if spec:

@@ -1,12 +1,12 @@
 """Running the benchmark: load every method once, then time them interleaved on the same prompts.
 
 For every temperature, each method first gets ``warmup`` untimed runs on the first sample (a method that fails
-there is skipped at that temperature, with the reason). Then, per held-out sample and per repeat
-(``bench.repeats``), every method decodes the *same* prepared prompt right after the others, in an order that
-rotates from round to round (:mod:`.schedule`), so load drifts hit all methods alike and no method always runs
-right after another. Each run is paired with the AR runs of its round for the ratios (:mod:`.stats`). Image
-encoding is inside every method's timed region. The load average is read just before and right after the timed
-runs (:mod:`.load`).
+there is skipped at that temperature, with the reason). Then, per sample (held-out or the user's:
+:func:`benchmark_samples`) and per repeat (``bench.repeats``), every method decodes the *same* prepared prompt
+right after the others, in an order that rotates from round to round (:mod:`.schedule`), so load drifts hit all
+methods alike and no method always runs right after another. Each run is paired with the AR runs of its round for
+the ratios (:mod:`.stats`). Image encoding is inside every method's timed region. The load average is read just
+before and right after the timed runs (:mod:`.load`).
 """
 
 from __future__ import annotations
@@ -19,17 +19,18 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from ..pipeline import drafter_kind, find_exported_drafters, pick_drafter
+from ..pipeline import DecodeInputError, drafter_kind, find_exported_drafters, pick_drafter
 from .aggregate import summarise_results, temperature_key
 from .baselines import load_assistant, run_hf_method
 from .load import load_average, load_report
 from .methods import DRAFTER_KINDS, OWN_AR, SPEC_METHODS, drafter_of
+from .prompts import read_user_prompts
 from .report import build_report, write_report
-from .samples import collect_samples, resolve_test_urls
+from .samples import Sample, collect_samples, resolve_test_urls
 from .schedule import order_for_round
 from .settings import BenchSettings
 
-__all__ = ["MethodRunner", "machine_info", "run_benchmark", "time_methods"]
+__all__ = ["MethodRunner", "benchmark_samples", "machine_info", "run_benchmark", "time_methods"]
 
 
 def machine_info(device: str, dtype: str) -> dict:
@@ -267,14 +268,33 @@ def time_methods(
     return runs, skipped_t
 
 
+def benchmark_samples(s: BenchSettings, log: Callable[[str], None]) -> tuple[list[str], list[Sample], list[str]]:
+    """``(sources, samples, notes)``: the user's ``bench.prompts`` (:mod:`.prompts`) when set, else the held-out
+    test samples per resolution (:mod:`.samples`). Read and checked before any model loads."""
+    if s.prompts is None:
+        urls = resolve_test_urls(s, log)
+        return urls, collect_samples(urls, s.resolutions, s.samples_per_resolution, s.tasks), []
+    user = read_user_prompts(s.prompts, s.limit)
+    notes = [
+        "bench.prompts is set: bench.resolutions, bench.samples_per_resolution and bench.tasks do not apply; every "
+        "image is decoded at its own size (a sample's resolution is its image's longest side) and per_task holds "
+        "the prompts' categories"
+        + (f"; the first {s.limit} prompt(s) were used (bench.limit)" if s.limit is not None else "")
+    ]
+    if user.skipped:
+        left_out = ", ".join(f"{n} {why}" for why, n in sorted(user.skipped.items()))
+        notes.append(f"shard samples left out of bench.prompts: {left_out} (text-only samples have no image)")
+        log(f"warning: {notes[-1]}")
+    return user.sources, user.samples, notes
+
+
 def run_benchmark(s: BenchSettings, *, progress: bool = True, log: Callable[[str], None] | None = None) -> Path:
     """Run the benchmark described by ``s``; write bench.json / bench.md / bench.png into ``s.out_dir``. Every
     warning of the report (busy machine, too few prompts for an interval) is also passed to ``log``."""
     log = log or (lambda msg: print(msg, file=sys.stderr))
     out_dir = Path(s.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    urls = resolve_test_urls(s, log)
-    samples = collect_samples(urls, s.resolutions, s.samples_per_resolution, s.tasks)
+    sources, samples, source_notes = benchmark_samples(s, log)
 
     import transformers
 
@@ -285,7 +305,10 @@ def run_benchmark(s: BenchSettings, *, progress: bool = True, log: Callable[[str
         machine = machine_info(s.device, s.dtype)
         prepared = []
         for smp in samples:
-            inp = runner.base.prepare(smp.image, smp.question, max_new_tokens=s.max_new_tokens)
+            try:
+                inp = runner.base.prepare(smp.image, smp.question, max_new_tokens=s.max_new_tokens)
+            except DecodeInputError as e:  # e.g. an image too small or a prompt too long for this target
+                raise DecodeInputError(f"bench.prompts {smp.source}: {e}" if smp.source else str(e)) from None
             a_px = runner.assistant.pixels(smp.image) if runner.assistant is not None else None
             prepared.append((smp, inp, a_px))
         load_before = load_average()
@@ -294,7 +317,7 @@ def run_benchmark(s: BenchSettings, *, progress: bool = True, log: Callable[[str
         results = summarise_results(s.methods, s.temperatures, runs, runner.skipped, skipped_t)
         ar_spread = {tk: r.get("time_spread") for tk, r in results["ar"].items()}
         load = load_report(load_before, load_after, machine["cpu_count"], machine["torch_threads"], ar_spread)
-        report = build_report(s, machine, load, urls, runner, results, samples, prepared, runs)
+        report = build_report(s, machine, load, sources, runner, results, samples, prepared, runs, source_notes)
     finally:
         transformers.logging.set_verbosity(verbosity)
     write_report(report, out_dir)

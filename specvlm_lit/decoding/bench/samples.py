@@ -26,6 +26,7 @@ class Sample:
     resolution: int
     native_size: tuple[int, int]
     resized: bool
+    source: str = ""  # where a user prompt came from (``prompts.jsonl line 3``), named in its errors
 
 
 def expand_urls(urls: Sequence[str]) -> list[str]:
@@ -57,8 +58,10 @@ def resolve_test_urls(s: BenchSettings, log=print) -> list[str]:
 
 
 def task_of(rec: dict) -> str:
-    """The task type of a test record: its first turn's (the one the benchmark asks), ``"unknown"`` if untagged."""
-    return str((rec.get("tasks") or ["unknown"])[0])
+    """What a record's results are grouped by (``per_task``): its ``category`` when it has one (a user prompt, or a
+    converted sample), else its first turn's task type (the one the benchmark asks), ``"unknown"`` if untagged."""
+    category = rec.get("category")
+    return str(category) if category else str((rec.get("tasks") or ["unknown"])[0])
 
 
 def collect_samples(

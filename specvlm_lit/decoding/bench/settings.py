@@ -39,6 +39,10 @@ class BenchSettings:
     out_dir: str
     test_urls: list[str]
     corpus_dir: str | None = None
+    # The user's own prompts (a JSONL of {image, prompt[, category]} or shards, :mod:`.prompts`) instead of the
+    # synthetic test split; then resolutions, samples_per_resolution, tasks and test_urls do not apply.
+    prompts: str | None = None
+    limit: int | None = None  # at most this many of bench.prompts (the first ones); None = all
     outputs_root: str | None = None  # where train.py exports live (drafter discovery)
     resolutions: list[int] = field(default_factory=lambda: [64, 128])
     samples_per_resolution: int = 8
@@ -117,6 +121,21 @@ def _tasks(value) -> list[str] | None:
     return tasks
 
 
+def _prompts(value, limit) -> tuple[str | None, int | None]:
+    """``bench.prompts`` (a path or pattern; its content is read by :mod:`.prompts`) and ``bench.limit``."""
+    if value is not None and (not isinstance(value, (str, os.PathLike)) or not str(value).strip()):
+        raise DecodeInputError(
+            f"bench.prompts must be a JSONL file or a directory / brace pattern of shards, got {value!r}"
+        )
+    limit = check_int_option(limit, "bench.limit", 1, allow_none=True, hint=" or null (every prompt)")
+    if limit is not None and value is None:
+        raise DecodeInputError(
+            "bench.limit caps how many of bench.prompts are used, and bench.prompts is not set; for the synthetic "
+            "test split use bench.samples_per_resolution"
+        )
+    return (None if value is None else str(value)), limit
+
+
 def _drafters(b: Mapping, cfg: Mapping) -> dict[str, str | None]:
     """``bench.drafters`` per kind; a top-level ``drafter=<dir>`` fills the slot of its kind when that is unset."""
     drafters = dict(b.get("drafters") or {})
@@ -156,10 +175,11 @@ def settings_from_config(cfg: Mapping, out_dir: str, root: str | os.PathLike) ->
         raise DecodeInputError(f"unknown bench option(s) {sorted(unknown)}")
     methods = _methods(b.get("methods", list(METHODS)))
     temps = _temperatures(b.get("temperatures", [0.0, 1.0]))
+    prompts, limit = _prompts(b.get("prompts"), b.get("limit"))
     urls = b.get("test_urls")
     if isinstance(urls, str):
         urls = [urls]
-    if not urls:
+    if not urls and prompts is None:
         raise DecodeInputError("bench.test_urls is empty: point it at the held-out test shards (test-*.tar)")
     drafters = _drafters(b, cfg)
     assistant, assistant_auto = _assistant(b.get("assistant"), root)
@@ -176,8 +196,10 @@ def settings_from_config(cfg: Mapping, out_dir: str, root: str | os.PathLike) ->
     return BenchSettings(
         target=target,
         out_dir=str(out_dir),
-        test_urls=[str(u) for u in urls],
+        test_urls=[str(u) for u in urls or []],
         corpus_dir=None if b.get("corpus_dir") is None else str(b["corpus_dir"]),
+        prompts=prompts,
+        limit=limit,
         outputs_root=str(Path(root) / "outputs"),
         resolutions=_int_list(b.get("resolutions", [64, 128]), "bench.resolutions", 1),
         samples_per_resolution=check_int_option(b.get("samples_per_resolution", 8), "bench.samples_per_resolution", 1),

@@ -74,7 +74,8 @@ def median_interval(values: Iterable[float], level: float = CI_LEVEL) -> MedianI
         coverage = 1 - 2 * _binomial_half_cdf(0, n)
         warning = (
             f"{n} prompt(s) are too few for a {level:.0%} interval of the median tau (6 needed): the interval given "
-            f"is [min, max], which covers it with probability {coverage:.0%} only; raise bench.samples_per_resolution"
+            f"is [min, max], which covers it with probability {coverage:.0%} only; raise bench.samples_per_resolution "
+            "(or give more bench.prompts)"
         )
         return MedianInterval(median, xs[0], xs[-1], coverage, n, warning)
     coverage = 1 - 2 * _binomial_half_cdf(k - 1, n)
