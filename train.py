@@ -21,37 +21,11 @@ import torch
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 import specvlm_lit.utils.hydra_resolvers  # noqa: F401  (registers ${safe_dirname:...} for sweep dirs)
-from specvlm_lit.errors import UserError, one_line
+from specvlm_lit.errors import UserError, find_user_error, one_line
+from specvlm_lit.training.startup import StartupError, check_config  # StartupError: raised by run(), for callers
 
 ROOT = Path(__file__).resolve().parent
 os.environ.setdefault("PROJECT_ROOT", str(ROOT))
-
-
-class StartupError(UserError):
-    """A configuration that cannot run, caught before any model work."""
-
-
-def check_devices(trainer_cfg: DictConfig) -> None:
-    accel = str(trainer_cfg.get("accelerator", "cpu"))
-    devices = trainer_cfg.get("devices", 1)
-    if not isinstance(devices, int) or isinstance(devices, bool):
-        return  # "auto" or explicit id lists: Lightning validates those
-    if devices < 1:
-        raise StartupError(f"trainer.devices must be >= 1, got {devices}")
-    if accel in ("gpu", "cuda"):
-        have = torch.cuda.device_count()
-        if devices > have:
-            raise StartupError(
-                f"trainer.devices={devices} GPUs requested but {have} are visible; "
-                f"use trainer.devices={max(have, 1)} or trainer=cpu / trainer=ddp_sim"
-            )
-    elif accel == "cpu":
-        have = os.cpu_count() or 1
-        if devices > have:
-            raise StartupError(
-                f"trainer.devices={devices} CPU processes requested but this machine has {have} cores; "
-                f"use trainer.devices<={have}"
-            )
 
 
 def wandb_offline_default(cfg: DictConfig) -> None:
@@ -70,18 +44,35 @@ def wandb_offline_default(cfg: DictConfig) -> None:
     os.environ.setdefault("WANDB_SILENT", "true")
 
 
-def check_compressor(cfg: DictConfig) -> None:
-    from specvlm_lit.drafter.compressor import normalize_compressor_config
+def instantiate(node: DictConfig, where: str, **kwargs):
+    """``hydra.utils.instantiate`` for the config node at ``where``, with the user's mistakes kept to one line.
 
-    try:  # strict: a bad compressor config fails here, listing the valid choices, before any model loads
-        normalize_compressor_config(OmegaConf.to_container(cfg.compressor) if cfg.compressor else None)
-    except ValueError as e:
-        raise StartupError(f"compressor: {e}") from None
+    Hydra wraps whatever the target raises in an ``InstantiationException`` (a traceback). A ``UserError`` comes out
+    as itself. For the trainer and callbacks, Lightning's refusal of a configured value (``MisconfigurationException``,
+    or the ``ValueError`` / ``TypeError`` its constructors raise for bad arguments) becomes a ``StartupError`` naming
+    ``where``; anywhere else such errors are bugs and keep their traceback.
+    """
+    from hydra.errors import InstantiationException
+    from lightning.fabric.utilities.exceptions import MisconfigurationException
+
+    try:
+        return hydra.utils.instantiate(node, **kwargs)
+    except InstantiationException as e:
+        cause = e.__cause__
+        while isinstance(cause, InstantiationException) and cause.__cause__ is not None:
+            cause = cause.__cause__
+        if isinstance(cause, UserError):
+            raise cause from None
+        if where.startswith(("trainer", "callbacks")) and isinstance(
+            cause, (MisconfigurationException, ValueError, TypeError)
+        ):
+            raise StartupError(f"{where}: {cause}") from None
+        raise
 
 
 def instantiate_all(cfg: DictConfig, key: str) -> list:
     """Instantiate every non-null entry of a config mapping such as ``callbacks`` or ``logger``."""
-    return [hydra.utils.instantiate(c) for c in (cfg.get(key) or {}).values() if c is not None]
+    return [instantiate(c, f"{key}.{name}") for name, c in (cfg.get(key) or {}).items() if c is not None]
 
 
 def export_monitored(trainer: L.Trainer, module, export_dir: Path) -> dict:
@@ -110,20 +101,21 @@ def export_monitored(trainer: L.Trainer, module, export_dir: Path) -> dict:
 def run(cfg: DictConfig) -> dict:
     from specvlm_lit.drafter.eagle import check_export_path
 
-    check_devices(cfg.trainer)
-    check_compressor(cfg)
+    check_config(cfg)  # devices, value ranges, compressor, ckpt_path: before any model loads
     check_export_path(cfg.export_dir)  # refuse a foreign export_dir now, not after training
     wandb_offline_default(cfg)
     L.seed_everything(cfg.seed, workers=True)
-    datamodule: L.LightningDataModule = hydra.utils.instantiate(cfg.data, _convert_="all")
-    module: L.LightningModule = hydra.utils.instantiate(cfg.model, _convert_="all")
     loggers = instantiate_all(cfg, "logger")
-    trainer: L.Trainer = hydra.utils.instantiate(
+    # The Trainer is built before the data and the models: Lightning checks its settings here, before the target loads.
+    trainer: L.Trainer = instantiate(
         cfg.trainer,
+        "trainer",
         callbacks=instantiate_all(cfg, "callbacks"),
         logger=loggers or False,
         reload_dataloaders_every_n_epochs=1,
     )
+    datamodule: L.LightningDataModule = instantiate(cfg.data, "data", _convert_="all")
+    module: L.LightningModule = instantiate(cfg.model, "model", _convert_="all")
     for lg in trainer.loggers:  # the whole composed run config, as lightning-hydra-template logs it
         lg.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
     trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
@@ -142,8 +134,11 @@ def run(cfg: DictConfig) -> dict:
 def main(cfg: DictConfig) -> None:
     try:
         result = run(cfg)
-    except UserError as e:  # the user's to fix: one line, no traceback
-        raise SystemExit(f"error: {one_line(e)}") from None
+    except Exception as e:
+        user_error = find_user_error(e)
+        if user_error is None:
+            raise
+        raise SystemExit(f"error: {one_line(user_error)}") from None  # the user's to fix: one line, no traceback
     if int(os.environ.get("LOCAL_RANK", "0")) == 0:
         for k, v in sorted(result["metrics"].items()):
             print(f"{k}: {v:.4f}")

@@ -218,7 +218,7 @@ class ShardDataModule(L.LightningDataModule):
         trainer = getattr(self, "trainer", None)
         if trainer is not None and self.samples_per_epoch is not None:
             loop = trainer.fit_loop
-            state |= {"epoch": trainer.current_epoch, "batches_done": loop.epoch_loop.batch_progress.current.completed}
+            state |= {"epoch": trainer.current_epoch, "batches_done": loop.epoch_loop.batch_progress.current.processed}
         return state
 
     def load_state_dict(self, state: dict) -> None:

@@ -7,6 +7,12 @@ import time
 import lightning as L
 import torch
 
+from ..errors import UserError
+
+
+class CallbackConfigError(UserError):
+    """A callback setting out of range (callbacks.<name>.<key>)."""
+
 
 class ValidationDecoding(L.Callback):
     """Real average accepted length (``val/sigma``) of greedy tree decoding with the current drafter.
@@ -18,9 +24,9 @@ class ValidationDecoding(L.Callback):
 
     def __init__(self, samples: int = 4, max_new_tokens: int = 48):
         if isinstance(samples, bool) or not isinstance(samples, int) or samples < 0:
-            raise ValueError(f"callbacks.validation_decoding.samples must be an integer >= 0, got {samples!r}")
+            raise CallbackConfigError(f"callbacks.validation_decoding.samples must be an integer >= 0, got {samples!r}")
         if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
-            raise ValueError(
+            raise CallbackConfigError(
                 f"callbacks.validation_decoding.max_new_tokens must be an integer >= 1, got {max_new_tokens!r}"
             )
         self.samples, self.max_new_tokens = samples, max_new_tokens

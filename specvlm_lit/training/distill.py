@@ -27,6 +27,7 @@ from ..drafter.eagle import EagleVLMDrafter
 from ..drafter.sequence import build_draft_sequence
 from ..errors import UserError
 from ..target import TargetAdapter
+from .random_stream import TrainingRandomStream
 
 
 class ConfigMismatchError(UserError):
@@ -127,6 +128,9 @@ class OnlineDistillation(L.LightningModule):
         self.branch_names = list(getattr(self.drafter.compressor, "branches", {}) or [])
         self.branch_hist = SumMetric() if n_branches else None
         self.visual_rows = MeanMetric()
+        # Exact resume: training steps draw their randomness (Gumbel noise, random pruning) from a checkpointed
+        # stream of their own, not from the global RNGs that data loading and Lightning also draw from.
+        self.random_stream = TrainingRandomStream()
 
     # ----------------------------------------------------------------------------------------- plumbing
     @property
@@ -143,6 +147,7 @@ class OnlineDistillation(L.LightningModule):
         checkpoint["specvlm"] = {
             "target_fingerprint": self.target_fingerprint,
             "compressor": self.drafter.config.compressor,
+            "training_random_states": self.random_stream.state_dict(),
         }
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
@@ -157,6 +162,7 @@ class OnlineDistillation(L.LightningModule):
                 f"checkpoint was trained with compressor {saved['compressor']} but this run uses "
                 f"{self.drafter.config.compressor}; resume with the same compressor=... as the original run"
             )
+        self.random_stream.load_state_dict(saved.get("training_random_states", []))
 
     # ------------------------------------------------------------------------------------------ teacher
     @torch.no_grad()
@@ -264,8 +270,9 @@ class OnlineDistillation(L.LightningModule):
 
     # -------------------------------------------------------------------------------------------- steps
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-        db = self.draft_batch(batch)
-        loss, logs = self._losses(db, "train")
+        with self.random_stream.active(self.device):
+            db = self.draft_batch(batch)
+            loss, logs = self._losses(db, "train")
         bs = batch["input_ids"].shape[0]
         self._log_common(db, logs, "train", bs)
         monitor = getattr(getattr(self.trainer, "datamodule", None), "bad_samples", None)
