@@ -16,14 +16,29 @@ import tempfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import IO
 
 from ..errors import UserError
 
-__all__ = ["MARKER", "ForeignDirectoryError", "atomic_directory", "check_replaceable", "interrupted_writes"]
+__all__ = [
+    "MARKER",
+    "ForeignDirectoryError",
+    "atomic_directory",
+    "check_replaceable",
+    "atomic_file",
+    "fsync_path",
+    "interrupted_writes",
+    "marker_text",
+]
 
 #: File written into every published directory: ``{"written_by": "specvlm-lit", "kind": <kind>}``.
 MARKER = ".specvlm-lit"
 _WRITER = "specvlm-lit"
+
+
+def marker_text(kind: str) -> str:
+    """The :data:`MARKER` file's content for a directory of ``kind`` (for writers that fill a directory in place)."""
+    return json.dumps({"written_by": _WRITER, "kind": kind}) + "\n"
 
 
 class ForeignDirectoryError(UserError):
@@ -82,7 +97,7 @@ def check_replaceable(
         )
 
 
-def _fsync_path(path: Path) -> None:
+def fsync_path(path: Path) -> None:
     try:
         fd = os.open(path, os.O_RDONLY)
     except OSError:  # e.g. platforms without directory fds
@@ -99,8 +114,8 @@ def _fsync_tree(root: Path) -> None:
     """Flush every file and directory under ``root`` so that a power loss after the rename cannot publish holes."""
     for p in sorted(root.rglob("*")):
         if p.is_file() or p.is_dir():
-            _fsync_path(p)
-    _fsync_path(root)
+            fsync_path(p)
+    fsync_path(root)
 
 
 @contextmanager
@@ -127,7 +142,7 @@ def atomic_directory(
     published = False
     try:
         yield tmp
-        (tmp / MARKER).write_text(json.dumps({"written_by": _WRITER, "kind": kind}) + "\n", encoding="utf-8")
+        (tmp / MARKER).write_text(marker_text(kind), encoding="utf-8")
         _fsync_tree(tmp)
         check_replaceable(target, kind, published_before=published_before)
         if os.path.lexists(target):
@@ -135,7 +150,7 @@ def atomic_directory(
             os.rename(target, aside / "previous")
         os.rename(tmp, target)
         published = True
-        _fsync_path(parent)
+        fsync_path(parent)
     except BaseException:
         if published:  # interrupted after the new directory went in: the previous one is no longer needed
             if aside is not None:
@@ -151,3 +166,39 @@ def atomic_directory(
         raise
     if aside is not None:
         shutil.rmtree(aside, ignore_errors=True)
+
+
+def _default_file_mode() -> int:
+    """What ``open(..., "w")`` would create (0o666 less the umask); mkstemp's own 0o600 would hide checkpoints."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
+@contextmanager
+def atomic_file(target: str | os.PathLike) -> Iterator[IO[bytes]]:
+    """Yield a binary file to write ``target``'s new content into; on success it replaces ``target`` in one rename.
+
+    The file is a hidden ``.<name>.tmp-*`` next to ``target`` (same filesystem, so the rename is atomic), flushed
+    to disk before the rename, and the directory entry after it. On any exception (KeyboardInterrupt included) the
+    temporary file is removed and ``target`` is left as it was. A killed process can leave the temporary file
+    behind; the next successful write of the same ``target`` removes such leftovers.
+    """
+    target = Path(target).absolute()
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, name = tempfile.mkstemp(prefix=_temp_prefix(target), dir=target.parent)
+    tmp = Path(name)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            os.fchmod(f.fileno(), _default_file_mode())
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, target)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    fsync_path(target.parent)
+    for leftover in interrupted_writes(target):  # the hidden names atomic_directory uses too
+        if leftover.is_file():
+            leftover.unlink(missing_ok=True)
