@@ -21,7 +21,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 import specvlm_lit.utils.hydra_resolvers  # noqa: F401  (registers ${safe_dirname:...} for sweep dirs)
-from specvlm_lit.errors import UserError, find_user_error, one_line
+from specvlm_lit.errors import find_user_error, one_line
 from specvlm_lit.training.startup import StartupError, check_config  # StartupError: raised by run(), for callers
 
 ROOT = Path(__file__).resolve().parent
@@ -58,11 +58,12 @@ def instantiate(node: DictConfig, where: str, **kwargs):
     try:
         return hydra.utils.instantiate(node, **kwargs)
     except InstantiationException as e:
+        user_error = find_user_error(e)
+        if user_error is not None:
+            raise user_error from None
         cause = e.__cause__
         while isinstance(cause, InstantiationException) and cause.__cause__ is not None:
             cause = cause.__cause__
-        if isinstance(cause, UserError):
-            raise cause from None
         if where.startswith(("trainer", "callbacks")) and isinstance(
             cause, (MisconfigurationException, ValueError, TypeError)
         ):

@@ -1,6 +1,4 @@
-import io
 import json
-import tarfile
 
 import pytest
 
@@ -9,6 +7,7 @@ from specvlm_lit.data.conversation import ConversationError, encode_conversation
 from specvlm_lit.data.datamodule import ShardDataModule
 from specvlm_lit.data.skips import BadSampleMonitor, NoUsableSamples, TooManyBadSamples
 from specvlm_lit.target import llava_visual_tokens
+from tests.helpers import write_shard
 
 CONV = [
     {"from": "human", "value": "<image>\nWhat color is the circle?"},
@@ -62,15 +61,6 @@ def test_truncation_keeps_image_and_reports(corpus_tokenizer):
         encode_conversation(CONV, corpus_tokenizer, num_image_tokens=50, max_length=20)
 
 
-def _write_shard(path, samples):
-    with tarfile.open(path, "w") as tf:
-        for key, members in samples:
-            for ext, data in members.items():
-                info = tarfile.TarInfo(f"{key}.{ext}")
-                info.size = len(data)
-                tf.addfile(info, io.BytesIO(data))
-
-
 def test_bad_samples_are_skipped_and_counted(tmp_path, small_corpus, corpus_tokenizer):
     good = [s for s in __import__("webdataset").WebDataset(str(small_corpus / "val-000000.tar"), shardshuffle=False)][
         :4
@@ -84,7 +74,7 @@ def test_bad_samples_are_skipped_and_counted(tmp_path, small_corpus, corpus_toke
         ("no-img", {"json": good[0]["json"]}),
     ]
     shard = tmp_path / "mixed-000000.tar"
-    _write_shard(shard, samples)
+    write_shard(shard, samples)
     processor = build_processor(corpus_tokenizer, patch_size=8)
     dm = ShardDataModule([str(shard)], [str(shard)], processor, batch_size=2, num_workers=0)
     batches = list(dm.val_dataloader())

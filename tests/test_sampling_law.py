@@ -34,6 +34,7 @@ from specvlm_lit.decoding import acceptance
 from specvlm_lit.decoding.acceptance import WarpConfig, accept_sampling, accept_sampling_probs, warp_logits
 from specvlm_lit.decoding.speculative import SpeculativeDecoder, TreeConfig
 from specvlm_lit.decoding.tree import DraftTree, build_tree_from_fn
+from tests.helpers import chi2_pvalue_of_cells, pooled_cells
 from tests.sampling_mutants import MUTANTS, make_mutant, mutated_walk
 
 V = 5  # vocabulary: 625 joint cells for 4 tokens
@@ -121,33 +122,9 @@ def law_pvalue(counts: Counter, law: dict[tuple, float], min_expected: float = 2
     """Pearson chi-square p-value of ``counts`` against ``law`` (cells expected below ``min_expected`` draws pooled);
     0 when a sequence of probability 0 was drawn. Hundreds of cells expected at only 5-10 draws give the statistic a
     heavier tail than chi-square (a correct sampler then reached p = 3e-5 at 40k draws), hence 20."""
-    n = sum(counts.values())
     if any(k not in law for k in counts):
         return 0.0
-    obs, exp, rest_o, rest_e = [], [], 0, 0.0
-    for key, p in law.items():
-        if p * n >= min_expected:
-            obs.append(counts.get(key, 0))
-            exp.append(p * n)
-        else:
-            rest_o += counts.get(key, 0)
-            rest_e += p * n
-    if rest_e >= min_expected:
-        obs.append(rest_o)
-        exp.append(rest_e)
-    elif obs:  # too little mass to stand alone: merge it into the smallest kept cell
-        j = min(range(len(exp)), key=exp.__getitem__)
-        obs[j] += rest_o
-        exp[j] += rest_e
-    dof = len(obs) - 1
-    if dof < 1:
-        return 1.0
-    stat = sum((o - e) ** 2 / e for o, e in zip(obs, exp, strict=True))
-    return float(
-        torch.special.gammaincc(
-            torch.tensor(dof / 2.0, dtype=torch.float64), torch.tensor(stat / 2.0, dtype=torch.float64)
-        )
-    )
+    return chi2_pvalue_of_cells(*pooled_cells(counts, law, min_expected))
 
 
 def marginal(counts: Counter, n_tokens: int) -> Counter:

@@ -35,6 +35,7 @@ from specvlm_lit.decoding.speculative import (
 from specvlm_lit.decoding.tree import build_tree_from_fn
 from specvlm_lit.drafter.sequence import CompressedVisual, build_draft_sequence
 from specvlm_lit.target import TargetAdapter
+from tests.helpers import chi2_pvalue_of_cells, pooled_cells
 from tests.test_target_adapter import build_tiny_llava, make_vlm_inputs, tiny_llava_config
 
 torch.set_num_threads(1)
@@ -599,34 +600,6 @@ def test_eagle_drafter_greedy_long_and_non_square_image(compressor):
 
 
 # ---------------------------------------------------------------------------------------------- sampling
-def _chi2_pvalue(observed: list[float], expected: list[float]) -> float:
-    """Pearson chi-square p-value (cells given; dof = cells - 1)."""
-    stat = sum((o - e) ** 2 / e for o, e in zip(observed, expected))
-    dof = len(observed) - 1
-    return float(
-        torch.special.gammaincc(torch.tensor(dof / 2, dtype=torch.float64), torch.tensor(stat / 2, dtype=torch.float64))
-    )
-
-
-def _binned(counts: dict, probs: dict, n: int, min_expected: float = 5.0):
-    obs, exp, rest_o, rest_e = [], [], 0.0, 0.0
-    for key, p in probs.items():
-        if p * n >= min_expected:
-            obs.append(counts.get(key, 0))
-            exp.append(p * n)
-        else:
-            rest_o += counts.get(key, 0)
-            rest_e += p * n
-    rest_o += sum(c for k, c in counts.items() if k not in probs)
-    rest_e = max(n - sum(exp), 0.0)
-    if rest_e >= 1e-9:
-        obs.append(rest_o)
-        exp.append(rest_e)
-    else:
-        assert rest_o == 0
-    return obs, exp
-
-
 @pytest.mark.parametrize("adaptive", [False, True])
 def test_sampling_first_token_distribution(adaptive):
     adapter = get_target("peaked")
@@ -646,9 +619,9 @@ def test_sampling_first_token_distribution(adaptive):
     for _ in range(n):
         t = int(dec.generate(ids, max_new_tokens=1, generator=g).tokens[0])
         counts[t] = counts.get(t, 0) + 1
-    obs, exp = _binned(counts, {i: float(p) for i, p in enumerate(probs)}, n)
+    obs, exp = pooled_cells(counts, {i: float(p) for i, p in enumerate(probs)}, min_expected=5.0)
     assert len(obs) >= 3
-    assert _chi2_pvalue(obs, exp) > 1e-3
+    assert chi2_pvalue_of_cells(obs, exp) > 1e-3
 
 
 @pytest.mark.parametrize("warp,n", [(WarpConfig(temperature=1.0), 900), (WarpConfig(0.8, top_k=40, top_p=0.9), 500)])
@@ -675,9 +648,9 @@ def test_sampling_second_token_from_tree_acceptance(warp, n):
         p2 = warp_logits(adapter.forward(torch.cat([ids, torch.tensor([[x1]])], 1)).logits[0, -1], warp)
         for x2 in range(adapter.vocab_size):
             joint[(x1, x2)] = float(p1[x1]) * float(p2[x2])
-    obs, exp = _binned(counts, joint, n)
+    obs, exp = pooled_cells(counts, joint, min_expected=5.0)
     assert len(obs) >= 4
-    assert _chi2_pvalue(obs, exp) > 1e-3
+    assert chi2_pvalue_of_cells(obs, exp) > 1e-3
 
 
 def test_sampling_long_generation_is_reproducible_and_respects_eos():

@@ -24,6 +24,7 @@ from specvlm_lit.data.skips import NoUsableSamples, TooManyBadSamples
 from specvlm_lit.data.sources import ShardPathError
 from specvlm_lit.errors import UserError
 from specvlm_lit.utils.atomic import ForeignDirectoryError
+from tests.helpers import write_shard
 from tests.test_train import train_cfg
 
 REPO = Path(__file__).resolve().parents[2]
@@ -53,16 +54,6 @@ def deadline(seconds: int):
     finally:
         signal.alarm(0)
         signal.signal(signal.SIGALRM, previous)
-
-
-def write_shard(path: Path, samples: list[tuple[str, dict[str, bytes]]]) -> Path:
-    with tarfile.open(path, "w") as tf:
-        for key, members in samples:
-            for ext, data in members.items():
-                info = tarfile.TarInfo(f"{key}.{ext}")
-                info.size = len(data)
-                tf.addfile(info, io.BytesIO(data))
-    return path
 
 
 @pytest.fixture(scope="module")
