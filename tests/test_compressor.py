@@ -456,3 +456,50 @@ def test_normalize_fills_defaults():
     sel = normalize_compressor_config({"type": "select"}, 64)
     assert sel["tau"] == 1.0 and set(sel["branches"]) == set(default_select_branches())
     assert normalize_compressor_config({"type": "prune", "ratio": 2.5})["ratio"] == 2.5
+
+
+# ------------------------------------------------------------------------------- several images, no image
+@pytest.mark.parametrize("name", sorted(all_configs()))
+def test_every_compressor_compresses_each_image_on_its_own_and_skips_text_only(name):
+    """build_draft_sequence with several images calls the compressor once per image (its own rows and grid) and
+    splices each output where that image stood; a text-only sequence is the plain pairing, whatever the compressor."""
+    from specvlm_lit.drafter.sequence import build_draft_sequence, image_spans
+
+    torch.manual_seed(0)
+    comp = build_compressor(all_configs()[name], H).eval()
+    img = 99
+    grids = [(8, 8), (5, 7)]
+    # BOS, text, image 1, text, image 2, question text: two separate runs of image tokens.
+    ids = torch.tensor([1, 5, *[img] * 64, 6, 7, *[img] * 35, 8, 9, 10])
+    T = ids.shape[0]
+    embeds, feats = torch.randn(T, H), 10 * torch.randn(T, H)
+    seq = build_draft_sequence(embeds, feats, ids, img, compressor=comp, grid=grids)
+    (s1, n1), (s2, n2) = image_spans(ids, img)
+    assert [(s1, n1), (s2, n2)] == [(2, 64), (68, 35)]
+    question = feats[s2 + n2 : T]  # the text after the last image
+    e_next, f = embeds[1:], feats[:-1]
+    one = comp(e_next[s1 - 1 : s1 - 1 + n1], f[s1 - 1 : s1 - 1 + n1], grids[0], question)
+    two = comp(e_next[s2 - 1 : s2 - 1 + n2], f[s2 - 1 : s2 - 1 + n2], grids[1], question)
+    m1, m2 = one.embeds.shape[0], two.embeds.shape[0]
+    assert m1 == comp.num_output_tokens(grids[0]) or name == "select"  # select: the gate's branch
+    expected_e = torch.cat(
+        [e_next[: s1 - 1], one.embeds, e_next[s1 - 1 + n1 : s2 - 1], two.embeds, e_next[s2 - 1 + n2 :]]
+    )
+    expected_f = torch.cat([f[: s1 - 1], one.features, f[s1 - 1 + n1 : s2 - 1], two.features, f[s2 - 1 + n2 :]])
+    assert torch.equal(seq.embeds, expected_e) and torch.equal(seq.features, expected_f)
+    assert seq.position_offset == (m1 - n1) + (m2 - n2)
+    assert (seq.source == -1).sum() == m1 + m2 and len(seq.compressed_images) == 2
+    kept = seq.source[seq.source >= 0]
+    assert kept.tolist() == [0, *range(s1 - 1 + n1, s2 - 1), *range(s2 - 1 + n2, T - 1)]
+    # Back-to-back placeholders are still two images when the grids say so.
+    ids2 = torch.tensor([1, *[img] * 64, *[img] * 35, 8, 9])
+    e2, f2 = torch.randn(ids2.shape[0], H), torch.randn(ids2.shape[0], H)
+    seq2 = build_draft_sequence(e2, f2, ids2, img, compressor=comp, grid=grids)
+    assert len(seq2.compressed_images) == 2
+    # No image: nothing compressed, every pair kept.
+    text = torch.tensor([1, 5, 6, 7, 8])
+    plain = build_draft_sequence(torch.randn(5, H), torch.randn(5, H), text, img, compressor=comp, grid=[])
+    assert plain.length == 4 and plain.position_offset == 0 and plain.compressed is None
+    assert plain.source.tolist() == [0, 1, 2, 3]
+    with pytest.raises(ValueError, match="grid"):
+        build_draft_sequence(embeds, feats, ids, img, compressor=comp, grid=[(8, 8), None, (2, 2)])

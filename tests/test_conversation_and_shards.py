@@ -132,3 +132,26 @@ def test_corrupt_tar_is_skipped_and_counted(tmp_path, small_corpus, corpus_token
     assert stats["corrupt_tar"] == 1  # one shard cut short, counted once; its incomplete last sample is part of it
     assert not stats["missing_image"] and not stats["missing_json"] and not stats["bad_json"]
     assert sum(b["input_ids"].shape[0] for b in batches) >= 16  # the intact shard still flows
+
+
+@pytest.mark.parametrize("counts", [[], [3, 5], [4, 2, 6]], ids=["text-only", "two-images", "three-images"])
+def test_several_images_or_none_equal_the_chat_template(counts, corpus_tokenizer):
+    """Each placeholder takes the next image's token count (images in later turns too); text-only has none."""
+    tok = corpus_tokenizer
+    first = "<image>\n" * min(len(counts), 2) + "Compare the pictures." if counts else "Name a colour."
+    conv = [
+        {"from": "human", "value": first},
+        {"from": "gpt", "value": "The first is red and the second is blue."},
+        {"from": "human", "value": ("<image>\n" if len(counts) > 2 else "") + "And this one?"},
+        {"from": "gpt", "value": "It is green."},
+    ]
+    enc = encode_conversation(conv, tok, counts)
+    messages = [{"role": "user" if m["from"] == "human" else "assistant", "content": m["value"]} for m in conv]
+    text = tok.apply_chat_template(messages, tokenize=False)
+    for n in counts:  # placeholders in order, each expanded to its own image's tokens
+        text = text.replace("<image>", "\x00" * n, 1)
+    assert enc.input_ids.tolist() == tok(text.replace("\x00", "<image>"), add_special_tokens=False)["input_ids"]
+    assert (enc.input_ids == tok.convert_tokens_to_ids("<image>")).sum() == sum(counts)
+    assert tok.decode(enc.input_ids[enc.loss_mask]) == " " + conv[1]["value"] + "</s> " + conv[3]["value"] + "</s>"
+    with pytest.raises(ConversationError, match="placeholder per image"):
+        encode_conversation(conv, tok, [*counts, 7])

@@ -1,7 +1,7 @@
-"""The dataset converter (python -m specvlm_lit.data.convert): every public format converts, the shards stream
-through the data module with the tokens and loss masks of encoding the conversation directly, bad records land in
-rejects.jsonl with their reason, an interrupted conversion resumes to byte-identical output, foreign directories
-are refused untouched."""
+"""The dataset converter (python -m specvlm_lit.data.convert): every public format converts (text-only and
+several-image samples too), the shards stream through the data module with the tokens and loss masks of encoding the
+conversation directly, bad records land in rejects.jsonl with their reason, an interrupted conversion resumes to
+byte-identical output, foreign directories are refused untouched."""
 
 import base64
 import io
@@ -21,6 +21,7 @@ from specvlm_lit.data.convert import convert, main
 from specvlm_lit.data.convert_inputs import InputFormatError, iter_json_array
 from specvlm_lit.data.convert_output import ConversionMismatch, ShardOutput
 from specvlm_lit.data.datamodule import ShardDataModule
+from specvlm_lit.data.shards import sample_images
 from specvlm_lit.errors import UserError
 from specvlm_lit.target import visual_token_counter
 from specvlm_lit.utils.atomic import ForeignDirectoryError
@@ -103,19 +104,19 @@ def data_uri(path: Path) -> str:
     return "data:image/jpeg;base64," + base64.b64encode(path.read_bytes()).decode()
 
 
-def write_format(fmt: str, d: Path) -> tuple[list[Path], Path, set[str]]:
-    """Write the samples in public format ``fmt`` under ``d``; returns (inputs, image root, ids expected rejected)."""
+def write_format(fmt: str, d: Path) -> tuple[list[Path], Path]:
+    """Write the samples in format ``fmt`` under ``d`` (:func:`expected_samples`); returns (inputs, image root)."""
     images = d / "images"
     images.mkdir(parents=True, exist_ok=True)
     if fmt == "llava_json":  # LLaVA-Instruct-665K: one JSON array, paths relative to the image folder
         rel = write_images(images)
         (d / "llava_v1_5_mix.json").write_text(json.dumps(llava_records(rel), indent=1))
-        return [d / "llava_v1_5_mix.json"], images, {"text-only"}
+        return [d / "llava_v1_5_mix.json"], images
     if fmt == "sharegpt4v_jsonl":  # ShareGPT4V's schema (from/value, "image"), SAM-style folders, one object a line
         rel = write_images(images, "sam/images")
         lines = [json.dumps(r) for r in llava_records(rel)]
         (d / "sharegpt4v.jsonl").write_text("\n".join(lines) + "\n")
-        return [d / "sharegpt4v.jsonl"], images, {"text-only"}
+        return [d / "sharegpt4v.jsonl"], images
     if fmt == "messages_jsonl":  # image parts with paths, file:// URLs and data URIs, several images per sample
         rel = write_images(images)
         styles = {
@@ -125,7 +126,7 @@ def write_format(fmt: str, d: Path) -> tuple[list[Path], Path, set[str]]:
         }
         recs = messages_records(lambda sid: styles[sid](sid))
         (d / "chat.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
-        return [d / "chat.jsonl"], images, {"text-only", "two-images"}
+        return [d / "chat.jsonl"], images
     if fmt == "messages_json":  # a JSON array, string contents with <image> + a record-level images list
         rel = write_images(images)
         recs = []
@@ -135,7 +136,7 @@ def write_format(fmt: str, d: Path) -> tuple[list[Path], Path, set[str]]:
                 msgs.append({"role": "user" if role == "human" else "assistant", "content": value})
             recs.append({"id": sid, "messages": msgs, "images": [rel[sid]]})
         (d / "chat.json").write_text(json.dumps(recs))
-        return [d / "chat.json"], images, set()
+        return [d / "chat.json"], images
     datasets = pytest.importorskip("datasets", reason="Parquet/Arrow inputs are read with the datasets library")
     if fmt in ("parquet_llava", "arrow_llava"):  # a hub export: the image column holds the bytes
         rows = {"id": [], "image": [], "conversations": []}
@@ -153,9 +154,9 @@ def write_format(fmt: str, d: Path) -> tuple[list[Path], Path, set[str]]:
         ds = datasets.Dataset.from_dict(rows, features=features)
         if fmt == "parquet_llava":
             ds.to_parquet(str(d / "train-00000-of-00001.parquet"))
-            return [d / "train-00000-of-00001.parquet"], images, set()
+            return [d / "train-00000-of-00001.parquet"], images
         ds.save_to_disk(str(d / "saved"))
-        return sorted((d / "saved").glob("*.arrow")), images, set()
+        return sorted((d / "saved").glob("*.arrow")), images
     if fmt == "parquet_messages":  # TRL's llava-instruct-mix-vsft layout: images column, parts point by index
         recs = []
         for sid, (size, colour, turns) in SAMPLES.items():
@@ -171,7 +172,7 @@ def write_format(fmt: str, d: Path) -> tuple[list[Path], Path, set[str]]:
             recs.append({"messages": msgs, "images": [{"bytes": image_bytes(size, colour), "path": None}], "id": sid})
         ds = datasets.Dataset.from_list(recs).cast_column("images", datasets.Sequence(datasets.Image()))
         ds.to_parquet(str(d / "vsft.parquet"))
-        return [d / "vsft.parquet"], images, set()
+        return [d / "vsft.parquet"], images
     raise AssertionError(fmt)
 
 
@@ -206,36 +207,52 @@ def quiet(*_):
     pass
 
 
+def expected_samples(fmt: str) -> dict[str, tuple[list[tuple[int, int]], list[dict]]]:
+    """id -> (image sizes in placeholder order, LLaVA conversation) of what ``write_format(fmt)`` wrote."""
+    out = {sid: ([size], expected_conversation(turns)) for sid, (size, _, turns) in SAMPLES.items()}
+    if fmt in ("llava_json", "sharegpt4v_jsonl", "messages_jsonl"):
+        ((q, a),) = TEXT_ONLY
+        out["text-only"] = ([], [{"from": "human", "value": q}, {"from": "gpt", "value": a}])
+    if fmt == "messages_jsonl":
+        two = [{"from": "human", "value": "<image>\n<image>\nCompare them."}, {"from": "gpt", "value": "Different."}]
+        out["two-images"] = ([SAMPLES["cat-01"][0], SAMPLES["dog-02"][0]], two)
+    return out
+
+
 @pytest.mark.parametrize("fmt", FORMAT_CASES)
 def test_every_format_converts_and_round_trips_through_the_data_module(fmt, tmp_path, processor):
-    inputs, root, rejected = write_format(fmt, tmp_path / "src")
+    inputs, root = write_format(fmt, tmp_path / "src")
+    expected_all = expected_samples(fmt)
     out = tmp_path / "shards"
     manifest = convert(
         [str(p) for p in inputs], str(out), image_root=str(root), workers=1, samples_per_shard=2, log=quiet
     )
-    assert manifest["counts"]["written"] == len(SAMPLES)
-    assert manifest["counts"]["records"] == len(SAMPLES) + len(rejected)
-    assert set(rejects(out)) == rejected  # the text-only and several-image samples: counted, not dropped
-    if rejected:
-        assert rejects(out).get("text-only", "text_only_unsupported") == "text_only_unsupported"
-        assert rejects(out).get("two-images", "multi_image_unsupported") == "multi_image_unsupported"
+    # Text-only and several-image samples convert too: every record is written.
+    assert manifest["counts"]["written"] == manifest["counts"]["records"] == len(expected_all)
+    assert rejects(out) == {}
 
     dm = ShardDataModule(shard_files(out), shard_files(out), processor, batch_size=2, num_workers=0)
     count = visual_token_counter(processor)
     seen = []
     for batch in dm.val_dataloader():
         for i, record in enumerate(batch["records"]):
-            size, _, turns = SAMPLES[record["id"]]
+            sizes, conversation = expected_all[record["id"]]
+            assert record["conversations"] == conversation
             n = int(batch["attention_mask"][i].sum())
-            h, w = batch["pixel_values"][i].shape[-2:]
-            assert (w, h) == size  # the image that went in is the image that comes out
-            expected = encode_conversation(expected_conversation(turns), processor.tokenizer, count(h, w))
+            images = sample_images(batch, i)
+            assert [(p.shape[-1], p.shape[-2]) for p in images] == sizes  # the images that went in, in order
+            counts = [count(*p.shape[-2:]) for p in images]
+            expected = encode_conversation(conversation, processor.tokenizer, counts)
             assert batch["input_ids"][i, :n].tolist() == expected.input_ids.tolist()
             assert batch["loss_mask"][i, :n].tolist() == expected.loss_mask.tolist()
-            (name,) = record["images"]  # the member names, for a loader that reads several images later
-            assert name in (f"{batch['keys'][i]}.jpg", f"{batch['keys'][i]}.png")
+            key = batch["keys"][i]
+            names = record["images"]  # the member names, in placeholder order
+            if len(sizes) == 1:
+                assert names[0] in (f"{key}.jpg", f"{key}.png")
+            else:
+                assert [name.rsplit(".", 1)[0] for name in names] == [f"{key}.{j}" for j in range(len(sizes))]
             seen.append(record["id"])
-    assert sorted(seen) == sorted(SAMPLES)  # each sample exactly once
+    assert sorted(seen) == sorted(expected_all)  # each sample exactly once
     assert not dm.val_bad_samples.bad
 
 
@@ -466,7 +483,7 @@ def test_format_detection_and_forcing(tmp_path):
         convert([str(odd)], str(tmp_path / "o1"), workers=1, log=quiet)
     images = str(tmp_path / "images")
     m = convert([str(odd)], str(tmp_path / "o2"), input_format="llava", image_root=images, workers=1, log=quiet)
-    assert m["counts"]["written"] == len(SAMPLES) and m["job"]["inputs"][0]["format"] == "llava"
+    assert m["counts"]["written"] == len(SAMPLES) + 1 and m["job"]["inputs"][0]["format"] == "llava"  # + text-only
     unknown = tmp_path / "u.json"
     unknown.write_text(json.dumps([{"question": "q", "answer": "a"}]))
     with pytest.raises(InputFormatError, match="'conversations'"):
@@ -476,3 +493,62 @@ def test_format_detection_and_forcing(tmp_path):
     with pytest.raises(SystemExit, match="^error: --samples-per-shard must be >= 1"):
         main([str(odd), "--out", str(tmp_path / "o4"), "--samples-per-shard", "0"])
     assert not (tmp_path / "o4").exists()  # argument errors come before anything is written
+
+
+def test_mixed_batches_of_text_only_one_and_several_images_train_and_decode(tmp_path, processor):
+    """One collated batch mixing a text-only sample, one-image samples and a two-image sample goes through a training
+    step of every drafter row layout (per-image compression), and each prompt decodes losslessly with the drafter."""
+    import functools
+
+    from specvlm_lit.data.shards import collate
+    from specvlm_lit.decoding.acceptance import WarpConfig
+    from specvlm_lit.decoding.speculative import SpeculativeDecoder, TreeConfig
+    from specvlm_lit.training.distill import OnlineDistillation
+
+    inputs, root = write_format("messages_jsonl", tmp_path / "src")
+    out = tmp_path / "shards"
+    convert([str(p) for p in inputs], str(out), image_root=str(root), workers=1, log=quiet)
+    dm = ShardDataModule(shard_files(out), shard_files(out), processor, batch_size=8, num_workers=0)
+    samples = [dm.encoder(raw) for shard in shard_files(out) for raw in wds.WebDataset(shard, shardshuffle=False)]
+    assert sorted(len(s["pixel_values"]) for s in samples) == [0, 1, 1, 1, 2]
+    batch = collate(samples, pad_id=processor.tokenizer.pad_token_id)
+    assert batch["image_counts"] == [len(s["pixel_values"]) for s in samples] and len(batch["pixel_values"]) == 5
+
+    torch = pytest.importorskip("torch")
+    torch.manual_seed(0)
+    model = OnlineDistillation(str(EMBEDDED_TARGET), functools.partial(torch.optim.AdamW, lr=1e-3))
+    db = model.draft_batch(batch)
+    target = model.target
+    for i, s in enumerate(samples):  # each image's rows are replaced by its compressed rows, text rows kept
+        n_img = int((s["input_ids"] == target.image_token_id).sum())
+        assert db.visual_rows[i] <= n_img and (n_img > 0 or db.visual_rows[i] == 0)
+    loss, _ = model._losses(db, "train")
+    loss.backward()
+    assert torch.isfinite(loss) and any(p.grad is not None for p in model.drafter.parameters())
+
+    model.drafter.eval()
+    decoder = SpeculativeDecoder(target, model.drafter, TreeConfig(4, 3, 12), WarpConfig())
+    eos = processor.tokenizer.eos_token_id
+    for i in range(len(samples)):
+        answer = int(batch["loss_mask"][i].nonzero()[0])
+        ids = batch["input_ids"][i, :answer][None]
+        images = sample_images(batch, i)
+        feats = target.encode_images(images)
+        out = decoder.generate(
+            ids,
+            image_features=feats,
+            image_grid=[target.visual_grid(*p.shape[-2:]) for p in images],
+            max_new_tokens=12,
+            eos_token_id=eos,
+        )
+        kwargs = {"mm_encoder_outputs": target.as_mm_encoder_outputs(feats)} if images else {}
+        ref = target.model.generate(
+            input_ids=ids,
+            attention_mask=torch.ones_like(ids),
+            max_new_tokens=12,
+            do_sample=False,
+            eos_token_id=eos,
+            pad_token_id=processor.tokenizer.pad_token_id,
+            **kwargs,
+        )[0, ids.shape[1] :]
+        assert out.tokens.tolist() == ref.tolist()

@@ -1,12 +1,14 @@
 """LLaVA-format conversations -> token ids with an assistant-only loss mask.
 
-The text is tokenized piece by piece (user turn, " ASSISTANT:", " answer</s>") so the loss mask is
-exact. Pieces are cut where the byte-level pre-tokenizer cuts anyway (before a space or at a special
-token), so the ids equal those of the chat template's full string; a test checks this.
+The text is tokenized piece by piece (user turn, " ASSISTANT:", " answer</s>") so the loss mask is exact. Each
+``<image>`` placeholder of the user turns expands to the image tokens of the next image (any number of images, none
+for a text-only conversation). Pieces are cut where the byte-level pre-tokenizer cuts anyway (before a space or at
+a special token), so the ids equal those of the chat template's full string; a test checks this.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -64,13 +66,16 @@ def normalise(conversations: list[dict]) -> list[tuple[str, str]]:
 def encode_conversation(
     conversations: list[dict],
     tokenizer,
-    num_image_tokens: int,
+    num_image_tokens: int | Sequence[int],
     *,
     max_length: int | None = None,
     add_generation_prompt: bool = False,
 ) -> EncodedConversation:
-    """Encode a conversation; the image placeholder expands to ``num_image_tokens`` image tokens.
+    """Encode a conversation; each image placeholder expands to its image's number of image tokens.
 
+    ``num_image_tokens``: one count per image, in placeholder order (a list; ``[]`` for a text-only conversation),
+    or a single int for the one-image case (``0`` = no image). The conversation must hold exactly one ``<image>``
+    placeholder per image.
     Training (``add_generation_prompt=False``) needs at least one non-empty assistant answer.
     Inference (``add_generation_prompt=True``) drops a trailing answer-less user turn's missing
     answer and ends with "ASSISTANT:" so the model continues with the answer.
@@ -82,11 +87,18 @@ def encode_conversation(
         if not any(role == "assistant" and text.strip() for role, text in turns):
             raise ConversationError("conversation has no assistant answer to learn from", reason="no_answer")
     image_token = getattr(tokenizer, "image_token", None) or IMAGE_PLACEHOLDER
+    counts = image_token_counts(num_image_tokens)
     n_placeholders = sum(text.count(IMAGE_PLACEHOLDER) for _, text in turns)
-    if n_placeholders != (1 if num_image_tokens > 0 else 0):
+    if n_placeholders != len(counts):
         raise ConversationError(
-            f"expected exactly one {IMAGE_PLACEHOLDER} placeholder for one image, found {n_placeholders}"
+            f"expected exactly one {IMAGE_PLACEHOLDER} placeholder per image ({len(counts)} image(s)), "
+            f"found {n_placeholders}"
         )
+    pending = iter(counts)  # placeholders take the images in order, over all user turns
+
+    def expand(text: str) -> str:
+        pieces = text.split(IMAGE_PLACEHOLDER)
+        return pieces[0] + "".join(image_token * next(pending) + piece for piece in pieces[1:])
 
     ids: list[int] = [tokenizer.bos_token_id]
     mask: list[bool] = [False]
@@ -98,7 +110,7 @@ def encode_conversation(
 
     for role, text in turns:
         if role == "user":
-            add("USER: " + text.replace(IMAGE_PLACEHOLDER, image_token * num_image_tokens), False)
+            add("USER: " + expand(text), False)
             add(" ASSISTANT:", False)
         else:
             add(" " + text, True)
@@ -109,18 +121,23 @@ def encode_conversation(
     truncated = False
     if max_length is not None and len(ids) > max_length:
         n_image_end = (
-            int((input_ids == tokenizer.convert_tokens_to_ids(image_token)).nonzero().max()) + 1
-            if num_image_tokens
-            else 0
+            int((input_ids == tokenizer.convert_tokens_to_ids(image_token)).nonzero().max()) + 1 if sum(counts) else 0
         )
         if max_length <= n_image_end:
             raise ConversationError(
-                f"max_length={max_length} cannot hold the {num_image_tokens} image tokens; "
+                f"max_length={max_length} cannot hold the {sum(counts)} image tokens; "
                 f"raise max_length above {n_image_end}",
                 reason="image_exceeds_max_length",
             )
         input_ids, loss_mask, truncated = input_ids[:max_length], loss_mask[:max_length], True
     return EncodedConversation(input_ids, loss_mask, truncated)
+
+
+def image_token_counts(num_image_tokens: int | Sequence[int]) -> list[int]:
+    """Image tokens per image as a list: an int is the one-image form (``0`` = no image)."""
+    if isinstance(num_image_tokens, int):
+        return [num_image_tokens] if num_image_tokens > 0 else []
+    return [int(n) for n in num_image_tokens]
 
 
 def prompt_ids(question: str, tokenizer, num_image_tokens: int) -> torch.Tensor:

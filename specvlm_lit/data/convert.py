@@ -89,7 +89,7 @@ def _results(tasks: Iterator[Task], options: ConvertOptions, workers: int) -> It
             window.stop()
 
 
-class _Progress:
+class Progress:
     """tqdm on a terminal, else a line every :data:`LOG_EVERY` records (logs stay readable)."""
 
     def __init__(self, total: int | None, initial: int, log: Callable[[str], None], enabled: bool):
@@ -196,7 +196,7 @@ def convert(
     options = ConvertOptions(str(root), image_format, drop_system, job["target"], max_length)
     per_input = [0] * len(sources)
     total = sum(s.rows for s in sources) if all(s.rows is not None for s in sources) else None
-    bar = _Progress(total, output.consumed, log, progress)
+    bar = Progress(total, output.consumed, log, progress)
     t0 = time.perf_counter()
     converted = 0
     results = _results(_tasks(sources, output.consumed, per_input), options, workers)

@@ -3,7 +3,8 @@
 Layout of ``--out``::
 
     .specvlm-lit          marker: this directory holds converted shards (other directories are refused)
-    <split>-000000.tar    one sample = <key>.json + <key>.<png|jpg|webp>, --samples-per-shard samples a shard
+    <split>-000000.tar    one sample = <key>.json + its images (<key>.<png|jpg|webp>, or <key>.0.<ext>, <key>.1.<ext>,
+                          ... for several, none for text only), --samples-per-shard samples a shard
     rejects.jsonl         one line per record not converted: {"id", "source", "record", "reason", "detail"}
     progress.json         while converting: the job, the shards completed and their sha256
     manifest.json         written last, when the conversion is complete (progress.json is then removed)
@@ -32,7 +33,7 @@ from .convert_inputs import sha256_file
 KIND = "converted-shards"
 MANIFEST, PROGRESS, REJECTS = "manifest.json", "progress.json", "rejects.jsonl"
 #: Bump when the shard contents change for the same inputs: an old progress file then no longer matches.
-CONVERTER_VERSION = 1
+CONVERTER_VERSION = 2  # 2: text-only and multi-image samples are converted (1 rejected them)
 
 
 class ConversionMismatch(UserError):
@@ -72,8 +73,11 @@ class ShardOutput:
     """Writes one conversion into ``out``. ``job`` is everything that decides the output (inputs with their sha256,
     the output-shaping arguments): a rerun resumes only a conversion of the same ``job``."""
 
-    def __init__(self, out: str | os.PathLike, job: dict, *, split: str, samples_per_shard: int):
+    def __init__(
+        self, out: str | os.PathLike, job: dict, *, split: str, samples_per_shard: int, notes: tuple[str, ...] = ()
+    ):
         self.out = Path(out).expanduser().absolute()
+        self.notes = notes  # count keys of written samples worth knowing about (not skips): manifest counts.notes
         self.job = {"converter_version": CONVERTER_VERSION, **job}
         self.split, self.samples_per_shard = split, samples_per_shard
         self.shards: list[dict] = []  # completed: {"name", "samples", "sha256"}
@@ -189,6 +193,11 @@ class ShardOutput:
         if self._in_shard == self.samples_per_shard:
             self.close_shard(consumed=ordinal + 1)
 
+    def add_note(self, name: str) -> None:
+        """Count a written sample under ``name`` (one of ``notes``); kept across resume like every count."""
+        assert name in self.notes, name
+        self.counts[name] += 1
+
     def add_reject(self, entry: dict) -> None:
         self._rejects.write((json.dumps(entry, ensure_ascii=False) + "\n").encode("utf-8"))
         self.counts[entry["reason"]] += 1
@@ -223,15 +232,18 @@ class ShardOutput:
         self._rejects.flush()
         os.fsync(self._rejects.fileno())
         self._rejects.close()
-        skipped = {k: v for k, v in sorted(self.counts.items()) if k != "written" and v}
+        skipped = {k: v for k, v in sorted(self.counts.items()) if k != "written" and k not in self.notes and v}
+        counts = {
+            "records": sum(records_per_input),
+            "records_per_input": records_per_input,
+            "written": self.counts["written"],
+            "skipped": skipped,
+        }
+        if self.notes:
+            counts["notes"] = {k: self.counts[k] for k in self.notes}
         manifest = {
             "job": self.job,
-            "counts": {
-                "records": sum(records_per_input),
-                "records_per_input": records_per_input,
-                "written": self.counts["written"],
-                "skipped": skipped,
-            },
+            "counts": counts,
             "shards": self.shards,
             "rejects": {"file": REJECTS, "lines": sum(skipped.values()), "sha256": sha256_file(self.out / REJECTS)},
         }

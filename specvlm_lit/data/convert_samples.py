@@ -2,11 +2,13 @@
 
 A record (LLaVA ``conversations`` or OpenAI-style ``messages``) becomes LLaVA turns (``from``: ``human``/``gpt``,
 the ``<image>`` placeholder where the image goes, as the project's chat template renders image parts) and a list of
-image references, each a path (relative to ``--image-root``), a ``file://`` URL, a ``data:image/...;base64,`` URI or
-embedded bytes. The sample written is ``<key>.json`` (``{"id", "images", "conversations"}``) + one image member,
-its bytes kept as they are when the loader reads the format (PNG, JPEG, WebP) and re-encoded as PNG otherwise (or
-always, as ``--image-format`` says). Every way a record can fail is a :class:`Rejected` with a reason
-(:data:`REASONS`), never an exception: one odd record must not stop a conversion.
+image references, each a path (relative to ``--image-root``), a ``file://`` URL, a ``data:image/...;base64,`` URI
+or embedded bytes. The sample written is ``<key>.json`` (``{"id", "images", "conversations"}``) + its image members
+(``<key>.<ext>`` for one image, ``<key>.0.<ext>``, ``<key>.1.<ext>``, ... for several, none for a text-only record;
+``images`` names them in placeholder order), each image's bytes kept as they are when the loader reads the format
+(PNG, JPEG, WebP) and re-encoded as PNG otherwise (or always, as ``--image-format`` says). Every way a record can
+fail is a :class:`Rejected` with a reason (:data:`REASONS`), never an exception: one odd record must not stop a
+conversion.
 """
 
 from __future__ import annotations
@@ -34,13 +36,11 @@ REASONS = {
     "no_answer": "the conversation has no assistant turn",
     "empty_answer": "an assistant turn is empty",
     "system_message_unsupported": "a system message (the LLaVA template has no place for it; --drop-system drops it)",
-    "text_only_unsupported": "no image (the loader needs one image per sample for now)",
-    "multi_image_unsupported": "more than one image (the loader takes one image per sample for now)",
     "remote_image_unsupported": "the image is an http(s) or other remote URL (download the images first)",
     "missing_image": "the image file does not exist or the reference is not a path, URL or bytes",
     "corrupt_image": "the image cannot be decoded",
-    "image_too_small": "the image is smaller than one patch of the target (--target)",
-    "too_long": "the encoded conversation is longer than --max-length tokens (--target)",
+    "image_too_small": "an image is smaller than one patch of the target (--target)",
+    "too_long": "the encoded conversation is longer than --max-length tokens, images expanded (--target)",
 }
 #: ``--image-format``: keep loader-readable bytes, or re-encode every image.
 IMAGE_FORMATS = ("source", "png", "jpg")
@@ -290,13 +290,17 @@ class TargetCheck:
         from transformers import AutoProcessor
 
         from ..target import visual_token_counter
-        from .shards import SampleEncoder
+        from .shards import SampleEncoder, target_image_resizer
 
         processor = AutoProcessor.from_pretrained(target)
         # The loader's first-skip warnings would repeat what rejects.jsonl records for every sample.
         logging.getLogger("specvlm_lit.data.shards").setLevel(logging.ERROR)
         self.encoder = SampleEncoder(
-            processor.tokenizer, processor.image_processor, visual_token_counter(processor), max_length=None
+            processor.tokenizer,
+            processor.image_processor,
+            visual_token_counter(processor),
+            max_length=None,
+            resize=target_image_resizer(target, processor.image_processor),
         )
         self.max_length = max_length
 
@@ -335,18 +339,19 @@ def convert_record(task: Task) -> Converted | Rejected:
             raise Reject("bad_json", f"the record is a {type(record).__name__}, not a JSON object")
         turns, images = messages_turns(record) if task.schema == "messages" else llava_turns(record)
         turns = check_turns(turns, len(images), _options.drop_system)
-        if not images:
-            raise Reject("text_only_unsupported", "the sample has no image; the loader needs one (for now)")
-        if len(images) > 1:
-            raise Reject("multi_image_unsupported", f"{len(images)} images; the loader takes one (for now)")
         key = sample_key(task.ordinal)
-        ext, data = image_member(image_bytes(images[0], _options.image_root), _options.image_format)
+        encoded = [image_member(image_bytes(ref, _options.image_root), _options.image_format) for ref in images]
+        # One image keeps the plain <key>.<ext> layout; several are numbered in placeholder order; none: text only.
+        exts = (
+            [ext for ext, _ in encoded] if len(encoded) == 1 else [f"{i}.{ext}" for i, (ext, _) in enumerate(encoded)]
+        )
         sample = {
             "id": record_id(record, task),
-            "images": [f"{key}.{ext}"],
+            "images": [f"{key}.{ext}" for ext in exts],
             "conversations": [{"from": "human" if r == "user" else "gpt", "value": t} for r, t in turns],
         }
-        members = (("json", json.dumps(sample, ensure_ascii=False).encode("utf-8")), (ext, data))
+        json_member = ("json", json.dumps(sample, ensure_ascii=False).encode("utf-8"))
+        members = (json_member, *((ext, data) for ext, (_, data) in zip(exts, encoded)))
         if _target_check is not None:
             _target_check(key, members)
         return Converted(task.ordinal, key, members)

@@ -24,6 +24,7 @@ from .shards import (
     shard_pipeline,
     skip_batches,
     take_batches,
+    target_image_resizer,
 )
 from .skips import MIN_SEEN, BadSampleMonitor, TooManyBadSamples, describe
 from .sources import check_shards, expand_shards, local_path
@@ -143,12 +144,14 @@ class ShardDataModule(L.LightningDataModule):
         self.train_urls, self.val_urls = train_urls, val_urls
         self._train_shards = check_shards(train_urls, "data.train_urls", pending=self._pending_corpus)
         self._val_shards = check_shards(val_urls, "data.val_urls", pending=self._pending_corpus)
+        resize = None
         if isinstance(processor, (str, os.PathLike)):
             from transformers import AutoProcessor
 
-            processor = AutoProcessor.from_pretrained(processor)
+            processor_dir, processor = processor, AutoProcessor.from_pretrained(processor)
+            resize = target_image_resizer(processor_dir, processor.image_processor)  # images as decoding sees them
         self.encoder = SampleEncoder(
-            processor.tokenizer, processor.image_processor, visual_token_counter(processor), max_length
+            processor.tokenizer, processor.image_processor, visual_token_counter(processor), max_length, resize
         )
         self.collate = functools.partial(collate, pad_id=processor.tokenizer.pad_token_id)
         self.batch_size, self.shuffle_buffer, self.num_workers, self.seed = (

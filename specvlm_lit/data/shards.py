@@ -1,11 +1,12 @@
 """Stream LLaVA-format webdataset shards into padded training batches.
 
-Each sample is ``<key>.{png,jpg,jpeg,webp}`` + ``<key>.json`` with a ``conversations`` list (the
-synthetic corpus and converted real LLaVA data share this). Bad samples never stop the stream: they
-are skipped and *counted* by reason (``skips.SKIP_REASONS``). The counts travel with the data -- inside
-batches (``stats``) and, when many skips come without a usable sample, as stats-only items
-(``{"stats_only": True, "stats": ...}``) -- so the training process sees exact totals even when decoding
-runs in DataLoader workers, and sees them even when no batch can form.
+Each sample is ``<key>.json`` with a ``conversations`` list and its images: ``<key>.{png,jpg,jpeg,webp}`` (the
+synthetic corpus, one image), or the members the json's ``images`` list names (converted data: ``<key>.png``,
+``<key>.0.png``, ``<key>.1.jpg``, ... or none for a text-only sample; :func:`image_members`). Bad samples never
+stop the stream: they are skipped and *counted* by reason (``skips.SKIP_REASONS``). The counts travel with the data
+-- inside batches (``stats``) and, when many skips come without a usable sample, as stats-only items
+(``{"stats_only": True, "stats": ...}``) -- so the training process sees exact totals even when decoding runs in
+DataLoader workers, and sees them even when no batch can form.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import json
 import logging
 from collections import Counter
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 import webdataset as wds
@@ -34,14 +36,72 @@ def stats_item(stats: dict) -> dict:
     return {"stats_only": True, "stats": dict(stats)}
 
 
+class SampleSkip(Exception):
+    """A sample the loader cannot use; ``reason`` is its skip-count key (``skips.SKIP_REASONS``)."""
+
+    def __init__(self, reason: str, detail: object):
+        super().__init__(f"{reason}: {detail}")
+        self.reason, self.detail = reason, detail
+
+
+def target_image_resizer(target_dir, image_processor) -> Callable | None:
+    """``resize(image)`` to the size decoding hands the target's image processor (``target.resize_for_target``: an
+    image larger than the vision tower's native size is downscaled, unless the processor resizes by itself), so a
+    drafter trains on the visual tokens it will draft with; ``None`` when ``target_dir`` holds no model config."""
+    from types import SimpleNamespace
+
+    from ..target import resize_for_target
+
+    try:
+        vision = json.loads((Path(target_dir) / "config.json").read_text(encoding="utf-8")).get("vision_config")
+        vision = SimpleNamespace(image_size=int(vision["image_size"]), patch_size=int(vision["patch_size"]))
+    except (OSError, ValueError, TypeError, KeyError, AttributeError):
+        return None
+    return functools.partial(resize_for_target, image_processor=image_processor, vision_config=vision)
+
+
+def image_members(sample: dict, record: dict) -> list[tuple[str, bytes]]:
+    """``(extension, bytes)`` of the sample's images, in placeholder order.
+
+    A json with an ``images`` list names its members (``<key>.png`` for one image, ``<key>.0.png``, ``<key>.1.jpg``
+    ... for several, as the converter writes them; ``[]`` = a text-only sample). A json without one is the original
+    one-image layout: the first of ``<key>.png|jpg|jpeg|webp``. Raises :class:`SampleSkip` (``missing_image``,
+    ``bad_conversation``) when a named member is absent or the list is malformed."""
+    names = record.get("images")
+    if names is None:
+        ext = next((k for k in IMAGE_KEYS if k in sample), None)
+        if ext is None:
+            raise SampleSkip("missing_image", f"no {'/'.join(IMAGE_KEYS)} member and no 'images' list in the json")
+        return [(ext, sample[ext])]
+    if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+        raise SampleSkip("bad_conversation", f"'images' must be a list of member names, got {names!r:.80}")
+    key = sample.get("__key__", "")
+    out = []
+    for name in names:
+        # webdataset splits a member name at its first dot: "<key>.0.png" is the key's "0.png" entry.
+        ext = name[len(key) + 1 :] if name.startswith(f"{key}.") else name.partition(".")[2]
+        if ext not in sample:
+            raise SampleSkip("missing_image", f"the json names {name!r} but the sample has no such member")
+        out.append((ext, sample[ext]))
+    return out
+
+
 class SampleEncoder:
     """Raw tar sample -> model inputs, or ``None`` (counted by reason) when the sample is unusable.
 
     Never raises on what a sample holds: every malformed shape is a skip. The first skip of each reason in a
     process is logged with the sample's key, so the cause can be found."""
 
-    def __init__(self, tokenizer, image_processor, num_visual_tokens: Callable[[int, int], int], max_length: int):
+    def __init__(
+        self,
+        tokenizer,
+        image_processor,
+        num_visual_tokens: Callable[[int, int], int],
+        max_length: int,
+        resize: Callable | None = None,
+    ):
         self.tokenizer = tokenizer
+        self.resize = resize  # PIL image -> the size the target sees at decoding time (target_image_resizer)
         self.image_processor = image_processor
         self.num_visual_tokens = num_visual_tokens
         self.max_length = max_length
@@ -60,6 +120,28 @@ class SampleEncoder:
         self.skipped = Counter()
         return out
 
+    def images(self, sample: dict, record: dict) -> list[torch.Tensor]:
+        """Pixel values of the sample's images, in placeholder order; :class:`SampleSkip` when one is unusable.
+
+        Raises ``SampleSkip("image_too_small")`` for an image smaller than one patch."""
+        pixel_values = []
+        for ext, data in image_members(sample, record):
+            try:
+                image = Image.open(io.BytesIO(data))
+                image.load()
+                image = image.convert("RGB")
+                if self.resize is not None:
+                    image = self.resize(image)
+                pixels = self.image_processor(images=image, return_tensors="pt")["pixel_values"][0]
+            except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as e:
+                raise SampleSkip("corrupt_image", f"{ext}: {e}") from None
+            try:
+                self.num_visual_tokens(*pixels.shape[-2:])
+            except ValueError as e:  # smaller than one patch
+                raise SampleSkip("image_too_small", f"{ext}: {e}") from None
+            pixel_values.append(pixels)
+        return pixel_values
+
     def __call__(self, sample: dict) -> dict | None:
         key = sample.get("__key__", "?")
         where = f"sample {key} of {sample.get('__url__', '?')}"
@@ -73,22 +155,12 @@ class SampleEncoder:
             return self.skip("bad_json", where, f"the .json holds a {type(record).__name__}, not an object")
         if "conversations" not in record:
             return self.skip("bad_conversation", where, "the record has no 'conversations' field")
-        image_bytes = next((sample[k] for k in IMAGE_KEYS if k in sample), None)
-        if image_bytes is None:
-            return self.skip("missing_image", where, f"no {'/'.join(IMAGE_KEYS)} member")
         try:
-            image = Image.open(io.BytesIO(image_bytes))
-            image.load()
-            image = image.convert("RGB")
-            pixel_values = self.image_processor(images=image, return_tensors="pt")["pixel_values"][0]
-        except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as e:
-            return self.skip("corrupt_image", where, e)
-        try:
-            n_visual = self.num_visual_tokens(*pixel_values.shape[-2:])
-        except ValueError as e:  # smaller than one patch
-            return self.skip("image_too_small", where, e)
-        try:
+            pixel_values = self.images(sample, record)
+            n_visual = [self.num_visual_tokens(*p.shape[-2:]) for p in pixel_values]
             enc = encode_conversation(record["conversations"], self.tokenizer, n_visual, max_length=self.max_length)
+        except SampleSkip as e:
+            return self.skip(e.reason, where, e.detail)
         except ConversationError as e:
             return self.skip(e.reason, where, e)
         if not enc.loss_mask.any():  # truncation removed every answer token
@@ -100,14 +172,22 @@ class SampleEncoder:
             "__key__": key,
             "input_ids": enc.input_ids,
             "loss_mask": enc.loss_mask,
-            "pixel_values": pixel_values,
+            "pixel_values": pixel_values,  # one [3, h, w] tensor per image, in placeholder order ([] = text only)
             "record": record,
             "stats": stats,
         }
 
 
 def _complete(sample: dict) -> bool:
-    return "json" in sample and any(k in sample for k in IMAGE_KEYS)
+    """Whether a sample read up to a break in its shard has every member its json names (json first, then images)."""
+    if "json" not in sample:
+        return False
+    try:
+        record = json.loads(sample["json"])
+        image_members(sample, record if isinstance(record, dict) else {})
+    except (ValueError, SampleSkip):
+        return False
+    return True
 
 
 def _record(errors: list, exn: Exception) -> bool:
@@ -205,7 +285,7 @@ def batched_by_size(batch_size: int, collate_fn, *, flush_partial: bool = True):
             if "stats_only" in s:
                 yield s
                 continue
-            key = tuple(s["pixel_values"].shape[-2:])
+            key = tuple(tuple(p.shape[-2:]) for p in s["pixel_values"])  # () for text-only samples
             bucket = buckets.setdefault(key, [])
             bucket.append(s)
             if len(bucket) == batch_size:
@@ -258,7 +338,11 @@ def skip_batches(n: int):
 
 
 def collate(samples: list[dict], pad_id: int) -> dict:
-    """Right-pad to the longest sample; keep images as a list (resolutions may differ)."""
+    """Right-pad to the longest sample; images as one flat list (resolutions may differ).
+
+    ``pixel_values`` holds every image of the batch, sample by sample in placeholder order -- the order
+    ``TargetAdapter.embed`` scatters their features into the placeholders -- and ``image_counts[i]`` says how many
+    are sample ``i``'s (0 for a text-only sample); :func:`sample_images` gives one sample's."""
     T = max(len(s["input_ids"]) for s in samples)
     B = len(samples)
     input_ids = torch.full((B, T), pad_id, dtype=torch.long)
@@ -271,8 +355,16 @@ def collate(samples: list[dict], pad_id: int) -> dict:
         "input_ids": input_ids,
         "attention_mask": attention_mask,
         "loss_mask": loss_mask,
-        "pixel_values": [s["pixel_values"] for s in samples],
+        "pixel_values": [p for s in samples for p in s["pixel_values"]],
+        "image_counts": [len(s["pixel_values"]) for s in samples],
         "records": [s["record"] for s in samples],
         "keys": [s["__key__"] for s in samples],
         "stats": sum_stats(samples),
     }
+
+
+def sample_images(batch: dict, i: int) -> list:
+    """Sample ``i``'s entries of a batch's flat per-image list ``batch["pixel_values"]`` (see :func:`collate`)."""
+    counts = batch.get("image_counts") or [1] * len(batch["pixel_values"])
+    start = sum(counts[:i])
+    return batch["pixel_values"][start : start + counts[i]]

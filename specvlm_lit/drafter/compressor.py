@@ -4,6 +4,11 @@ Every compressor implements the ``VisualCompressor`` protocol of :mod:`specvlm_l
 
     compressor(embeds [N, H], features [N, H], grid (rows, cols), question [Q, H]) -> CompressedVisual
 
+A call covers **one image**: for a prompt with several images, ``build_draft_sequence`` calls the compressor once per
+image (its own rows, its own grid; every image sees the same question, the text after the last image), so each gated
+compressor picks a branch per image and every grid-based one works on that image's grid. A text-only sample has no
+visual rows and the compressor is not called at all.
+
 ``embeds`` (token side, e_{t+1}) and ``features`` (feature side, f_t) are *aligned*: row j of both belongs to the
 same drafter position. Output row m of both streams must again describe the same thing, so every compressor applies
 the *same* reduction to both streams:

@@ -13,10 +13,17 @@ target's (``position_offset``). The target always sees all N visual tokens; only
 shrinks, so decoding stays lossless whatever the compressor does.
 
 ``compressor=None`` (EagleVLM) keeps all N visual rows.
+
+Several images (a multi-image prompt): every image's N_i rows are compressed on their own, per image, into M_i
+rows, in order; after the k-th image the drafter runs ``sum_{i<=k} (M_i - N_i)`` behind the target, and
+``position_offset`` is the total after the last one. No image (a text-only sample): nothing is compressed and the
+drafter sees all T-1 pairs, whatever the compressor.
 """
 
 from __future__ import annotations
 
+import itertools
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -51,25 +58,55 @@ class DraftSequence:
     embeds: torch.Tensor  # [L, H] e_{t+1} side
     features: torch.Tensor  # [L, H] f_t side
     source: torch.Tensor  # [L] long: target position t of each row, -1 for compressed visual rows
-    position_offset: int  # drafter position = target position + position_offset (after the image)
-    compressed: CompressedVisual | None = None
+    position_offset: int  # drafter position = target position + position_offset (after the last image)
+    compressed: CompressedVisual | None = None  # the first image's (its gate branch is what training logs)
+    compressed_images: list[CompressedVisual] | None = None  # one per image, in order
 
     @property
     def length(self) -> int:
         return self.embeds.shape[0]
 
 
+def image_spans(
+    input_ids: torch.Tensor, image_token_id: int, counts: Sequence[int] | None = None
+) -> list[tuple[int, int]]:
+    """``(start, count)`` of every image's run of image tokens in ``input_ids`` ([T]), in order; ``[]`` if none.
+
+    ``counts`` (image tokens per image) splits the image tokens into images, so two placeholders written back to
+    back (``<image><image>``) are still two images; without it every contiguous run is one image."""
+    pos = (input_ids == image_token_id).nonzero().flatten().tolist()
+    if counts is None:
+        runs: list[list[int]] = []
+        for p in pos:
+            if runs and p == runs[-1][-1] + 1:
+                runs[-1].append(p)
+            else:
+                runs.append([p])
+    else:
+        if sum(counts) != len(pos):
+            raise ValueError(f"the images have {sum(counts)} visual tokens but input_ids hold {len(pos)} image tokens")
+        bounds = [0, *itertools.accumulate(counts)]
+        runs = [pos[a:b] for a, b in zip(bounds, bounds[1:]) if b > a]
+    spans = []
+    for run in runs:
+        start, n = run[0], len(run)
+        if run[-1] - start + 1 != n:
+            raise ValueError("each image's tokens must form one contiguous run")
+        if start == 0:
+            raise ValueError("an image cannot be the first token: the drafter needs the feature before it")
+        spans.append((start, n))
+    return spans
+
+
 def image_span(input_ids: torch.Tensor, image_token_id: int) -> tuple[int, int]:
-    """(start, count) of the single contiguous run of image tokens in ``input_ids`` ([T]); (0, 0) if none."""
-    pos = (input_ids == image_token_id).nonzero().flatten()
-    if pos.numel() == 0:
-        return 0, 0
-    start, n = int(pos[0]), pos.numel()
-    if int(pos[-1]) - start + 1 != n:
-        raise ValueError("image tokens must form one contiguous run (one image per sample)")
-    if start == 0:
-        raise ValueError("the image cannot be the first token: the drafter needs the feature before it")
-    return start, n
+    """(start, count) of the single image's run of image tokens; (0, 0) if none; ValueError for several."""
+    spans = image_spans(input_ids, image_token_id)
+    if len(spans) > 1:
+        raise ValueError(f"{len(spans)} images in the sequence; use image_spans for several")
+    return spans[0] if spans else (0, 0)
+
+
+Grid = tuple[int, int]
 
 
 def build_draft_sequence(
@@ -79,7 +116,7 @@ def build_draft_sequence(
     image_token_id: int,
     *,
     compressor: VisualCompressor | None = None,
-    grid: tuple[int, int] | None = None,
+    grid: Grid | Sequence[Grid | None] | None = None,
     length: int | None = None,
     question_end: int | None = None,
 ) -> DraftSequence:
@@ -88,11 +125,16 @@ def build_draft_sequence(
     input_embeds: [T, H] target input embeddings (visual embeddings already scattered in);
     target_features: [T, H]; input_ids: [T]; ``length`` = number of real (unpadded) tokens.
     Rows cover t = 0..length-2 (the last token has no successor to pair with).
-    ``grid``: (rows, cols) the visual tokens are laid out on (``TargetAdapter.visual_grid``); when the
-    caller cannot tell, they are assumed to form a square (:func:`~specvlm_lit.target.square_grid`).
+    ``grid``: (rows, cols) the visual tokens are laid out on (``TargetAdapter.visual_grid``) -- one grid, or a list
+    with one per image (``[]`` for a text-only sample); where the caller cannot tell (``None``, or ``None`` in the
+    list) an image's tokens are assumed to form a square (:func:`~specvlm_lit.target.square_grid`).
     ``question_end``: end (exclusive) of the prompt text the gate may look at. Training passes the
     first answer position so the gate never sees the answer it is about to help draft; at decoding
     time the sequence *is* the prompt, so the default (``length``) is the same span.
+
+    Several images: each image's rows are compressed on their own (its own grid, its own gate decision), in order,
+    and every compressor sees the same question: the text after the *last* image up to ``question_end`` (where the
+    question of a multi-image prompt stands). No image: the sequence is the plain pairing, whatever the compressor.
     """
     T = int(length if length is not None else input_ids.shape[0])
     ids = input_ids[:T]
@@ -100,17 +142,37 @@ def build_draft_sequence(
     source = torch.arange(T - 1, device=input_ids.device)
     if compressor is None:  # EagleVLM: every row kept, any number/placement of images is fine
         return DraftSequence(e_next, f, source, 0)
-    s, n = image_span(ids, image_token_id)
-    if n == 0:
+    if not bool((ids == image_token_id).any()):  # text only: nothing to compress
         return DraftSequence(e_next, f, source, 0)
-    # Pairs t = s-1 .. s+n-2 carry visual tokens on the embedding side.
-    lo, hi = s - 1, s - 1 + n
-    if grid is None:
-        grid = square_grid(n)
-    question = target_features[s + n : T if question_end is None else min(int(question_end), T)]
-    comp = compressor(e_next[lo:hi], f[lo:hi], grid, question)
-    m = comp.embeds.shape[0]
-    embeds = torch.cat([e_next[:lo], comp.embeds, e_next[hi:]])
-    features = torch.cat([f[:lo], comp.features, f[hi:]])
-    src = torch.cat([source[:lo], torch.full((m,), -1, dtype=source.dtype, device=source.device), source[hi:]])
-    return DraftSequence(embeds, features, src, m - n, comp)
+    grids = None if grid is None else ([grid] if _is_grid(grid) else list(grid))
+    if grids is not None and all(g is not None for g in grids):
+        spans = image_spans(ids, image_token_id, [int(g[0]) * int(g[1]) for g in grids])
+    else:
+        spans = image_spans(ids, image_token_id)
+        if grids is not None and len(grids) != len(spans):
+            raise ValueError(f"{len(grids)} grid(s) given for {len(spans)} image(s) in the sequence")
+    grids = [tuple(g) if g is not None else square_grid(n) for g, (_, n) in zip(grids or [None] * len(spans), spans)]
+    last_end = spans[-1][0] + spans[-1][1]
+    question = target_features[last_end : T if question_end is None else min(int(question_end), T)]
+    parts_e, parts_f, parts_src, outputs = [], [], [], []
+    at = 0  # next row of the plain pairing not yet taken
+    for (s, n), g in zip(spans, grids):
+        # Pairs t = s-1 .. s+n-2 carry this image's visual tokens on the embedding side.
+        lo, hi = s - 1, s - 1 + n
+        comp = compressor(e_next[lo:hi], f[lo:hi], g, question)
+        m = comp.embeds.shape[0]
+        parts_e += [e_next[at:lo], comp.embeds]
+        parts_f += [f[at:lo], comp.features]
+        parts_src += [source[at:lo], torch.full((m,), -1, dtype=source.dtype, device=source.device)]
+        outputs.append(comp)
+        at = hi
+    embeds = torch.cat([*parts_e, e_next[at:]])
+    features = torch.cat([*parts_f, f[at:]])
+    src = torch.cat([*parts_src, source[at:]])
+    offset = sum(c.embeds.shape[0] for c in outputs) - sum(n for _, n in spans)
+    return DraftSequence(embeds, features, src, offset, outputs[0], outputs)
+
+
+def _is_grid(grid) -> bool:
+    """``(rows, cols)`` rather than a list of grids."""
+    return len(grid) == 2 and all(hasattr(x, "__index__") for x in grid)

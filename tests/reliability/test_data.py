@@ -404,3 +404,52 @@ def test_too_many_bad_samples_is_one_line_from_the_cli(tiny_target, small_corpus
     last = out.stderr.strip().splitlines()[-1]
     assert last.startswith("error: no usable train sample") and "bad_json=" in last
     assert "Traceback" not in out.stderr and "Traceback" not in out.stdout
+
+
+def _epoch_keys(dm, epoch: int, rank: int, world: int, monkeypatch) -> list[list[str]]:
+    """The keys of every batch one rank's training loader yields in ``epoch`` (``world`` ranks, set through the
+    RANK / WORLD_SIZE variables webdataset's split_by_node reads, as torchrun sets them)."""
+    from types import SimpleNamespace
+
+    monkeypatch.setenv("RANK", str(rank))
+    monkeypatch.setenv("WORLD_SIZE", str(world))
+    dm.trainer = SimpleNamespace(current_epoch=epoch, world_size=world, sanity_checking=False, training=True)
+    try:
+        return [batch["keys"] for batch in dm.train_dataloader()]
+    finally:
+        dm.trainer = None
+
+
+def test_pipe_urls_and_brace_patterns_split_disjointly_over_ranks_and_workers_and_resume_exactly(
+    tmp_path, small_corpus, processor, monkeypatch
+):
+    """`pipe:` commands (how object stores are read: `pipe:aws s3 cp s3://... -`) and brace patterns give the same
+    stream as local paths; ranks and loader workers read disjoint shards; a resumed epoch skips exactly the batches
+    its checkpoint consumed."""
+    samples = [
+        (s["__key__"], {"png": s["png"], "json": s["json"]})
+        for shard in sorted(small_corpus.glob("train-*.tar"))
+        for s in wds.WebDataset(str(shard), shardshuffle=False)
+    ][:96]
+    for i in range(8):  # 8 shards of 12: 2 ranks x 2 workers get 2 shards each
+        write_shard(tmp_path / f"train-{i:06d}.tar", samples[i * 12 : (i + 1) * 12])
+    local = f"{tmp_path}/train-{{000000..000007}}.tar"
+    piped = f"pipe:cat {tmp_path}/train-{{000000..000007}}.tar"
+    kwargs = dict(batch_size=2, num_workers=2, samples_per_epoch=32, shuffle_buffer=4, seed=3)
+    with deadline(240):
+        by_url = {}
+        for name, urls in (("local", local), ("pipe", piped)):
+            dm = ShardDataModule(urls, str(small_corpus / "val-000000.tar"), processor, **kwargs)
+            assert len(dm._train_shards) == 8
+            by_url[name] = [_epoch_keys(dm, 1, rank, 2, monkeypatch) for rank in (0, 1)]
+        assert by_url["pipe"] == by_url["local"]  # the same batches, whatever opens the shards
+        rank0, rank1 = ({k for b in batches for k in b} for batches in by_url["pipe"])
+        assert rank0 and rank1 and not rank0 & rank1  # disjoint ranks
+        assert len(by_url["pipe"][0]) == len(by_url["pipe"][1]) == 8  # every rank the same number of steps
+        shard_of = {key: i // 12 for i, (key, _) in enumerate(samples)}
+        for batches in by_url["pipe"]:  # the two workers of a rank alternate batches and read disjoint shards
+            worker_shards = [{shard_of[k] for b in batches[w::2] for k in b} for w in (0, 1)]
+            assert not worker_shards[0] & worker_shards[1]
+        dm = ShardDataModule(piped, str(small_corpus / "val-000000.tar"), processor, **kwargs)
+        dm.load_state_dict({"epoch": 1, "batches_done": 4})  # a checkpoint taken after 4 steps of epoch 1
+        assert _epoch_keys(dm, 1, 0, 2, monkeypatch) == by_url["pipe"][0][4:]
