@@ -104,9 +104,9 @@ def run_generate(cfg: dict, root: Path) -> None:
                 f"target (fingerprint {fingerprint}; the newest, {newest}, is for {ncfg.get('target_fingerprint')}): "
                 f"run `python train.py target.path={target}` or pass drafter=<drafter directory>"
             )
-        from specvlm_lit.drafter.eagle import EagleVLMDrafter
+        from specvlm_lit.drafter.base import load_drafter
 
-        d = EagleVLMDrafter.load(found, target=pipe.adapter, dtype=pipe.adapter.dtype, device=common["device"])
+        d = load_drafter(found, target=pipe.adapter, dtype=pipe.adapter.dtype, device=common["device"])
         pipe = SpecVLMPipeline.from_components(pipe.adapter, pipe.processor, d, tree=tree)
         drafter = str(found)
     else:

@@ -81,7 +81,7 @@ def export_monitored(trainer: L.Trainer, module, export_dir: Path) -> dict:
 
     Returns what was exported. Runs on every rank (loading is collective-free); only rank 0 writes.
     """
-    from specvlm_lit.drafter.eagle import save_atomically
+    from specvlm_lit.drafter.base import save_atomically
 
     ckpt = trainer.checkpoint_callback
     best = getattr(ckpt, "best_model_path", "") if ckpt is not None else ""
@@ -100,7 +100,7 @@ def export_monitored(trainer: L.Trainer, module, export_dir: Path) -> dict:
 
 
 def run(cfg: DictConfig) -> dict:
-    from specvlm_lit.drafter.eagle import check_export_path
+    from specvlm_lit.drafter.base import check_export_path
 
     check_config(cfg)  # devices, value ranges, compressor, ckpt_path: before any model loads
     check_export_path(cfg.export_dir)  # refuse a foreign export_dir now, not after training

@@ -59,6 +59,47 @@ def test_one_epoch_trains_and_exports_a_loadable_drafter(tiny_target, small_corp
     assert list((tmp_path / "csv").rglob("metrics.csv"))
 
 
+@pytest.mark.parametrize("compressor,vocab", [pytest.param("none", None, marks=pytest.mark.slow), ("select", 40)])
+def test_eagle3_trains_exports_and_decodes_losslessly(tiny_target, small_corpus, tmp_path, compressor, vocab):
+    """drafter=eagle3 (training-time test, optional pruned vocabulary) trains, exports an eagle3_vlm directory that
+    load_drafter dispatches on, and decoding with it is token-identical to the target's greedy generate()."""
+    from specvlm_lit.decoding.acceptance import WarpConfig
+    from specvlm_lit.decoding.speculative import SpeculativeDecoder, TreeConfig
+    from specvlm_lit.drafter.base import load_drafter
+    from specvlm_lit.drafter.eagle3 import Eagle3VLMDrafter
+
+    extra = [f"drafter.draft_vocab_size={vocab}"] if vocab else []
+    cfg = train_cfg(tiny_target, small_corpus, tmp_path, "drafter=eagle3", f"compressor={compressor}", *extra)
+    result = train_script.run(cfg)
+    assert result["global_step"] == 4 and "val/top1_step5" in result["metrics"]
+    assert result["metrics"]["val/sigma"] >= 1.0
+    target = TargetAdapter.from_pretrained(tiny_target)
+    drafter = load_drafter(result["export_dir"], target=target)
+    assert isinstance(drafter, Eagle3VLMDrafter) and (drafter.compressor is None) == (compressor == "none")
+    if vocab:  # the most frequent answer tokens of the training shards, stored with the weights
+        assert drafter.draft_vocab.numel() == vocab and bool((drafter.draft_vocab.diff() > 0).all())
+    ids = torch.randint(4, target.vocab_size, (1, 8))
+    ids[ids == target.image_token_id] = 5
+    with torch.no_grad():
+        res = SpeculativeDecoder(target, drafter, TreeConfig(4, 4, 12), WarpConfig()).generate(ids, max_new_tokens=12)
+        ref = target.model.generate(
+            input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=12, do_sample=False, pad_token_id=0
+        )
+    n = res.tokens.numel()
+    assert res.tokens.tolist() == ref[0, ids.shape[1] : ids.shape[1] + n].tolist() and n >= 1
+
+
+def test_drafter_config_errors(tiny_target, small_corpus, tmp_path):
+    from specvlm_lit.training.distill import drafter_settings
+
+    with pytest.raises(Exception, match="known types: eagle3_vlm, eagle_vlm"):
+        drafter_settings({"model_type": "medusa"})
+    with pytest.raises(Exception, match="lambda_feat must be 0"):
+        drafter_settings({"model_type": "eagle3_vlm", "lambda_feat": 1.0})
+    with pytest.raises(Exception, match="unknown key"):
+        drafter_settings({"model_type": "eagle_vlm", "draft_vocab_size": 10})
+
+
 def test_resume_continues_from_the_checkpoint(tiny_target, small_corpus, tmp_path):
     first = train_script.run(train_cfg(tiny_target, small_corpus, tmp_path / "a", "compressor=none"))
     ckpt = tmp_path / "a" / "checkpoints" / "last.ckpt"

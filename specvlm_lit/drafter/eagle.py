@@ -28,23 +28,27 @@ Notes on transformers 5.23 this module relies on (checked in the installed sourc
 from __future__ import annotations
 
 import copy
-import os
-from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
-from transformers import AutoConfig, AutoModel, DynamicCache, LlamaConfig, PreTrainedConfig, PreTrainedModel
+from transformers import DynamicCache, LlamaConfig, PreTrainedConfig
 from transformers.cache_utils import Cache
 from transformers.masking_utils import create_causal_mask
 from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRMSNorm, LlamaRotaryEmbedding
 
 from ..attention_masks import as_additive
-from ..config_weights import ShapeFact, check_integer_fields, check_shapes, load_pretrained_checked
-from ..errors import UserError
-from ..target import TargetAdapter, TargetLoadError, _check_safetensors_file, header_shapes, read_model_config
-from ..utils.atomic import atomic_directory, check_replaceable, interrupted_writes
+from ..config_weights import ShapeFact
+from ..target import TargetAdapter
+from .base import (
+    DrafterLoadError,
+    DrafterMismatchError,
+    DrafterOutput,
+    DraftModel,
+    check_export_path,
+    register_drafter,
+    save_atomically,
+)
 from .compressor import Compressor, build_compressor, normalize_compressor_config
 
 __all__ = [
@@ -56,14 +60,6 @@ __all__ = [
     "check_export_path",
     "save_atomically",
 ]
-
-
-class DrafterMismatchError(UserError):
-    """The drafter was trained for a different target (hidden size, vocabulary or fingerprint differ)."""
-
-
-class DrafterLoadError(UserError):
-    """A drafter directory cannot be loaded; the message names the offending file and the fix."""
 
 
 # Fields copied from the target's text config by EagleVLMConfig.from_target.
@@ -182,12 +178,16 @@ class EagleVLMConfig(PreTrainedConfig):
             kwargs.pop("rope_parameters")
         return cls(**kwargs)
 
+    def num_draft_layers(self) -> int:
+        """Decoder layers of the drafter (one for EagleVLM)."""
+        return 1
+
     def to_llama_config(self) -> LlamaConfig:
         """The one-layer ``LlamaConfig`` the wrapped ``LlamaDecoderLayer`` / rotary embedding / cache are built from."""
         cfg = LlamaConfig(
             hidden_size=self.hidden_size,
             intermediate_size=self.intermediate_size,
-            num_hidden_layers=1,
+            num_hidden_layers=self.num_draft_layers(),
             num_attention_heads=self.num_attention_heads,
             num_key_value_heads=self.num_key_value_heads,
             head_dim=self.head_dim,
@@ -215,16 +215,8 @@ def _global_rope_parameters(rope: dict | None) -> dict | None:
     return copy.deepcopy(dict(nested)) if nested else None
 
 
-@dataclass
-class DrafterOutput:
-    """``hidden``: ``[B, T, H]`` predicted next target feature per row (logits = target ``lm_head(hidden)``).
-    ``past_key_values``: the draft KV cache (updated in place) when one was used, else ``None``."""
-
-    hidden: torch.Tensor
-    past_key_values: Cache | None = None
-
-
-class EagleVLMDrafter(PreTrainedModel):
+@register_drafter
+class EagleVLMDrafter(DraftModel):
     """EAGLE-style single-layer drafter for VLMs (SpecVLM's EagleVLM), optionally with a visual compressor.
 
     Per row: ``x = fc([norm_e(e), norm_f(f)])`` -> ``LlamaDecoderLayer`` (pre-norm attention + SwiGLU MLP, both
@@ -245,7 +237,6 @@ class EagleVLMDrafter(PreTrainedModel):
 
     config_class = EagleVLMConfig
     config: EagleVLMConfig
-    main_input_name = "token_embeds"
     supports_gradient_checkpointing = True
     _no_split_modules = ["LlamaDecoderLayer"]
     _supports_sdpa = True
@@ -266,32 +257,10 @@ class EagleVLMDrafter(PreTrainedModel):
         self.compressor: Compressor | None = build_compressor(config.compressor, h)
         self.post_init()
 
-    # ----------------------------------------------------------------------------------------------- weights
-    @torch.no_grad()
-    def initialize_weights(self) -> None:
-        """transformers' generic init, then the compressors' own init (conv = average pooling, zero residuals).
-
-        Done here rather than in ``_init_weights``: for custom-code models transformers skips modules without
-        parameters of their own (e.g. ``ConvCompressor``, whose weights live in a child ``Conv2d``), so a per-module
-        hook would never run for them. The hooks use ``transformers.initialization``, which leaves tensors loaded from
-        a checkpoint untouched, so this is also correct inside ``from_pretrained``.
-        """
-        super().initialize_weights()
-        for module in self.modules():
-            reset = getattr(module, "_reset_compressor_parameters", None)
-            if callable(reset):
-                reset()
-
     # ------------------------------------------------------------------------------------------------ forward
     def new_cache(self) -> DynamicCache:
         """An empty one-layer ``DynamicCache`` for the draft KV cache."""
         return DynamicCache(config=self._llama_config)
-
-    def num_visual_tokens(self, grid: tuple[int, int]) -> int:
-        """Visual rows this drafter sees for a ``rows x cols`` patch grid (all of them without a compressor)."""
-        if self.compressor is None:
-            return int(grid[0]) * int(grid[1])
-        return self.compressor.num_output_tokens(grid)
 
     def forward(
         self,
@@ -334,11 +303,7 @@ class EagleVLMDrafter(PreTrainedModel):
         if past_key_values is None and use_cache:
             past_key_values = self.new_cache()
         past_len = past_key_values.get_seq_length() if past_key_values is not None else 0
-        if position_ids is None:
-            position_ids = torch.arange(past_len, past_len + t, device=hidden.device).expand(b, t)
-        elif tuple(position_ids.shape) not in ((b, t), (1, t)):
-            raise ValueError(f"position_ids must be [{b}, {t}], got {tuple(position_ids.shape)}")
-        position_ids = position_ids.to(hidden.device)
+        position_ids = draft_positions(position_ids, past_len, b, t, hidden.device)
 
         mask = self._prepare_mask(attention_mask, hidden, past_key_values, past_len)
         position_embeddings = self.rotary_emb(hidden, position_ids=position_ids)
@@ -355,69 +320,7 @@ class EagleVLMDrafter(PreTrainedModel):
         return DrafterOutput(hidden=hidden, past_key_values=past_key_values)
 
     def _prepare_mask(self, attention_mask, hidden, past_key_values, past_len):
-        b, t = hidden.shape[:2]
-        kv = past_len + t
-        if attention_mask is not None and attention_mask.dim() == 4:
-            if attention_mask.shape[0] not in (1, b) or tuple(attention_mask.shape[1:]) != (1, t, kv):
-                raise ValueError(
-                    f"4D attention_mask must be [{b} or 1, 1, {t}, {kv}] (past {past_len} + {t} new), got "
-                    f"{tuple(attention_mask.shape)}"
-                )
-            return as_additive(attention_mask.to(hidden.device), hidden.dtype)
-        if attention_mask is not None:
-            if tuple(attention_mask.shape) != (b, kv):
-                raise ValueError(
-                    f"2D attention_mask must be [{b}, {kv}] (past {past_len} + {t} new), "
-                    f"got {tuple(attention_mask.shape)}"
-                )
-            attention_mask = attention_mask.to(hidden.device)
-        # position_ids deliberately not passed: see the module docstring (packed-sequence detection).
-        return create_causal_mask(
-            config=self._llama_config,
-            inputs_embeds=hidden,
-            attention_mask=attention_mask,
-            past_key_values=past_key_values,
-        )
-
-    # ---------------------------------------------------------------------------------------------- targets
-    def check_target(self, target: TargetAdapter) -> None:
-        """Raise :class:`DrafterMismatchError` unless this drafter was trained for ``target``.
-
-        Checks hidden size and vocabulary (hard requirements: shared embedding / LM head) and, when the config stores
-        one, the target fingerprint (same embedding / LM-head weights; catches a drafter trained for another
-        checkpoint of the same architecture, which would run but accept almost nothing).
-        """
-        cfg = self.config
-        fix = (
-            "train a drafter for this target with EagleVLMConfig.from_target(target) (the drafter training recipe "
-            "does this), or load the drafter exported for this target"
-        )
-        trained_for = f" (trained for {cfg.target_name_or_path})" if cfg.target_name_or_path else ""
-        if int(target.hidden_size) != int(cfg.hidden_size):
-            raise DrafterMismatchError(
-                f"drafter has hidden size {cfg.hidden_size}{trained_for} but the target has {target.hidden_size}: {fix}"
-            )
-        if cfg.vocab_size is not None and int(target.vocab_size) != int(cfg.vocab_size):
-            if cfg.target_fingerprint and cfg.target_fingerprint == target.fingerprint():
-                # Trained for this very target (the fingerprint covers its vocabulary): the file was edited.
-                source = getattr(self, "name_or_path", None)
-                where = f"{Path(source) / 'config.json'}: " if source else ""
-                raise DrafterLoadError(
-                    f"{where}vocab_size is {cfg.vocab_size} but the drafter's target_fingerprint says it was trained "
-                    f"for this target, whose vocabulary has {target.vocab_size} rows. Fix: set vocab_size to "
-                    f"{target.vocab_size}, or re-export the drafter"
-                )
-            raise DrafterMismatchError(
-                f"drafter has vocabulary size {cfg.vocab_size}{trained_for} but the target has "
-                f"{target.vocab_size}: {fix}"
-            )
-        if cfg.target_fingerprint:
-            actual = target.fingerprint()
-            if actual != cfg.target_fingerprint:
-                raise DrafterMismatchError(
-                    f"drafter was trained for target fingerprint {cfg.target_fingerprint}{trained_for} but this "
-                    f"target's fingerprint is {actual} (different embedding / LM-head weights): {fix}"
-                )
+        return draft_attention_mask(self._llama_config, attention_mask, hidden, past_key_values, past_len)
 
     @classmethod
     def for_target(cls, target: TargetAdapter, **config_overrides) -> EagleVLMDrafter:
@@ -433,48 +336,41 @@ class EagleVLMDrafter(PreTrainedModel):
                 model.norm.weight.copy_(norm_weight.to(model.norm.weight))
         return model
 
-    # ------------------------------------------------------------------------------------------------ loading
-    @classmethod
-    def load(
-        cls,
-        path: str | os.PathLike,
-        target: TargetAdapter | None = None,
-        dtype: torch.dtype | None = None,
-        device: str | torch.device | None = None,
-    ) -> EagleVLMDrafter:
-        """Load an exported drafter directory (local only) and, with ``target``, :meth:`check_target` it.
 
-        The directory is validated first (missing / half-written exports, truncated safetensors) so every such
-        problem raises :class:`DrafterLoadError` naming the file; weights missing from or unexpected in the file are
-        an error too (they would be silently random-initialised / ignored).
-        """
-        path = Path(path).expanduser()
-        _check_drafter_dir(path)
-        # Every case transformers' load report lists is raised in one line (here or in load_pretrained_checked).
-        model, info = load_pretrained_checked(
-            cls,
-            path,
-            DrafterLoadError,
-            f"Fix the field of {path / 'config.json'} this names, or re-export the drafter with "
-            f"save_atomically(drafter, '{path}').",
-            **({} if dtype is None else {"dtype": dtype}),
-        )
-        missing = sorted(info.get("missing_keys") or ())
-        unexpected = sorted(info.get("unexpected_keys") or ())
-        if missing or unexpected:
-            keys = missing + unexpected
-            field = "compressor" if all(k.startswith("compressor.") for k in keys) else None
-            field = field or ("final_norm" if all(k.startswith("norm.") for k in keys) else None)
-            cause = f"config.json's {field} was edited" if field else "config.json was edited?"
-            raise DrafterLoadError(
-                f"the weights in {path} do not match {path / 'config.json'}: missing {missing[:5]}, "
-                f"unexpected {unexpected[:5]} ({cause}). Re-export the drafter, or restore config.json."
+def draft_positions(position_ids, past_len: int, b: int, t: int, device) -> torch.Tensor:
+    """RoPE positions of ``T`` new draft rows: the given ``[B or 1, T]`` ones, else ``past_len + arange(T)``."""
+    if position_ids is None:
+        return torch.arange(past_len, past_len + t, device=device).expand(b, t)
+    if tuple(position_ids.shape) not in ((b, t), (1, t)):
+        raise ValueError(f"position_ids must be [{b}, {t}], got {tuple(position_ids.shape)}")
+    return position_ids.to(device)
+
+
+def draft_attention_mask(llama_config, attention_mask, hidden, past_key_values, past_len):
+    """The mask a draft layer gets for ``T`` new rows after ``past_len`` cached ones (see ``forward``'s
+    ``attention_mask``): a 4D mask checked and made additive, else causal (+ 2D padding) via transformers."""
+    b, t = hidden.shape[:2]
+    kv = past_len + t
+    if attention_mask is not None and attention_mask.dim() == 4:
+        if attention_mask.shape[0] not in (1, b) or tuple(attention_mask.shape[1:]) != (1, t, kv):
+            raise ValueError(
+                f"4D attention_mask must be [{b} or 1, 1, {t}, {kv}] (past {past_len} + {t} new), got "
+                f"{tuple(attention_mask.shape)}"
             )
-        if device is not None:
-            model.to(device)
-        if target is not None:
-            model.check_target(target)
-        return model.eval()
+        return as_additive(attention_mask.to(hidden.device), hidden.dtype)
+    if attention_mask is not None:
+        if tuple(attention_mask.shape) != (b, kv):
+            raise ValueError(
+                f"2D attention_mask must be [{b}, {kv}] (past {past_len} + {t} new), got {tuple(attention_mask.shape)}"
+            )
+        attention_mask = attention_mask.to(hidden.device)
+    # position_ids deliberately not passed: see the module docstring (packed-sequence detection).
+    return create_causal_mask(
+        config=llama_config,
+        inputs_embeds=hidden,
+        attention_mask=attention_mask,
+        past_key_values=past_key_values,
+    )
 
 
 def _target_final_norm_weight(target: TargetAdapter) -> torch.Tensor | None:
@@ -483,43 +379,6 @@ def _target_final_norm_weight(target: TargetAdapter) -> torch.Tensor | None:
     except AttributeError:
         return None
     return getattr(norm, "weight", None)
-
-
-# ------------------------------------------------------------------------------------------- files on disk
-_WEIGHTS = "model.safetensors"
-_EXPORT_KIND = "drafter"  # what atomic_directory's marker file says an export directory holds
-
-
-def _check_drafter_dir(path: Path) -> dict:
-    """Validate an exported drafter directory; return its parsed config.json. Raises :class:`DrafterLoadError`."""
-    fix = f"Re-export it with save_atomically(drafter, '{path}')."
-    if not path.is_dir():
-        hint = ""
-        leftovers = interrupted_writes(path)
-        if leftovers:
-            hint = f" (found {leftovers[0].name}: an interrupted export; it is incomplete and was never published)"
-        raise DrafterLoadError(f"drafter directory {path} does not exist{hint}. {fix}")
-    config_file = path / "config.json"
-    config = read_model_config(
-        config_file,
-        DrafterLoadError,
-        missing=f"{path} is not a complete drafter export (half-written or wrong directory). {fix}",
-        fix=fix,
-    )
-    if config["model_type"] != EagleVLMConfig.model_type:
-        raise DrafterLoadError(
-            f"{config_file} has model_type={config['model_type']!r}, expected {EagleVLMConfig.model_type!r}: {path} "
-            f"is not an EagleVLM drafter export."
-        )
-    weights = path / _WEIGHTS
-    if not weights.is_file():
-        raise DrafterLoadError(f"{weights} is missing (half-written export?). {fix}")
-    try:
-        header = _check_safetensors_file(weights)
-    except TargetLoadError as e:
-        raise DrafterLoadError(str(e)) from e
-    _check_config_against_weights(config_file, config, header_shapes(header))
-    return config
 
 
 def _drafter_head_dim(value) -> int:
@@ -546,50 +405,4 @@ _DRAFTER_FACTS = (
     ),
 )
 
-
-def _check_config_against_weights(config_file: Path, config: dict, shapes: dict) -> None:
-    """:class:`DrafterLoadError` naming the field when config.json's sizes do not fit the weights. Checked on the
-    JSON itself (a missing key takes :class:`EagleVLMConfig`'s default, as loading would), because building the
-    config can already fail on a wrong size (a compressor that does not divide ``hidden_size``)."""
-    fix = "restore config.json (or re-export the drafter)."
-    check_integer_fields(config_file, config, _DRAFTER_FACTS, DrafterLoadError, fix)
-
-    def value(field: str):
-        return config.get(field, getattr(EagleVLMConfig, field))
-
-    check_shapes(config_file, config, value, shapes, _DRAFTER_FACTS, DrafterLoadError, fix)
-
-
-def _is_drafter_export(path: Path) -> bool:
-    """Whether ``path`` is a drafter export written before exports carried the publisher's marker file."""
-    try:
-        config = read_model_config(path / "config.json", DrafterLoadError, missing="", fix="")
-    except DrafterLoadError:
-        return False
-    return config["model_type"] == EagleVLMConfig.model_type
-
-
-def check_export_path(path: str | os.PathLike) -> None:
-    """Raise :class:`~specvlm_lit.utils.atomic.ForeignDirectoryError` unless :func:`save_atomically` may write
-    ``path`` (absent, empty, or a drafter export); lets a caller fail before training instead of after it."""
-    check_replaceable(path, _EXPORT_KIND, published_before=_is_drafter_export)
-
-
-def save_atomically(drafter: EagleVLMDrafter, path: str | os.PathLike, **save_kwargs) -> Path:
-    """Export ``drafter`` to ``path`` so that ``path`` is either the old export or the complete, validated new one.
-
-    Built on :func:`~specvlm_lit.utils.atomic.atomic_directory`: ``save_pretrained`` writes into a hidden temp dir next
-    to ``path``, which is validated and then renamed to ``path``. An existing ``path`` is replaced only if it is
-    empty or a drafter export; anything else raises :class:`~specvlm_lit.utils.atomic.ForeignDirectoryError` and is
-    left untouched.
-    """
-    path = Path(path).expanduser().absolute()
-    with atomic_directory(path, _EXPORT_KIND, published_before=_is_drafter_export) as tmp:
-        drafter.save_pretrained(str(tmp), **save_kwargs)
-        _check_drafter_dir(tmp)
-    return path
-
-
-# Let AutoConfig / AutoModel resolve exported drafters by model_type.
-AutoConfig.register(EagleVLMConfig.model_type, EagleVLMConfig, exist_ok=True)
-AutoModel.register(EagleVLMConfig, EagleVLMDrafter, exist_ok=True)
+EagleVLMDrafter.shape_facts = _DRAFTER_FACTS

@@ -7,6 +7,7 @@ import time
 import lightning as L
 import torch
 
+from ..data.shards import sample_images
 from ..errors import UserError
 
 
@@ -30,7 +31,7 @@ class ValidationDecoding(L.Callback):
                 f"callbacks.validation_decoding.max_new_tokens must be an integer >= 1, got {max_new_tokens!r}"
             )
         self.samples, self.max_new_tokens = samples, max_new_tokens
-        self._prompts: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self._prompts: list[tuple[torch.Tensor, list[torch.Tensor]]] = []
 
     def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
         for i in range(batch["input_ids"].shape[0]):
@@ -38,7 +39,7 @@ class ValidationDecoding(L.Callback):
                 return
             answer = batch["loss_mask"][i].nonzero()
             if answer.numel():
-                self._prompts.append((batch["input_ids"][i, : int(answer[0])].unsqueeze(0), batch["pixel_values"][i]))
+                self._prompts.append((batch["input_ids"][i, : int(answer[0])].unsqueeze(0), sample_images(batch, i)))
 
     def on_validation_epoch_end(self, trainer, pl_module) -> None:
         prompts, self._prompts = self._prompts, []
@@ -51,11 +52,11 @@ class ValidationDecoding(L.Callback):
         decoder = SpeculativeDecoder(target, pl_module.drafter, TreeConfig(), WarpConfig())
         tokens = rounds = 0
         for ids, pixels in prompts:
-            feats = target.encode_images([pixels])
+            feats = target.encode_images(pixels)  # the sample's images: any number, none for text only
             out = decoder.generate(
                 ids.to(pl_module.device),
                 image_features=feats,
-                image_grid=target.visual_grid(*pixels.shape[-2:]),
+                image_grid=[layout.grid for layout in target.layouts_of(pixels)],  # the family's layouts
                 max_new_tokens=self.max_new_tokens,
                 eos_token_id=target.text_config.eos_token_id,
             )

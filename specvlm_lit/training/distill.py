@@ -1,11 +1,23 @@
 """Online-logit distillation: the frozen target teaches the drafter on the fly, every step.
 
 Per step: the target (eval, no grad) encodes the images and runs over the batch, giving teacher
-logits z_p and final features f_p for every position. Each sample becomes drafter rows through
-:func:`build_draft_sequence` (EAGLE pairing, visual rows compressed by the drafter's compressor), the
-drafter predicts next features f_q, and on assistant-answer positions only we minimise
+logits z_p, final features f_p and (EAGLE-3) the hidden states of the layers the drafter reads, for
+every position, in one forward. The drafter turns them into feature rows (``project_features``);
+each sample becomes drafter rows through :func:`build_draft_sequence` (EAGLE pairing, visual rows
+compressed by the drafter's compressor), the drafter predicts, and on assistant-answer positions
+only we minimise
 
-    lambda_logit * softCE(lm_head(f_q), softmax(z_p)) + lambda_feat * SmoothL1(f_q, f_p).
+    lambda_logit * softCE(head(f_q), softmax(z_p)) + lambda_feat * SmoothL1(f_q, f_p)
+
+(the feature term only for drafters whose output regresses the target feature, EAGLE-2; EAGLE-3
+has its own head and trains on the logit term alone). With a pruned draft vocabulary the teacher
+distribution is renormalised over it, as SpecForge does.
+
+Training-time test (``unroll_steps = k > 1``) feeds the drafter its own predictions for k steps.
+``unroll_mode=rerun`` reruns the whole sequence with predicted features (the earlier EAGLE-2 option);
+``unroll_mode=chain`` is EAGLE-3's: step j's row t is the draft of token t+1+j from the chain of
+its own step-(j-1) prediction, attending to the true-feature rows <= t and its own chain only,
+exactly the view a depth-(j+1) tree node has at decoding time.
 
 The target is kept OUT of the module tree (a plain attribute holder): DDP wraps and synchronises only
 the drafter + compressor, and Lightning checkpoints hold only them.
@@ -22,8 +34,9 @@ import torch
 import torch.nn.functional as F
 from torchmetrics import MeanMetric, SumMetric
 
+from ..data.shards import sample_images
+from ..drafter.base import DrafterLoadError, drafter_class
 from ..drafter.compressor import normalize_compressor_config
-from ..drafter.eagle import EagleVLMDrafter
 from ..drafter.sequence import build_draft_sequence
 from ..errors import UserError
 from ..target import TargetAdapter
@@ -51,26 +64,50 @@ class DraftBatch:
     valid: torch.Tensor  # [B, L] bool: row predicts an assistant-answer token
     branches: list[int | None]
     visual_rows: list[int]  # visual rows the drafter saw, per sample
+    source: torch.Tensor | None = None  # [B, L] long: target position of each row, -1 compressed / padding
 
 
-#: What a drafter config (conf/drafter/*.yaml) may set, with the values used when it leaves a key out.
+#: What a drafter config (conf/drafter/*.yaml) may set for training, with the values used when it leaves a key
+#: out. Any other key is the drafter type's own (``DraftModel.config_keys``, passed to its config).
 DRAFTER_DEFAULTS = {
+    "model_type": "eagle_vlm",
     "intermediate_size": None,
     "lambda_logit": 0.1,
     "lambda_feat": 1.0,
     "feature_noise": 0.0,
     "unroll_steps": 1,
     "unroll_decay": 0.8,
+    "unroll_mode": "rerun",
+    "vocab_samples": None,
 }
+UNROLL_MODES = ("rerun", "chain")
 
 
 def drafter_settings(drafter: Mapping[str, Any] | None) -> dict:
     """The drafter config with defaults filled in, validated: unknown keys and out-of-range values are refused."""
     given = dict(drafter or {})
-    unknown = sorted(set(given) - set(DRAFTER_DEFAULTS))
+    model_type = given.get("model_type", DRAFTER_DEFAULTS["model_type"])
+    try:
+        cls = drafter_class(model_type)
+    except DrafterLoadError as e:
+        raise ConfigMismatchError(str(e)) from None
+    own = {k: v for k, v in given.items() if k not in DRAFTER_DEFAULTS}
+    unknown = sorted(set(own) - set(cls.config_keys))
     if unknown:
-        raise ConfigMismatchError(f"drafter: unknown key(s) {unknown}; valid keys are {sorted(DRAFTER_DEFAULTS)}")
-    s = {**DRAFTER_DEFAULTS, **given}
+        valid = sorted(set(DRAFTER_DEFAULTS) | set(cls.config_keys))
+        raise ConfigMismatchError(f"drafter: unknown key(s) {unknown}; valid keys are {valid}")
+    s = {**DRAFTER_DEFAULTS, **{k: v for k, v in given.items() if k in DRAFTER_DEFAULTS}, "config": own}
+    if s["unroll_mode"] not in UNROLL_MODES:
+        raise ConfigMismatchError(f"drafter.unroll_mode must be one of {list(UNROLL_MODES)}, got {s['unroll_mode']!r}")
+    if s["lambda_feat"] > 0 and not cls.feature_regression:
+        raise ConfigMismatchError(
+            f"drafter.lambda_feat must be 0 for model_type {model_type!r}: its output is not a target feature (it "
+            f"has its own head), so there is nothing to regress; got {s['lambda_feat']}"
+        )
+    if s["vocab_samples"] is not None and (not isinstance(s["vocab_samples"], int) or s["vocab_samples"] < 1):
+        raise ConfigMismatchError(
+            f"drafter.vocab_samples must be null (all) or an integer >= 1, got {s['vocab_samples']!r}"
+        )
     if isinstance(s["unroll_steps"], bool) or not isinstance(s["unroll_steps"], int) or s["unroll_steps"] < 1:
         raise ConfigMismatchError(
             f"drafter.unroll_steps must be an integer >= 1 (1 = no unrolling), got {s['unroll_steps']!r}"
@@ -111,13 +148,18 @@ class OnlineDistillation(L.LightningModule):
         self._frozen = _Frozen(adapter)
         hidden = adapter.hidden_size
         overrides = {
+            **settings["config"],
             "compressor": normalize_compressor_config(compressor, hidden),
             "target_name_or_path": str(target_path),
             "target_fingerprint": adapter.fingerprint(),
         }
         if settings["intermediate_size"]:
             overrides["intermediate_size"] = int(settings["intermediate_size"])
-        self.drafter = EagleVLMDrafter.for_target(adapter, **overrides)
+        try:
+            self.drafter = drafter_class(settings["model_type"]).for_target(adapter, **overrides)
+        except ValueError as e:  # a drafter config value out of range (hidden_layers, draft_vocab_size, ...)
+            raise ConfigMismatchError(f"drafter: {e}") from None
+        self._draft_vocab_ready = False
         self.drafter.check_target(adapter)
         self.target_fingerprint = adapter.fingerprint()
         unroll_steps = settings["unroll_steps"]
@@ -139,6 +181,33 @@ class OnlineDistillation(L.LightningModule):
 
     def setup(self, stage: str) -> None:
         self.target.model.to(self.device)
+        if stage == "fit":
+            self._build_draft_vocab()
+
+    def _build_draft_vocab(self) -> None:
+        """A pruned draft vocabulary = the most frequent answer tokens of the training shards (deterministic, so every
+        rank builds the same one; a resumed run's checkpoint then restores the trained head and the same mapping)."""
+        if getattr(self.drafter, "d2t", None) is None or self._draft_vocab_ready:
+            return
+        from ..data.sources import expand_shards
+        from ..drafter.vocab import answer_token_counts, most_frequent
+
+        dm = getattr(self.trainer, "datamodule", None)
+        if dm is None or not hasattr(dm, "encoder"):
+            raise ConfigMismatchError(
+                "drafter.draft_vocab_size needs the training data to count token frequencies; train with a "
+                "ShardDataModule (data=synthetic|llava)"
+            )
+        counts = answer_token_counts(
+            expand_shards(dm.train_urls),
+            dm.encoder.tokenizer,
+            self.target.vocab_size,
+            max_samples=self.settings["vocab_samples"],
+            max_length=dm.encoder.max_length,
+        )
+        self.drafter.set_draft_vocab(most_frequent(counts, int(self.drafter.d2t.numel())), target=self.target)
+        self.drafter.to(self.device)
+        self._draft_vocab_ready = True
 
     def on_fit_start(self) -> None:
         self.target.model.to(self.device)
@@ -146,6 +215,7 @@ class OnlineDistillation(L.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["specvlm"] = {
             "target_fingerprint": self.target_fingerprint,
+            "model_type": self.drafter.config.model_type,
             "compressor": self.drafter.config.compressor,
             "training_random_states": self.random_stream.state_dict(),
         }
@@ -156,6 +226,11 @@ class OnlineDistillation(L.LightningModule):
             raise ConfigMismatchError(
                 f"checkpoint was trained for target {saved['target_fingerprint']} but this run's target is "
                 f"{self.target_fingerprint}; resume with the same target=... as the original run"
+            )
+        if saved.get("model_type", "eagle_vlm") != self.drafter.config.model_type:
+            raise ConfigMismatchError(
+                f"checkpoint was trained with drafter model_type {saved.get('model_type', 'eagle_vlm')!r} but this run "
+                f"uses {self.drafter.config.model_type!r}; resume with the same drafter=... as the original run"
             )
         if "compressor" in saved and saved["compressor"] != self.drafter.config.compressor:
             raise ConfigMismatchError(
@@ -169,22 +244,31 @@ class OnlineDistillation(L.LightningModule):
     def teacher(self, batch: dict):
         t = self.target
         feats = t.encode_images(batch["pixel_values"])
-        out = t.forward(batch["input_ids"], attention_mask=batch["attention_mask"], image_features=feats)
+        out = t.forward(
+            batch["input_ids"],
+            attention_mask=batch["attention_mask"],
+            image_features=feats,
+            hidden_layers=self.drafter.hidden_layers,
+        )
         return feats, out.inputs_embeds, out
 
     def draft_batch(self, batch: dict) -> DraftBatch:
         feats, embeds, out = self.teacher(batch)
         ids, loss_mask = batch["input_ids"], batch["loss_mask"]
+        # The drafter's view of the target: its feature rows (EAGLE-3: fc over the chosen layers, trained here, so
+        # outside the teacher's no_grad) and its token-side rows (visual embeddings or placeholder embeddings).
+        rows_f = self.drafter.project_features(out)
+        embeds = self.drafter.token_embeds(self.target, ids, embeds)
         lengths = batch["attention_mask"].sum(1).tolist()
         seqs, rows = [], []
         for i, n in enumerate(lengths):
-            n_vis = feats[i].shape[0]
-            h, w = batch["pixel_values"][i].shape[-2:]
-            grid = self.target.visual_grid(h, w)
+            # A sample holds any number of images (none: text only); one grid per image, compressed per image.
+            grid = [layout.grid for layout in self.target.layouts_of(sample_images(batch, i))]  # family's layout
+            n_vis = int((ids[i, :n] == self.target.image_token_id).sum())
             answer_pos = loss_mask[i].nonzero()
             seq = build_draft_sequence(
                 embeds[i],
-                out.hidden[i],
+                rows_f[i],
                 ids[i],
                 self.target.image_token_id,
                 compressor=self.drafter.compressor,
@@ -204,7 +288,8 @@ class OnlineDistillation(L.LightningModule):
         H, V = out.hidden.shape[-1], out.logits.shape[-1]
         dev, dt = out.hidden.device, out.hidden.dtype
         e = torch.zeros(B, L, H, device=dev, dtype=dt)
-        f = torch.zeros(B, L, H, device=dev, dtype=dt)
+        f = torch.zeros(B, L, H, device=dev, dtype=rows_f.dtype)
+        source = torch.full((B, L), -1, device=dev, dtype=torch.long)
         pad = torch.zeros(B, L, device=dev, dtype=torch.long)
         tf = torch.zeros(B, L, H, device=dev, dtype=dt)
         tl = torch.zeros(B, L, V, device=dev, dtype=out.logits.dtype)
@@ -212,31 +297,48 @@ class OnlineDistillation(L.LightningModule):
         for i, (seq, nxt, v) in enumerate(seqs):
             n = seq.length
             e[i, :n], f[i, :n], pad[i, :n], valid[i, :n] = seq.embeds, seq.features, 1, v
+            source[i, :n] = seq.source
             tf[i, :n] = out.hidden[i, nxt]
             tl[i, :n] = out.logits[i, nxt]
         branches = [s.compressed.branch if s.compressed is not None else None for s, _, _ in seqs]
-        return DraftBatch(e, f, pad, tf, tl, valid, branches, rows)
+        return DraftBatch(e, f, pad, tf, tl, valid, branches, rows, source)
 
     # ------------------------------------------------------------------------------------------- losses
+    def _teacher(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(soft targets over the draft vocabulary, top-1 target ids over the whole vocabulary) of teacher logits."""
+        vocab = self.drafter.draft_vocab
+        restricted = logits if vocab is None else logits.index_select(-1, vocab.to(logits.device))
+        return restricted.float().softmax(-1), logits.argmax(-1)
+
+    def _step_loss(self, pred, rows, teacher_logits, target_feat, k: int, stage: str, logs: dict):
+        """Weighted loss of unrolled step ``k`` on the rows ``rows`` (bool [B, L]), logging its terms and top-1."""
+        hp = self.settings
+        teacher_p, teacher_top1 = self._teacher(teacher_logits[rows])
+        logits = self.drafter.head_logits(pred[rows], self.target).float()
+        vocab = self.drafter.draft_vocab
+        top1 = logits.argmax(-1) if vocab is None else vocab.to(logits.device)[logits.argmax(-1)]
+        l_logit = -(teacher_p * logits.log_softmax(-1)).sum(-1).mean()
+        loss = hp["lambda_logit"] * l_logit
+        if self.drafter.feature_regression:
+            l_feat = F.smooth_l1_loss(pred[rows].float(), target_feat[rows].float())
+            loss = loss + hp["lambda_feat"] * l_feat
+            logs[f"{stage}/loss_feat_step{k}"] = l_feat
+        self.top1[f"{stage}_{k}"].update((top1 == teacher_top1).float())
+        logs[f"{stage}/loss_logit_step{k}"] = l_logit
+        return hp["unroll_decay"] ** (k - 1) * loss
+
     def _losses(self, db: DraftBatch, stage: str):
         hp = self.settings
         features = db.features
         if stage == "train" and hp["feature_noise"] > 0:
             features = features + (torch.rand_like(features) * 2 - 1) * hp["feature_noise"]
+        if hp["unroll_mode"] == "chain":
+            return self._losses_chain(db, features, stage)
         total, logs = 0.0, {}
-        teacher_p = db.teacher_logits[db.valid].float().softmax(-1)
-        teacher_top1 = db.teacher_logits[db.valid].argmax(-1)
         for k in range(1, hp["unroll_steps"] + 1):
             out = self.drafter(db.embeds, features, attention_mask=db.padding)
             pred = out.hidden
-            logits = self.target.lm_head(pred[db.valid]).float()
-            l_feat = F.smooth_l1_loss(pred[db.valid].float(), db.target_feat[db.valid].float())
-            l_logit = -(teacher_p * logits.log_softmax(-1)).sum(-1).mean()
-            weight = hp["unroll_decay"] ** (k - 1)
-            total = total + weight * (hp["lambda_logit"] * l_logit + hp["lambda_feat"] * l_feat)
-            self.top1[f"{stage}_{k}"].update((logits.argmax(-1) == teacher_top1).float())
-            logs[f"{stage}/loss_feat_step{k}"] = l_feat
-            logs[f"{stage}/loss_logit_step{k}"] = l_logit
+            total = total + self._step_loss(pred, db.valid, db.teacher_logits, db.target_feat, k, stage, logs)
             if k < hp["unroll_steps"]:
                 # Training-time test (EAGLE-3 style): the next step feeds the drafter its own predictions
                 # in place of the target's features on answer rows, as tree drafting does at depth > 1.
@@ -244,6 +346,43 @@ class OnlineDistillation(L.LightningModule):
                 use_pred = torch.zeros_like(db.valid)
                 use_pred[:, 1:] = db.valid[:, 1:] & db.valid[:, :-1]
                 features = torch.where(use_pred[..., None], shifted.to(features.dtype), features)
+        logs[f"{stage}/loss"] = total
+        return total, logs
+
+    def _losses_chain(self, db: DraftBatch, features: torch.Tensor, stage: str):
+        """EAGLE-3 training-time test (module docstring): step j appends L rows to one draft KV cache; row t attends
+        to the step-0 rows <= t (true features) and to its own rows of steps 1..j (a diagonal per step)."""
+        hp = self.settings
+        B, L, H = db.embeds.shape
+        dev = db.embeds.device
+        real = db.padding.bool()
+        causal = torch.ones(L, L, dtype=torch.bool, device=dev).tril()
+        blocks = [causal[None] & real[:, None, :]]
+        diagonal = torch.eye(L, dtype=torch.bool, device=dev)[None].expand(B, L, L)
+        cache = self.drafter.new_cache()
+        total, logs = 0.0, {}
+        rows = torch.arange(L, device=dev)
+        for j in range(hp["unroll_steps"]):
+            if j > 0:
+                blocks.append(diagonal)
+            # Row t of step j holds token t+1+j (the row j further on) and predicts the token after it.
+            ahead = (rows + j).clamp(max=L - 1)
+            inside = (rows + j) < L
+            embeds = db.embeds[:, ahead] * inside[None, :, None]
+            chain = inside[None] & (db.source >= 0) & (db.source[:, ahead] == db.source + j)
+            valid = chain & db.valid[:, ahead]
+            out = self.drafter(
+                embeds,
+                features,
+                position_ids=(rows + j)[None].expand(B, L),
+                attention_mask=torch.cat(blocks, dim=-1)[:, None],
+                past_key_values=cache,
+            )
+            pred = out.hidden
+            if bool(valid.any()):
+                teacher = db.teacher_logits[:, ahead]
+                total = total + self._step_loss(pred, valid, teacher, db.target_feat[:, ahead], j + 1, stage, logs)
+            features = pred
         logs[f"{stage}/loss"] = total
         return total, logs
 
