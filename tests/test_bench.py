@@ -6,6 +6,7 @@ No timing thresholds anywhere: timings on a shared machine are whatever they are
 
 from __future__ import annotations
 
+import io
 import json
 import math
 import os
@@ -487,6 +488,7 @@ def _write_shard(path, samples):
 
 
 def test_shards_as_bench_prompts_take_the_first_human_turn_and_its_category(tiny, tmp_path, small_corpus):
+    import webdataset as wds
     from PIL import Image
 
     from specvlm_lit.decoding.bench import run_benchmark
@@ -520,12 +522,19 @@ def test_shards_as_bench_prompts_take_the_first_human_turn_and_its_category(tiny
             )
         ],
     )
+    # The converter's multi-image layout (json "images" names the members): one image per request, so counted.
+    with wds.TarWriter(str(shards / "part-000002.tar")) as sink:
+        red, blue = io.BytesIO(), io.BytesIO()
+        Image.new("RGB", (32, 32), "red").save(red, "png")
+        Image.new("RGB", (32, 32), "blue").save(blue, "png")
+        rec = {"conversations": conv("Compare them."), "images": ["s3.0.png", "s3.1.png"]}
+        sink.write({"__key__": "s3", "json": json.dumps(rec), "0.png": red.getvalue(), "1.png": blue.getvalue()})
     user = read_user_prompts(str(shards))  # a directory of shards
     assert [(x.id, x.task, x.question) for x in user.samples] == [
         ("s0", "vqa", "<image>\nWhat is red?"),
         ("s2", "describe", "<image>\nDescribe it."),
     ]
-    assert user.skipped == {"no_image": 1}  # the text-only sample is counted, not decoded
+    assert user.skipped == {"no_image": 1, "multi_image": 1}  # text-only and multi-image: counted, not decoded
     brace = read_user_prompts(str(shards / "part-{000000..000001}.tar"))
     assert [x.id for x in brace.samples] == ["s0", "s2"] and len(brace.sources) == 2
     # the synthetic test shards (this project's format): their task types become the categories
@@ -540,7 +549,7 @@ def test_shards_as_bench_prompts_take_the_first_human_turn_and_its_category(tiny
         r = report["results"][m]["0.0"]
         assert r["n"] == 2 and {k: v["n"] for k, v in r["per_task"].items()} == {"vqa": 1, "describe": 1}
         assert r["identical"] == 1.0
-    assert any("left out of bench.prompts: 1 no_image" in n for n in report["notes"])
+    assert any("left out of bench.prompts: 1 multi_image, 1 no_image" in n for n in report["notes"])
     assert any("1 no_image" in line for line in logged)
 
 
@@ -573,3 +582,47 @@ def test_cli_bench_with_a_broken_prompts_line_is_one_line_error(tiny_target, tmp
     lines = [x for x in (out.stdout + out.stderr).strip().splitlines() if x.strip()]
     assert lines[-1].startswith("error: bench.prompts ") and "line 2 is not valid JSON" in lines[-1], lines[-3:]
     assert "Traceback" not in out.stderr
+
+
+def test_batch_rows_report_throughput_of_both_batched_methods(tiny, small_corpus, tmp_path):
+    """bench.batch_sizes: groups of B prompts, HF batched generate() vs the batched speculative decoder, interleaved
+    and repeated; every row identical to HF generate() alone; a batch size larger than the prompts is skipped."""
+    from specvlm_lit.decoding.bench import BenchSettings, run_benchmark, settings_from_config
+    from specvlm_lit.decoding.pipeline import DecodeInputError
+    from specvlm_lit.drafter.eagle import EagleVLMDrafter, save_atomically
+
+    pipe, _ = tiny
+    torch.manual_seed(0)
+    drafter = save_atomically(EagleVLMDrafter.for_target(pipe.adapter, compressor=None), tmp_path / "drafter")
+    s = BenchSettings(
+        target=str(pipe.target_path),
+        out_dir=str(tmp_path / "bench"),
+        test_urls=[str(p) for p in sorted(small_corpus.glob("test-*.tar"))],
+        resolutions=[64],
+        samples_per_resolution=3,
+        temperatures=[0.0],
+        max_new_tokens=8,
+        methods=["ar", "eaglevlm"],
+        drafters={"eaglevlm": str(drafter), "specvlm": None},
+        repeats=2,
+        batch_sizes=[1, 2, 4],
+        tree={"top_k": 4, "depth": 3, "total_tokens": 8},
+    )
+    out = run_benchmark(s, progress=False, log=lambda *_: None)
+    report = json.loads((out / "bench.json").read_text())
+    batch = report["batch"]["results"]
+    assert "needs at least 4 prompts" in batch["4"]["skipped"]
+    for bsz, groups in (("1", 3), ("2", 1)):
+        r = batch[bsz]
+        assert r["groups"] == groups and r["speedup"] > 0 and r["speedup_total"] > 0, r
+        for m in ("hf_batched", "spec_batched"):
+            assert r[m]["tokens_per_s"] > 0 and r[m]["n_runs"] == groups * 2
+            assert r[m]["identical"] == 1.0, (bsz, m)
+    runs = report["batch"]["runs"]
+    want = {(1, k, j) for k in range(3) for j in range(2)} | {(2, 0, j) for j in range(2)}
+    assert {(r["batch_size"], r["key"], r["repeat"]) for r in runs} == want
+    assert "## Batch throughput (T = 0)" in (out / "bench.md").read_text()
+    cfg = {"target": str(pipe.target_path), "bench": {"test_urls": ["x"], "batch_sizes": [4, 1, 4]}}
+    assert settings_from_config(cfg, str(tmp_path), tmp_path).batch_sizes == [1, 4]
+    with pytest.raises(DecodeInputError, match=r"bench.batch_sizes\[0\] must be an integer >= 1"):
+        settings_from_config({**cfg, "bench": {"test_urls": ["x"], "batch_sizes": [0]}}, str(tmp_path), tmp_path)

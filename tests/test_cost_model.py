@@ -148,3 +148,18 @@ def test_vectorised_sizes_match_a_plain_loop():
         e = RoundCostModel.expected_tokens(torch.sort(scores.exp(), descending=True).values)
         loop = max((float(e[k - 1]) / (0.002 + 0.008 + m.verify_time(k)), k) for k in range(2, min(cap, 28) + 1))
         assert (n, rate) == (loop[1], pytest.approx(loop[0]))
+
+
+def test_end_to_end_speedup_model_and_its_inverse():
+    from specvlm_lit.decoding.cost_model import end_to_end_speedup, round_steps_for_speedup
+
+    # No prefill, free rounds of one AR step each: the speedup is the number of tokens per round, ~ sigma.
+    assert end_to_end_speedup(101, sigma=101 / 21, round_steps=1.0, prefill_steps=0.0) == pytest.approx(5.0)
+    # AR itself (sigma 1 would be N - 1 rounds of one step): speedup 1.
+    assert end_to_end_speedup(30, sigma=1.0, round_steps=1.0, prefill_steps=6.0) == pytest.approx(1.0)
+    tau = end_to_end_speedup(24, sigma=4.6, round_steps=3.1, prefill_steps=6.4)
+    assert round_steps_for_speedup(tau, 24, 4.6, 6.4) == pytest.approx(3.1)
+    # A prefill that alone exceeds the budget: no round cost reaches the goal.
+    assert round_steps_for_speedup(10.0, 24, 4.6, 6.4) <= 0
+    with pytest.raises(ValueError):
+        end_to_end_speedup(0, 2.0, 1.0, 0.0)

@@ -334,3 +334,52 @@ def test_argument_validation():
         b.expand(torch.zeros(2, V + 1))
     # build before reaching depth is allowed and consistent
     check_invariants(b.build())
+
+
+# ---------------------------------------------------------------------------
+# Batched builder
+# ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("k,depth,total", [(4, 4, 20), (3, 5, 60), (2, 1, 5), (5, 3, 2)])
+def test_batched_builder_equals_one_builder_per_row(k, depth, total):
+    """B trees grown together (one [B, m, V] step per level) equal the trees a TreeBuilder grows for each row
+    alone: same tokens, parents, depths, scores and masks; every batched tree is a valid tree (its mask is the
+    ancestor-or-self relation of its parents, so the kept set is closed under parent)."""
+    from specvlm_lit.decoding.tree import BatchedTreeBuilder
+
+    roots = [5, 0, 11]
+    fns = [make_draft_fn(salt=s) for s in (1, 2, 3)]
+    singles = []
+    for root, fn in zip(roots, fns):
+        singles.append(build_tree_from_fn(root, fn, k, depth, total))
+    bb = BatchedTreeBuilder(k, depth, total)
+    lp = torch.stack(
+        [fn(torch.tensor([r]), torch.ones(1, 1, dtype=torch.bool), torch.zeros(1)) for r, fn in zip(roots, fns)]
+    )
+    frontier = bb.start(torch.tensor(roots), lp.reshape(3, -1))
+    while frontier is not None:
+        rows = []
+        for b, fn in enumerate(fns):
+            toks = torch.cat([torch.tensor([roots[b]]), bb.pool_tokens[b][frontier.draft_pool_indices[b]]])
+            pm = torch.cat([torch.ones(frontier.size, 1, dtype=torch.bool), frontier.draft_mask[b]], 1)
+            rows.append(fn(toks, pm, frontier.depths[b]))
+        frontier = bb.expand(torch.stack(rows))
+    trees = bb.build()
+    for b, single in enumerate(singles):
+        for name in ("tokens", "parents", "depths", "mask"):
+            assert torch.equal(getattr(trees, name)[b], getattr(single, name)), (b, name)
+        torch.testing.assert_close(trees.scores[b], single.scores)
+        again = DraftTree.from_parents(trees.tokens[b], trees.parents[b])
+        assert torch.equal(again.mask, trees.mask[b]) and torch.equal(again.depths, trees.depths[b])
+
+
+def test_ancestor_mask_matches_the_level_by_level_construction():
+    from specvlm_lit.decoding.tree import ancestor_mask
+
+    g = torch.Generator().manual_seed(0)
+    for n in (1, 2, 9, 40):
+        parents = [-1] + [int(torch.randint(0, i, (1,), generator=g)) for i in range(1, n)]
+        tree = DraftTree.from_parents(torch.arange(n), parents)
+        got = ancestor_mask(torch.tensor([parents]), max(tree.max_depth, 1))[0]
+        assert torch.equal(got, tree.mask), n

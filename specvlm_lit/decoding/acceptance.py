@@ -46,6 +46,7 @@ __all__ = [
     "warp_logits",
     "accept_greedy",
     "accept_sampling",
+    "greedy_paths",
     "accept_sampling_probs",
     "truncate_at_eos",
 ]
@@ -118,13 +119,15 @@ def warp_logits(logits: Tensor, cfg: WarpConfig) -> Tensor:
 class Acceptance:
     """Result of verifying a draft tree.
 
-    Attributes:
-        accepted: ``LongTensor [a + 1]`` tree node indices root first
+    Attributes (on the host: the accept decision is where a decoding round
+    synchronises, once, and everything after it reads these without waiting
+    on the device):
+        accepted: ``LongTensor [a + 1]`` (CPU) tree node indices root first
             (root, then the ``a`` accepted draft nodes along one path).  The
             caller keeps these nodes' target KV entries and drops the rest.
-        tokens: ``LongTensor [a + 1]`` new tokens to emit: the accepted draft
-            tokens followed by the bonus token sampled/argmaxed at the last
-            accepted node.  (The root is not re-emitted.)
+        tokens: ``LongTensor [a + 1]`` (CPU) new tokens to emit: the accepted
+            draft tokens followed by the bonus token sampled/argmaxed at the
+            last accepted node.  (The root is not re-emitted.)
         num_accepted_drafts: ``a``.
     """
 
@@ -162,17 +165,40 @@ def accept_greedy(tree: DraftTree, target_logits: Tensor) -> Acceptance:
     target argmax at it is the bonus token.
     """
     target_logits = _check_logits(tree, target_logits)
-    dev = tree.tokens.device
-    pred = target_logits.argmax(dim=-1).to(dev)  # first max on ties, like HF
-    ok = torch.ones(tree.size, dtype=torch.bool, device=dev)
-    ok[1:] = tree.tokens[1:] == pred[tree.parents[1:]]
-    # accepted[i] <=> every ancestor-or-self of i matches.
-    acc = ~(tree.mask & ~ok[None, :]).any(dim=1)
-    depth_acc = torch.where(acc, tree.depths, torch.full_like(tree.depths, -1))
-    best = int(torch.argmax(depth_acc))  # first index of the max depth
-    accepted = tree.mask[best].nonzero(as_tuple=True)[0]  # ascending == root -> best
-    tokens = torch.cat([tree.tokens[accepted[1:]], pred[best : best + 1]])
-    return Acceptance(accepted=accepted, tokens=tokens, num_accepted_drafts=int(accepted.numel()) - 1)
+    path, bonus = greedy_paths(
+        tree.tokens[None], tree.parents[None], tree.depths[None], tree.mask[None], target_logits[None]
+    )
+    n = tree.size
+    # The one host transfer: which nodes are on the accepted path, their tokens, the bonus token.
+    host = torch.cat([path[0].long(), tree.tokens.to(path.device), bonus]).tolist()
+    accepted = [i for i in range(n) if host[i]]  # ascending == root -> best
+    tokens = [host[n + i] for i in accepted[1:]] + [host[2 * n]]
+    return Acceptance(
+        accepted=torch.tensor(accepted, dtype=torch.long),
+        tokens=torch.tensor(tokens, dtype=torch.long),
+        num_accepted_drafts=len(accepted) - 1,
+    )
+
+
+def greedy_paths(
+    tokens: Tensor, parents: Tensor, depths: Tensor, mask: Tensor, target_logits: Tensor
+) -> tuple[Tensor, Tensor]:
+    """Greedy verification of ``B`` trees at once, on their device and without host synchronisation.
+
+    Takes batched tree tensors (``tokens`` / ``parents`` / ``depths`` ``[B, n]``, ``mask [B, n, n]``, as
+    :meth:`~.tree.BatchedTreeBuilder.build` returns them) and ``target_logits [B, n, V]``. Returns ``(path [B, n]
+    bool, bonus [B])``: the nodes of each row's accepted root-to-node path (the rule of :func:`accept_greedy`) and
+    the target's argmax at its deepest node.
+    """
+    pred = target_logits.argmax(dim=-1).to(tokens.device)  # first max on ties, like HF
+    ok = torch.ones(tokens.shape, dtype=torch.bool, device=tokens.device)
+    ok[:, 1:] = tokens[:, 1:] == pred.gather(1, parents[:, 1:].clamp(min=0))
+    # accepted[b, i] <=> every ancestor-or-self of i matches.
+    acc = ~(mask & ~ok[:, None, :]).any(dim=2)
+    depth_acc = torch.where(acc, depths, torch.full_like(depths, -1))
+    best = torch.argmax(depth_acc, dim=1, keepdim=True)  # first index of the max depth
+    path = mask.gather(1, best[..., None].expand(-1, 1, mask.shape[2]))[:, 0]
+    return path, pred.gather(1, best)[:, 0]
 
 
 def accept_sampling(
@@ -204,7 +230,6 @@ def accept_sampling_probs(tree: DraftTree, probs: Tensor, generator: torch.Gener
     the walk is inherently sequential.
     """
     probs = _check_logits(tree, probs)
-    dev = tree.tokens.device
     n = tree.size
     gen_dev = generator.device if generator is not None else probs.device
     parents = tree.parents.tolist()
@@ -263,8 +288,8 @@ def accept_sampling_probs(tree: DraftTree, probs: Tensor, generator: torch.Gener
         out.append(int(torch.multinomial(row, 1, generator=generator)))
         break
     return Acceptance(
-        accepted=torch.tensor(accepted, dtype=torch.long, device=dev),
-        tokens=torch.tensor(out, dtype=torch.long, device=dev),
+        accepted=torch.tensor(accepted, dtype=torch.long),
+        tokens=torch.tensor(out, dtype=torch.long),
         num_accepted_drafts=len(accepted) - 1,
     )
 

@@ -252,3 +252,27 @@ class RoundCostModel:
         combined = torch.sort(torch.cat([self._values(node_logprobs, node_probs), children]), descending=True).values
         base = (self.fixed.value or 0.0) + draft_seconds + self.step.value
         return self._best_rate(combined, base, max_size) > rate_now
+
+
+# ------------------------------------------------------------------------------------- end-to-end speedup model
+def end_to_end_speedup(new_tokens: float, sigma: float, round_steps: float, prefill_steps: float) -> float:
+    """Predicted wall-time speedup over autoregressive decoding of one request, in units of one AR step.
+
+    AR: ``prefill + (new_tokens - 1)`` steps (the prefill emits the first token). Speculative: the same prefill plus
+    ``new_tokens / sigma - 1`` verification rounds (sigma counts the prefill as a round, as
+    :class:`~.speculative.SpecStats` does) of ``round_steps`` AR steps each (draft + verify + bookkeeping).
+    ``prefill_steps`` = prefill time / AR step time.
+    """
+    if new_tokens < 1 or sigma < 1 or round_steps <= 0 or prefill_steps < 0:
+        raise ValueError("need new_tokens >= 1, sigma >= 1, round_steps > 0 and prefill_steps >= 0")
+    rounds = max(new_tokens / sigma - 1.0, 0.0)
+    return (prefill_steps + new_tokens - 1.0) / (prefill_steps + rounds * round_steps)
+
+
+def round_steps_for_speedup(speedup: float, new_tokens: float, sigma: float, prefill_steps: float) -> float:
+    """The round cost (in AR steps) at which :func:`end_to_end_speedup` reaches ``speedup``; ``0.0`` (or less)
+    means no round cost can, because the prefill alone already takes more than the allowed time."""
+    rounds = new_tokens / sigma - 1.0
+    if speedup <= 0 or rounds <= 0:
+        raise ValueError("need speedup > 0 and new_tokens / sigma > 1 (at least one verification round)")
+    return ((prefill_steps + new_tokens - 1.0) / speedup - prefill_steps) / rounds

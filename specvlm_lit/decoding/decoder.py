@@ -104,7 +104,9 @@ class TargetDecoder:
     def _modules_in_eval(self) -> Sequence[torch.nn.Module]:
         return ()
 
-    @torch.no_grad()
+    # inference_mode rather than no_grad: no version counters or view tracking on the many small tensors of a round
+    # (tests/test_speculative.py also decodes under an outer inference_mode).
+    @torch.inference_mode()
     def generate(
         self,
         input_ids: Tensor,

@@ -65,7 +65,7 @@ import torch
 from torch import Tensor
 
 from .. import kv_cache
-from ..attention_masks import causal_mask, prefix_mask
+from ..attention_masks import causal_mask
 from ..drafter.sequence import build_draft_sequence
 from ..target import image_list
 from .acceptance import WarpConfig, accept_greedy, accept_sampling, truncate_at_eos
@@ -160,7 +160,12 @@ def _module_dtype_device(module, fallback_dtype, fallback_device) -> tuple[torch
 
 
 def _single_image_grid(adapter, pixel_values) -> tuple[int, int] | None:
-    """The target's patch grid of the prompt's image when it comes as the pixels of exactly one image."""
+    """The target's patch grid of the prompt's image when it is exactly one image (the adapter owns the layout:
+    LLaVA pixels, AnyRes tiles and Qwen patches all differ)."""
+    layouts_of = getattr(adapter, "layouts_of", None)
+    if layouts_of is not None:
+        layouts = layouts_of(pixel_values)
+        return layouts[0].grid if len(layouts) == 1 else None
     images = image_list(pixel_values)
     return adapter.visual_grid(*images[0].shape[-2:]) if len(images) == 1 else None
 
@@ -302,6 +307,10 @@ class SpeculativeDecoder(TargetDecoder):
                 raise ValueError(f"drafter does not match this target: {e}") from e
         self.adapter = adapter
         self.drafter = drafter
+        # Target layers the drafter reads (EAGLE-3); every target forward returns them with the logits.
+        self._hidden_layers = tuple(getattr(drafter, "hidden_layers", ()) or ())
+        # Passed only when layers are wanted, so targets without the keyword (test stand-ins) keep working.
+        self._layer_kwargs = {"hidden_layers": self._hidden_layers} if self._hidden_layers else {}
         self.tree = tree
         self.warp = warp
         self.debug_hook = debug_hook
@@ -312,37 +321,69 @@ class SpeculativeDecoder(TargetDecoder):
         self._cost: RoundCostModel | None = cost_model
         self._draft_dtype, self._draft_device = _module_dtype_device(drafter, adapter.dtype, adapter.device)
 
-    # ------------------------------------------------------------------------------------------ validation
     # --------------------------------------------------------------------------------------------- drafter
+    # Every interaction with the drafter goes through these three methods (batch-1 and batched decoding alike), so
+    # a drafter with its own head or its own target features changes them and nothing else.
     def _draft(self, embeds: Tensor, features: Tensor, positions: Tensor, mask: Tensor | None, cache) -> Tensor:
-        """One drafter forward over ``T`` rows (no batch dim); returns ``hidden [T, H]`` in the drafter dtype."""
+        """One drafter forward over ``T`` new rows of ``B`` sequences: ``embeds`` / ``features`` ``[B, T, H]``,
+        ``positions`` ``[B or 1, T]``, ``mask`` ``None`` (causal) or additive 4D ``[B or 1, 1, T, past + T]``;
+        the rows are appended to ``cache``. Returns ``hidden [B, T, H]`` in the drafter dtype."""
         out = self.drafter(
-            embeds.to(self._draft_device, self._draft_dtype)[None],
-            features.to(self._draft_device, self._draft_dtype)[None],
-            positions.to(self._draft_device)[None],
+            embeds.to(self._draft_device, self._draft_dtype),
+            features.to(self._draft_device, self._draft_dtype),
+            positions.to(self._draft_device),
             attention_mask=mask,
             past_key_values=cache,
             use_cache=True,
         )
-        return out.hidden[0]
+        return out.hidden
 
     def _logprobs(self, hidden: Tensor) -> Tensor:
-        """Draft log-probs ``[..., V]`` (float32) from predicted features via the target's LM head."""
+        """Draft log-probs ``[..., V]`` (float32, over the target vocabulary) from the drafter's outputs ``hidden
+        [..., H]``, via the target's LM head."""
         ad = self.adapter
+        draft_logprobs = getattr(self.drafter, "draft_logprobs", None)
+        if callable(draft_logprobs):  # the drafter protocol (specvlm_lit.drafter.base): own head / pruned vocab
+            return draft_logprobs(hidden, ad)
         logits = ad.lm_head(hidden.to(ad.device, ad.dtype))
         return torch.log_softmax(logits.float(), dim=-1)
 
+    def _target_features(self, target_output) -> Tensor:
+        """The target features the drafter reads, ``[B, T, H]``, from a target forward's output (prefill or
+        verification): the final-norm hidden states, i.e. the LM head's input."""
+        project = getattr(self.drafter, "project_features", None)
+        if callable(project):  # the drafter protocol: EAGLE-3 fuses the layers requested by _hidden_layers
+            return project(target_output)
+        return target_output.hidden
+
+    def _token_rows(self, ids: Tensor, inputs_embeds: Tensor) -> Tensor:
+        """The drafter's token-side rows of a prompt ``[B, T, H]``: the target's inputs (visual embeddings at image
+        rows) unless the drafter was trained on the image placeholder's embedding there (``image_rows``)."""
+        token_embeds = getattr(self.drafter, "token_embeds", None)
+        return token_embeds(self.adapter, ids, inputs_embeds) if callable(token_embeds) else inputs_embeds
+
     def _draft_tree(self, root: int, h_root: Tensor, cache, draft_len: int, depth: int, total: int) -> DraftTree:
-        """Grow the dynamic tree below ``root``; the draft cache is restored to ``draft_len`` rows afterwards."""
+        """Grow the dynamic tree below ``root``; the draft cache is restored to ``draft_len`` rows afterwards.
+
+        Built once per round: one additive mask buffer ``[top_k, draft_len + tree slots]`` whose cached-rows part
+        stays zero (every tree row sees every accepted row; a level only rewrites its tree columns) and the
+        positions of every level (``draft_len - 1 + level``); each level's mask and positions are views of them.
+        """
         cost = self._cost if self.tree.adaptive else None
         levels = 0  # draft forwards so far; their cost is taken from the model (deterministic given its timings)
         builder = TreeBuilder(self.tree.top_k, depth, total)
         logprobs = self._logprobs(h_root)
         frontier = builder.start(root, logprobs)
-        prev_hidden = h_root[None]  # outputs of the previous batched forward; the root's "row" is h_root
-        root_pos = draft_len - 1
         embed = self.adapter.embed_tokens
         probs = None
+        if frontier is not None:
+            width = frontier.size
+            mask_buf = torch.zeros(
+                width, draft_len + width * (depth - 1), dtype=self._draft_dtype, device=self._draft_device
+            )
+            positions = torch.arange(draft_len, draft_len + depth - 1, device=self._draft_device)
+            neg = torch.finfo(self._draft_dtype).min
+        prev_hidden = h_root[None]  # outputs of the previous batched forward; the root's "row" is h_root
         while frontier is not None:
             if cost is not None:
                 probs, child_prob = self._acceptance_estimates(cost, builder, logprobs, probs)
@@ -357,25 +398,27 @@ class SpeculativeDecoder(TargetDecoder):
                 ):
                     break
                 t_step = time.perf_counter()
-            m = frontier.size
-            parent_rows = frontier.parent_rows.to(prev_hidden.device)
-            if bool((parent_rows < 0).all()):
-                feats = h_root[None].expand(m, -1)
+            m, level, dm = frontier.size, frontier.level, frontier.draft_mask
+            # Level 1 hangs under the root (parent feature h_root); deeper levels under the previous frontier.
+            if level == 1:
+                feats = h_root.expand(m, -1)
             else:
-                feats = prev_hidden[parent_rows.clamp(min=0)]
-                feats = torch.where((parent_rows < 0)[:, None], h_root[None], feats)
-            dm = frontier.draft_mask.to(self._draft_device)  # [m, tree rows so far + m]
+                feats = prev_hidden.index_select(0, frontier.parent_rows.to(prev_hidden.device))
             past, expected = cache.get_seq_length(), draft_len + dm.shape[1] - m
             if past != expected:  # pragma: no cover - internal invariant
                 raise RuntimeError(f"internal error: draft cache has {past} rows, mask expects {expected}")
+            # Tree rows see every accepted row and their own ancestors among the tree rows.
+            block = mask_buf[:m, : draft_len + dm.shape[1]]
+            tree_cols = block[:, draft_len:]
+            tree_cols.fill_(neg)
+            tree_cols.masked_fill_(dm.to(self._draft_device), 0.0)
             hidden = self._draft(
-                embed(frontier.tokens.to(self.adapter.device)),
-                feats,
-                frontier.position_ids(root_pos)[0],
-                # Tree rows see every accepted row and their own ancestors among the tree rows.
-                prefix_mask(dm, draft_len, self._draft_dtype, self._draft_device),
+                embed(frontier.tokens.to(self.adapter.device))[None],
+                feats[None],
+                positions[level - 1 : level].expand(1, m),
+                block[None, None],
                 cache,
-            )
+            )[0]
             prev_hidden = hidden
             logprobs = self._logprobs(hidden)
             frontier = builder.expand(logprobs)
@@ -466,8 +509,11 @@ class SpeculativeDecoder(TargetDecoder):
         stats.target_visual_tokens = n_visual
         out_tokens: list[int] = []
 
+        depths: list[Tensor] = []  # deepest node of every verified tree
+
         def finish() -> SpecResult:
             sync(dev)
+            stats.tree_depths = torch.stack(depths).tolist() if depths else []
             stats.new_tokens = len(out_tokens)
             stats.time_total = time.perf_counter() - t_start
             stats.time_other = max(0.0, stats.time_total - stats.time_prefill - stats.time_draft - stats.time_verify)
@@ -482,8 +528,15 @@ class SpeculativeDecoder(TargetDecoder):
             image_features = ad.encode_images(pixel_values)
         else:
             grid_hint = None
-        tcache = ad.new_cache()
-        tout = ad.forward(ids, image_features=image_features, past_key_values=tcache, use_cache=True, logits_to_keep=1)
+        tcache = kv_cache.growing(ad.new_cache())  # appends in place instead of concatenating per forward
+        tout = ad.forward(
+            ids,
+            image_features=image_features,
+            past_key_values=tcache,
+            use_cache=True,
+            logits_to_keep=1,
+            **self._layer_kwargs,
+        )
         first = pick_token(tout.logits[0, -1], self.warp, generator)
         kept, finished = truncate_at_eos([first], eos, max_new_tokens)
         out_tokens += kept.tolist()
@@ -498,8 +551,8 @@ class SpeculativeDecoder(TargetDecoder):
         # 2. Draft prefill: prompt rows (t = 0..T-2, visual rows possibly compressed) + the root row.
         t0 = time.perf_counter()
         compressor = getattr(self.drafter, "compressor", None)
-        embeds = ad.embed(ids, image_features)[0]
-        hidden = tout.hidden[0]
+        embeds = self._token_rows(ids, ad.embed(ids, image_features))[0]
+        hidden = self._target_features(tout)[0]
         # Without a compressor the pairing is plain (t -> (e_{t+1}, f_t)) whatever the images look like; we pass an
         # impossible image id so that build_draft_sequence's single-image checks do not reject multi-image prompts.
         seq = build_draft_sequence(
@@ -517,9 +570,9 @@ class SpeculativeDecoder(TargetDecoder):
         d_embeds = torch.cat([seq.embeds.to(root_embed.dtype), root_embed])
         d_feats = torch.cat([seq.features, hidden[-1:]])
         draft_len = d_embeds.shape[0]
-        dcache = self.drafter.new_cache()
-        dh = self._draft(d_embeds, d_feats, torch.arange(draft_len, device=dev), None, dcache)
-        h_root = dh[-1]
+        dcache = kv_cache.growing(self.drafter.new_cache())
+        dh = self._draft(d_embeds[None], d_feats[None], torch.arange(draft_len, device=dev)[None], None, dcache)
+        h_root = dh[0, -1]
         sync(dev)
         stats.time_draft += time.perf_counter() - t0
         self._hook("prefill", ids, out_tokens, dcache, draft_len, target_cache=tcache, draft_sequence=seq)
@@ -542,14 +595,20 @@ class SpeculativeDecoder(TargetDecoder):
 
             # 4. Verify with one target forward, accept, compact the target KV.
             t0 = time.perf_counter()
-            vout = ad.tree_forward(tree.tokens[None].to(dev), tree.position_ids(prefix_len).to(dev), tree.mask, tcache)
+            vout = ad.tree_forward(
+                tree.tokens[None].to(dev),
+                tree.position_ids(prefix_len).to(dev),
+                tree.mask,
+                tcache,
+                **self._layer_kwargs,
+            )
             logits = vout.logits[0]
+            # The accept decision is the round's one host synchronisation: acceptance returns its result on the host.
             if self.warp.greedy:
                 acc = accept_greedy(tree, logits)
             else:
                 acc = accept_sampling(tree, logits, self.warp, generator)
-            accepted = acc.accepted.to(dev)
-            kv_cache.compact(tcache, prefix_len, accepted)
+            kv_cache.compact(tcache, prefix_len, acc.accepted)
             self._observe_acceptance(tree, acc.accepted)
             sync(dev)
             stats.time_verify += time.perf_counter() - t0
@@ -557,8 +616,8 @@ class SpeculativeDecoder(TargetDecoder):
             stats.verify_rounds += 1
             stats.accepted_drafts.append(acc.num_accepted_drafts)
             stats.tree_sizes.append(tree.size)
-            stats.tree_depths.append(tree.max_depth)
-            kept, finished = truncate_at_eos(acc.tokens.cpu(), eos, remaining)
+            depths.append(tree.depths.max())  # read at the end: no synchronisation inside the round
+            kept, finished = truncate_at_eos(acc.tokens, eos, remaining)
             stats.emitted_per_round.append(int(kept.numel()))
             out_tokens += kept.tolist()
             if finished:
@@ -569,15 +628,15 @@ class SpeculativeDecoder(TargetDecoder):
 
             # 5. Extend the draft cache: rows (e_{y_{j+1}}, F(n_j)) for the accepted nodes n_0 = root .. n_a.
             t0 = time.perf_counter()
-            new_tokens = acc.tokens.to(dev)
-            k = new_tokens.numel()
-            rows_e = ad.embed_tokens(new_tokens)
-            rows_f = vout.hidden[0].index_select(0, accepted)
+            k = acc.tokens.numel()
+            rows_e = ad.embed_tokens(acc.tokens.to(dev))
+            rows_f = self._target_features(vout)[0].index_select(0, acc.accepted.to(dev))
             mask = causal_mask(k, draft_len, self._draft_dtype, self._draft_device)
-            dh = self._draft(rows_e, rows_f, torch.arange(draft_len, draft_len + k, device=dev), mask, dcache)
+            positions = torch.arange(draft_len, draft_len + k, device=dev)[None]
+            dh = self._draft(rows_e[None], rows_f[None], positions, mask, dcache)
             draft_len += k
-            h_root = dh[-1]
-            root = int(new_tokens[-1])
+            h_root = dh[0, -1]
+            root = int(acc.tokens[-1])  # host tensor: no synchronisation
             sync(dev)
             t_end = time.perf_counter()
             stats.time_draft += t_end - t0

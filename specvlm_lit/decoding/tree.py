@@ -46,9 +46,11 @@ import torch
 from torch import Tensor
 
 __all__ = [
+    "BatchedTreeBuilder",
     "DraftTree",
     "Frontier",
     "TreeBuilder",
+    "ancestor_mask",
     "build_tree_from_fn",
     "chain_tree",
 ]
@@ -76,17 +78,18 @@ class DraftTree:
             row ``parents[i]`` OR the one-hot of ``i``.  This is the tree
             attention mask for the target's verification forward (nodes also
             see the whole prefix, which the caller adds).
-        paths:   ``LongTensor [num_leaves, max_depth + 1]``; one row per leaf
-            (leaves in node order), listing node indices root -> leaf,
-            right-padded with ``-1``.  Column ``d`` holds the depth-``d`` node.
         scores:  ``FloatTensor [n]`` cumulative draft log-prob (root 0).
+
+    :attr:`paths` (one row per leaf) is derived on demand: decoding never needs it.
+
+    :meth:`BatchedTreeBuilder.build` returns the same fields with a leading batch dimension (``tokens [B, n]``,
+    ``mask [B, n, n]``, ...): one tree per row, every row of the same size. The queries below are for a single tree.
     """
 
     tokens: Tensor
     parents: Tensor
     depths: Tensor
     mask: Tensor
-    paths: Tensor
     scores: Tensor
 
     # -- construction -----------------------------------------------------
@@ -136,23 +139,13 @@ class DraftTree:
             mask[idx] = mask[par[idx]]
             mask[idx, idx] = True
 
-        # Leaves = nodes that are nobody's parent.  Each leaf's path is the set
-        # of its ancestors-or-self; placing node j in column depths[j] puts
-        # them in root->leaf order.
-        is_parent = torch.zeros(n, dtype=torch.bool)
-        is_parent[par[1:]] = True
-        leaves = (~is_parent).nonzero(as_tuple=True)[0]
-        paths = torch.full((leaves.numel(), max_depth + 1), -1, dtype=torch.long)
-        rows, cols = mask[leaves].nonzero(as_tuple=True)
-        paths[rows, depths[cols]] = cols
-
         if scores is None:
             sc = torch.zeros(n, dtype=torch.float32)
         else:
             sc = torch.as_tensor(scores, dtype=torch.float32).detach().cpu().reshape(-1)
             if sc.numel() != n:
                 raise ValueError(f"tokens has {n} entries but scores has {sc.numel()}")
-        return cls(tok, par, depths, mask, paths, sc).to(device)
+        return cls(tok, par, depths, mask, sc).to(device)
 
     def to(self, device: str | torch.device) -> DraftTree:
         """Return a copy with every tensor moved to ``device``."""
@@ -161,7 +154,6 @@ class DraftTree:
             parents=self.parents.to(device),
             depths=self.depths.to(device),
             mask=self.mask.to(device),
-            paths=self.paths.to(device),
             scores=self.scores.to(device),
         )
 
@@ -173,12 +165,26 @@ class DraftTree:
         return int(self.tokens.numel())
 
     @property
+    def paths(self) -> Tensor:
+        """``LongTensor [num_leaves, max_depth + 1]``; one row per leaf (leaves in node order), listing node indices
+        root -> leaf, right-padded with ``-1``.  Column ``d`` holds the depth-``d`` node."""
+        n = self.size
+        is_parent = torch.zeros(n, dtype=torch.bool, device=self.tokens.device)
+        is_parent[self.parents[1:]] = True
+        leaves = (~is_parent).nonzero(as_tuple=True)[0]
+        # Each leaf's path is the set of its ancestors-or-self; node j goes to column depths[j] (root -> leaf order).
+        paths = torch.full((leaves.numel(), self.max_depth + 1), -1, dtype=torch.long, device=self.tokens.device)
+        rows, cols = self.mask[leaves].nonzero(as_tuple=True)
+        paths[rows, self.depths[cols]] = cols
+        return paths
+
+    @property
     def num_leaves(self) -> int:
         return int(self.paths.shape[0])
 
     @property
     def max_depth(self) -> int:
-        return int(self.paths.shape[1]) - 1
+        return int(self.depths.max())
 
     def position_ids(self, prefix_len: int) -> Tensor:
         """``LongTensor [1, n]`` = ``prefix_len + depth``.
@@ -256,10 +262,12 @@ class Frontier:
     pool_mask: Tensor
     draft_mask: Tensor
     draft_pool_indices: Tensor
+    level: int = 1  # the frontier's depth (every node of it sits at this depth)
 
     @property
     def size(self) -> int:
-        return int(self.tokens.numel())
+        """``m``, the frontier's width (per row for a :class:`BatchedTreeBuilder`'s frontier)."""
+        return int(self.tokens.shape[-1])
 
     def position_ids(self, prefix_len: int) -> Tensor:
         """``LongTensor [1, m]`` = ``prefix_len + depth`` (prefix_len = root
@@ -275,8 +283,25 @@ def _check_int(name: str, value, minimum: int) -> int:
     return value
 
 
-class TreeBuilder:
-    """Incremental EAGLE-2 dynamic draft-tree construction.
+def ancestor_mask(parents: Tensor, levels: int) -> Tensor:
+    """Ancestor-or-self masks ``BoolTensor [B, n, n]`` of trees given as ``parents [B, n]`` (``-1`` at the root, node 0)
+    whose deepest node is at most ``levels`` below the root.
+
+    Vectorised transitive closure: ``M = I + A`` (``A[i, parent(i)] = 1``) covers paths of length <= 1, and each
+    squaring doubles that, so ``ceil(log2(levels))`` batched matmuls give every ancestor (0/1 values summed in
+    float32 are exact for any tree size that fits in memory).
+    """
+    b, n = parents.shape
+    m = torch.eye(n, device=parents.device).expand(b, n, n).clone()
+    if n > 1:
+        m[:, 1:, :].scatter_(2, parents[:, 1:, None].clamp(min=0), 1.0)
+    for _ in range(max(0, int(levels) - 1).bit_length()):
+        m = torch.bmm(m, m).clamp_(max=1.0)
+    return m.bool()
+
+
+class BatchedTreeBuilder:
+    """Incremental EAGLE-2 dynamic draft-tree construction for ``B`` trees at once (one per batch row).
 
     Args:
         top_k: children proposed per expanded node, and frontier width.
@@ -284,12 +309,18 @@ class TreeBuilder:
             ``depth - 1`` batched forwards after the root's).
         total_tokens: maximum tree size *including* the root.
 
-    Algorithm: level 1 = top-k tokens of the root distribution (score =
+    Algorithm (per row): level 1 = top-k tokens of the root distribution (score =
     log-prob).  Each further level: every frontier node proposes its top-k
     tokens (score = parent score + log-prob), all ``m*k`` go into the pool and
     the next frontier is the global top-k of those by score (ties: lower pool
     index).  :meth:`build` keeps the best ``total_tokens - 1`` pool nodes and
     orders them by pool index (creation order), which is topological.
+
+    Every row has the same pool layout (level ``d`` occupies the same pool
+    columns in every row, so ``pool_depths`` is shared) and the same tree size;
+    only tokens, scores and parents differ.  All of it is batched tensor code on
+    the log-probs' device with no host synchronisation, so a batch of trees
+    costs the same number of ops as one.
 
     Per-node top-k uses :func:`torch.topk`; which of several exactly tied
     tokens at the k-th place is chosen is torch's choice (deterministic for a
@@ -297,8 +328,9 @@ class TreeBuilder:
 
     The pool (every node created so far, in creation order) is readable after
     :meth:`start` as ``pool_tokens``, ``pool_parents`` (pool index, ``-1`` =
-    root), ``pool_scores`` (cumulative log-probs) and ``pool_depths``; callers
-    read them (cost model, tests) but must not modify them.
+    root), ``pool_scores`` (cumulative log-probs), all ``[B, P]``, and
+    ``pool_depths`` ``[P]``; callers read them (cost model, tests) but must not
+    modify them.
     """
 
     def __init__(self, top_k: int, depth: int, total_tokens: int):
@@ -315,6 +347,184 @@ class TreeBuilder:
 
     # -- incremental interface -------------------------------------------
 
+    def _start(self, root_tokens: Tensor, root_logprobs: Tensor) -> Frontier | None:
+        lp = root_logprobs.detach().float()
+        self.device = lp.device
+        self.batch_size, self.vocab_size = lp.shape
+        if self.vocab_size < 1:
+            raise ValueError("root_logprobs has an empty vocabulary")
+        self.root_tokens = torch.as_tensor(root_tokens, dtype=torch.long).to(self.device).reshape(self.batch_size)
+        b, k = self.batch_size, min(self.top_k, self.vocab_size)
+        vals, idx = torch.topk(lp, k, dim=-1)
+        self._pool_tokens = idx
+        self._pool_parents = torch.full((b, k), -1, dtype=torch.long, device=self.device)
+        self._pool_scores = vals
+        self.pool_depths = torch.ones(k, dtype=torch.long, device=self.device)
+        self._level_starts = [0, k]  # pool columns of level d: [starts[d - 1], starts[d])
+        self._level = 1
+        self._started = True
+        self._done = False
+        # Frontier state.
+        self._frontier = torch.arange(k, device=self.device).expand(b, k)
+        self._frontier_rows_of_parent = torch.full((b, k), -1, dtype=torch.long, device=self.device)
+        # Ancestor-or-self rows of the frontier over the pool [B, m, P].
+        self._frontier_anc = torch.eye(k, dtype=torch.bool, device=self.device).expand(b, k, k)
+        self._draft_slots = self._frontier
+        if self.depth == 1:
+            self._done = True
+            return None
+        return self._make_frontier()
+
+    def start(self, root_tokens: Tensor | Sequence[int], root_logprobs: Tensor) -> Frontier | None:
+        """Begin ``B`` trees at ``root_tokens [B]`` given the draft log-probs ``[B, V]`` at the roots.  Creates the
+        depth-1 nodes and returns them as a :class:`Frontier` with a leading batch dimension (``tokens [B, m]``,
+        ``draft_mask [B, m, F]``, ...), or ``None`` when ``depth == 1``.  May be called again to reset."""
+        if root_logprobs.dim() != 2:
+            raise ValueError(f"root_logprobs must have shape [B, V], got {tuple(root_logprobs.shape)}")
+        return self._start(root_tokens, root_logprobs)
+
+    def expand(self, frontier_logprobs: Tensor) -> Frontier | None:
+        """Add the children of the current frontier.
+
+        ``frontier_logprobs``: ``[B, m, V]`` draft log-probs at each frontier
+        node (row ``i`` = the distribution of the token following frontier node
+        ``i``).  Returns the next frontier, or ``None`` once ``depth`` levels
+        exist (then call :meth:`build`).
+        """
+        if not self._started:
+            raise RuntimeError("call start() before expand()")
+        if self._done:
+            raise RuntimeError(f"tree already has depth {self.depth}; call build()")
+        b, m = self._frontier.shape
+        if tuple(frontier_logprobs.shape) != (b, m, self.vocab_size):
+            raise ValueError(
+                f"frontier_logprobs must have shape [{b}, {m}, {self.vocab_size}] "
+                f"(batch, frontier size, vocab), got {tuple(frontier_logprobs.shape)}"
+            )
+        return self._expand(frontier_logprobs)
+
+    def _expand(self, frontier_logprobs: Tensor) -> Frontier | None:
+        lp = frontier_logprobs.detach().float().to(self.device)
+        b, m = self._frontier.shape
+        k = min(self.top_k, self.vocab_size)
+        vals, idx = torch.topk(lp, k, dim=-1)  # [B, m, k] each
+        parent_scores = self._pool_scores.gather(1, self._frontier)
+        cum = (parent_scores[..., None] + vals).reshape(b, m * k)
+        n_new = m * k
+        p_old = self._pool_tokens.shape[1]
+        p_new = p_old + n_new
+
+        self._pool_tokens = torch.cat([self._pool_tokens, idx.reshape(b, n_new)], 1)
+        self._pool_parents = torch.cat([self._pool_parents, self._frontier.repeat_interleave(k, dim=1)], 1)
+        self._pool_scores = torch.cat([self._pool_scores, cum], 1)
+        self._level += 1
+        self.pool_depths = torch.cat(
+            [self.pool_depths, torch.full((n_new,), self._level, dtype=torch.long, device=self.device)]
+        )
+        self._level_starts.append(p_new)
+
+        # Next frontier: global top-k by score, ties -> lower pool index
+        # (stable sort keeps creation order among equal scores).
+        sel = torch.sort(cum, dim=1, descending=True, stable=True).indices[:, : min(self.top_k, n_new)]
+        # Ancestor rows of the selected children: parent's row (padded to the
+        # new pool size) plus their own bit.
+        parent_row = torch.div(sel, k, rounding_mode="floor")
+        anc = torch.zeros(b, sel.shape[1], p_new, dtype=torch.bool, device=self.device)
+        anc[:, :, :p_old] = self._frontier_anc.gather(1, parent_row[..., None].expand(-1, -1, p_old))
+        new_pool_idx = p_old + sel
+        anc.scatter_(2, new_pool_idx[..., None], True)
+
+        self._frontier = new_pool_idx
+        self._frontier_rows_of_parent = parent_row
+        self._frontier_anc = anc
+        if self._level >= self.depth:
+            self._done = True
+            return None
+        self._draft_slots = torch.cat([self._draft_slots, new_pool_idx], 1)
+        return self._make_frontier()
+
+    def _make_frontier(self) -> Frontier:
+        f = self._frontier
+        m = f.shape[1]
+        return Frontier(
+            tokens=self._pool_tokens.gather(1, f),
+            depths=self.pool_depths[f],
+            scores=self._pool_scores.gather(1, f),
+            pool_indices=f,
+            parent_pool_indices=self._pool_parents.gather(1, f),
+            parent_rows=self._frontier_rows_of_parent,
+            pool_mask=self._frontier_anc,
+            draft_mask=self._frontier_anc.gather(2, self._draft_slots[:, None, :].expand(-1, m, -1)),
+            draft_pool_indices=self._draft_slots,
+            level=self._level,
+        )
+
+    @property
+    def pool_tokens(self) -> Tensor:
+        return self._pool_tokens
+
+    @property
+    def pool_parents(self) -> Tensor:
+        return self._pool_parents
+
+    @property
+    def pool_scores(self) -> Tensor:
+        return self._pool_scores
+
+    @property
+    def level(self) -> int:
+        """Levels drafted so far (the deepest node's depth)."""
+        return self._level
+
+    def build(self) -> DraftTree:
+        """Re-rank the pool and return the ``B`` trees as one :class:`DraftTree` with a leading batch dimension.
+
+        Keeps the top ``total_tokens - 1`` pool nodes of each row by cumulative
+        score and sorts them by pool index.  May be called before ``depth`` is
+        reached (it uses whatever the pool holds).
+        """
+        if not self._started:
+            raise RuntimeError("call start() before build()")
+        b, p = self._pool_tokens.shape
+        n_keep = min(self.total_tokens - 1, p)
+        scores, parents = self._pool_scores, self._pool_parents
+        # Ranking key = running min of the score along the ancestor chain.
+        # With genuine log-probs (<= 0) this *is* the score; it only matters
+        # for pseudo log-probs > 0, where it still guarantees closure.  Pool
+        # order is topological, so one pass level by level suffices.
+        key = scores.clone()
+        for d in range(2, self._level + 1):
+            lo, hi = self._level_starts[d - 1], self._level_starts[d]
+            key[:, lo:hi] = torch.minimum(key[:, lo:hi], key.gather(1, parents[:, lo:hi]))
+        # Stable descending sort: among equal keys the lower pool index wins,
+        # and a parent has a lower index and a key >= its child's, so the kept
+        # set is closed under "parent" (tests/test_tree.py checks it).
+        order = torch.sort(key, dim=1, descending=True, stable=True).indices
+        keep = torch.sort(order[:, :n_keep], dim=1).values
+
+        remap = torch.full((b, p), -1, dtype=torch.long, device=self.device)
+        remap.scatter_(1, keep, torch.arange(1, n_keep + 1, device=self.device).expand(b, n_keep))
+        kept_parents = parents.gather(1, keep)
+        node_parents = torch.where(
+            kept_parents < 0, torch.zeros_like(kept_parents), remap.gather(1, kept_parents.clamp(min=0))
+        )
+        col = lambda value, dtype: torch.full((b, 1), value, dtype=dtype, device=self.device)  # noqa: E731
+        all_parents = torch.cat([col(-1, torch.long), node_parents], 1)
+        return DraftTree(
+            tokens=torch.cat([self.root_tokens[:, None], self._pool_tokens.gather(1, keep)], 1),
+            parents=all_parents,
+            depths=torch.cat([col(0, torch.long), self.pool_depths[keep]], 1),
+            mask=ancestor_mask(all_parents, self._level),
+            scores=torch.cat([col(0.0, torch.float32), scores.gather(1, keep)], 1),
+        )
+
+
+class TreeBuilder(BatchedTreeBuilder):
+    """:class:`BatchedTreeBuilder` for one tree (batch size 1) with unbatched tensors: ``start(root_token,
+    root_logprobs [V])``, frontiers with ``tokens [m]``, ``draft_mask [m, F]``, ..., ``expand(logprobs [m, V])``,
+    ``pool_*`` of shape ``[P]`` and :meth:`build` returning a plain :class:`DraftTree`.
+    """
+
     def start(self, root_token: int, root_logprobs: Tensor) -> Frontier | None:
         """Begin a tree at ``root_token`` given the draft log-probs ``[V]`` at
         the root.  Creates depth-1 nodes and returns them as a
@@ -324,32 +534,8 @@ class TreeBuilder:
             root_logprobs = root_logprobs[0]
         if root_logprobs.dim() != 1:
             raise ValueError(f"root_logprobs must have shape [V], got {tuple(root_logprobs.shape)}")
-        lp = root_logprobs.detach().float()
-        self.device = lp.device
-        self.vocab_size = lp.shape[0]
-        if self.vocab_size < 1:
-            raise ValueError("root_logprobs has an empty vocabulary")
         self.root_token = int(root_token)
-        k = min(self.top_k, self.vocab_size)
-        vals, idx = torch.topk(lp, k)
-
-        self.pool_tokens = idx
-        self.pool_parents = torch.full((k,), -1, dtype=torch.long, device=self.device)
-        self.pool_scores = vals
-        self.pool_depths = torch.ones(k, dtype=torch.long, device=self.device)
-        self._level = 1
-        self._started = True
-        self._done = False
-        # Frontier state.
-        self._frontier = torch.arange(k, device=self.device)
-        self._frontier_rows_of_parent = torch.full((k,), -1, dtype=torch.long, device=self.device)
-        # Ancestor-or-self rows of the frontier over the pool [m, P].
-        self._frontier_anc = torch.eye(k, dtype=torch.bool, device=self.device)
-        self._draft_slots = self._frontier.clone()
-        if self.depth == 1:
-            self._done = True
-            return None
-        return self._make_frontier()
+        return self._squeeze(self._start(torch.tensor([self.root_token]), root_logprobs[None]))
 
     def expand(self, frontier_logprobs: Tensor) -> Frontier | None:
         """Add the children of the current frontier.
@@ -363,65 +549,42 @@ class TreeBuilder:
             raise RuntimeError("call start() before expand()")
         if self._done:
             raise RuntimeError(f"tree already has depth {self.depth}; call build()")
-        m = self._frontier.numel()
+        m = self._frontier.shape[1]
         if frontier_logprobs.dim() != 2 or tuple(frontier_logprobs.shape) != (m, self.vocab_size):
             raise ValueError(
                 f"frontier_logprobs must have shape [{m}, {self.vocab_size}] "
                 f"(frontier size, vocab), got {tuple(frontier_logprobs.shape)}"
             )
-        lp = frontier_logprobs.detach().float().to(self.device)
-        k = min(self.top_k, self.vocab_size)
-        vals, idx = torch.topk(lp, k, dim=-1)  # [m, k] each
-        parent_scores = self.pool_scores[self._frontier]
-        cum = (parent_scores[:, None] + vals).reshape(-1)  # [m*k]
-        new_tokens = idx.reshape(-1)
-        new_parents = self._frontier.repeat_interleave(k)
-        n_new = m * k
-        P_old = self.pool_tokens.numel()
-        P_new = P_old + n_new
+        return self._squeeze(self._expand(frontier_logprobs[None]))
 
-        self.pool_tokens = torch.cat([self.pool_tokens, new_tokens])
-        self.pool_parents = torch.cat([self.pool_parents, new_parents])
-        self.pool_scores = torch.cat([self.pool_scores, cum])
-        self._level += 1
-        self.pool_depths = torch.cat(
-            [self.pool_depths, torch.full((n_new,), self._level, dtype=torch.long, device=self.device)]
-        )
-
-        # Next frontier: global top-k by score, ties -> lower pool index
-        # (stable sort keeps creation order among equal scores).
-        order = torch.sort(cum, descending=True, stable=True).indices
-        sel = order[: min(self.top_k, n_new)]
-        # Ancestor rows of the selected children: parent's row (padded to the
-        # new pool size) plus their own bit.
-        parent_row = torch.div(sel, k, rounding_mode="floor")
-        anc = torch.zeros(sel.numel(), P_new, dtype=torch.bool, device=self.device)
-        anc[:, :P_old] = self._frontier_anc[parent_row]
-        new_pool_idx = P_old + sel
-        anc[torch.arange(sel.numel(), device=self.device), new_pool_idx] = True
-
-        self._frontier = new_pool_idx
-        self._frontier_rows_of_parent = parent_row
-        self._frontier_anc = anc
-        if self._level >= self.depth:
-            self._done = True
+    @staticmethod
+    def _squeeze(f: Frontier | None) -> Frontier | None:
+        if f is None:
             return None
-        self._draft_slots = torch.cat([self._draft_slots, new_pool_idx])
-        return self._make_frontier()
-
-    def _make_frontier(self) -> Frontier:
-        f = self._frontier
         return Frontier(
-            tokens=self.pool_tokens[f],
-            depths=self.pool_depths[f],
-            scores=self.pool_scores[f],
-            pool_indices=f,
-            parent_pool_indices=self.pool_parents[f],
-            parent_rows=self._frontier_rows_of_parent,
-            pool_mask=self._frontier_anc,
-            draft_mask=self._frontier_anc[:, self._draft_slots],
-            draft_pool_indices=self._draft_slots,
+            tokens=f.tokens[0],
+            depths=f.depths[0],
+            scores=f.scores[0],
+            pool_indices=f.pool_indices[0],
+            parent_pool_indices=f.parent_pool_indices[0],
+            parent_rows=f.parent_rows[0],
+            pool_mask=f.pool_mask[0],
+            draft_mask=f.draft_mask[0],
+            draft_pool_indices=f.draft_pool_indices[0],
+            level=f.level,
         )
+
+    @property
+    def pool_tokens(self) -> Tensor:
+        return self._pool_tokens[0]
+
+    @property
+    def pool_parents(self) -> Tensor:
+        return self._pool_parents[0]
+
+    @property
+    def pool_scores(self) -> Tensor:
+        return self._pool_scores[0]
 
     def build(self) -> DraftTree:
         """Re-rank the pool and return the final :class:`DraftTree`.
@@ -430,42 +593,8 @@ class TreeBuilder:
         sorts them by pool index.  May be called before ``depth`` is reached
         (it uses whatever the pool holds).
         """
-        if not self._started:
-            raise RuntimeError("call start() before build()")
-        P = self.pool_tokens.numel()
-        n_keep = min(self.total_tokens - 1, P)
-        scores = self.pool_scores
-        parents = self.pool_parents
-        # Ranking key = running min of the score along the ancestor chain.
-        # With genuine log-probs (<= 0) this *is* the score; it only matters
-        # for pseudo log-probs > 0, where it still guarantees closure.  Pool
-        # order is topological, so one pass in index order suffices; done
-        # level by level to keep it vectorised.
-        key = scores.clone()
-        depths = self.pool_depths
-        for d in range(2, self._level + 1):
-            idx = (depths == d).nonzero(as_tuple=True)[0]
-            key[idx] = torch.minimum(key[idx], key[parents[idx]])
-        # Stable descending sort: among equal keys the lower pool index wins,
-        # and a parent has a lower index and a key >= its child's, so the kept
-        # set is closed under "parent".
-        order = torch.sort(key, descending=True, stable=True).indices
-        keep = torch.sort(order[:n_keep]).values
-
-        remap = torch.full((P,), -1, dtype=torch.long, device=self.device)
-        remap[keep] = torch.arange(1, n_keep + 1, device=self.device)
-        kept_parents = parents[keep]
-        node_parents = torch.where(
-            kept_parents < 0,
-            torch.zeros_like(kept_parents),
-            remap[kept_parents.clamp(min=0)],
-        )
-        if bool((node_parents < 0).any()):  # pragma: no cover - guarded by construction
-            raise AssertionError("internal error: kept set is not closed under parent")
-        tokens = torch.cat([torch.tensor([self.root_token], device=self.device), self.pool_tokens[keep]])
-        all_parents = torch.cat([torch.tensor([-1], device=self.device), node_parents])
-        all_scores = torch.cat([torch.zeros(1, device=self.device), scores[keep]])
-        return DraftTree.from_parents(tokens, all_parents, all_scores)
+        t = super().build()
+        return DraftTree(t.tokens[0], t.parents[0], t.depths[0], t.mask[0], t.scores[0])
 
 
 def build_tree_from_fn(

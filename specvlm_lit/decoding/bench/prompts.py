@@ -5,14 +5,15 @@ Two inputs:
 * a JSONL file, one ``{"image": <path>, "prompt": <text>, "category": <text, optional>}`` per line; the image path
   is absolute or relative to the JSONL file's directory; other fields (an ``id``, a reference answer) are allowed
   and ignored, except ``id`` which names the sample in ``bench.json``;
-* webdataset shards in this project's format (``<key>.png|jpg|jpeg|webp`` + ``<key>.json`` with LLaVA
-  ``conversations``): a directory of ``*.tar``, a brace pattern, a glob or one ``.tar``. The prompt is the first
-  human turn; the category the record's ``category`` or ``tasks[0]`` (:func:`~.samples.task_of`).
+* webdataset shards in this project's format (``<key>.json`` with LLaVA ``conversations`` and its image members,
+  :func:`~specvlm_lit.data.shards.image_members`): a directory of ``*.tar``, a brace pattern, a glob or one
+  ``.tar``. The prompt is the first human turn; the category the record's ``category`` or ``tasks[0]``
+  (:func:`~.samples.task_of`).
 
 Every image is decoded at its own size: a user prompt's ``resolution`` is its image's longest side. Each broken
 line or sample is a one-line :class:`~specvlm_lit.decoding.pipeline.DecodeInputError` naming the line (JSONL) or
-the sample key and shard; shard samples without an image member (text-only: nothing for a VLM bench to decode)
-are left out and counted in ``skipped``.
+the sample key and shard; shard samples without an image (text-only: nothing for a VLM bench to decode) or with
+several (the decoder takes one image per request) are left out and counted in ``skipped`` by reason.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ __all__ = ["UserPrompts", "is_shard_source", "read_user_prompts"]
 
 EXAMPLE_LINE = '{"image": "images/cat.png", "prompt": "What is in the image?", "category": "captioning"}'
 NO_IMAGE = "no_image"  # the skip reason of a text-only shard sample
+MULTI_IMAGE = "multi_image"  # the skip reason of a shard sample with several images (one image per request)
 
 
 @dataclass
@@ -171,7 +173,7 @@ def _read_shards(spec: str, limit: int | None) -> UserPrompts:
     import webdataset as wds
     from PIL import Image
 
-    from ...data.shards import IMAGE_KEYS
+    from ...data.shards import SampleSkip, image_members
 
     urls = _shard_urls(spec)
     samples: list[Sample] = []
@@ -188,17 +190,24 @@ def _read_shards(spec: str, limit: int | None) -> UserPrompts:
         except ValueError as e:
             raise DecodeInputError(f"{where}: its .json is not valid JSON ({e})") from None
         question = _first_question(rec, where)
-        image_bytes = next((s[k] for k in IMAGE_KEYS if k in s), None)
-        if image_bytes is None:
-            skipped[NO_IMAGE] += 1  # a text-only sample: counted in the report, not decoded
+        try:
+            members = image_members(s, rec)
+        except SampleSkip as e:
+            if "images" in rec:  # the converter's layout names its members: one is missing
+                raise DecodeInputError(f"{where}: {e}") from None
+            members = []  # the one-image layout without an image member: a text-only sample
+        if len(members) != 1:
+            # Text-only samples have nothing for a VLM bench to decode; the decoder takes one image per request.
+            skipped[NO_IMAGE if not members else MULTI_IMAGE] += 1  # counted in the report, not decoded
             continue
+        image_bytes = members[0][1]
         try:
             img = Image.open(io.BytesIO(image_bytes)).convert("RGB")
         except (OSError, ValueError, Image.DecompressionBombError) as e:
             raise DecodeInputError(f"{where}: its image cannot be decoded ({' '.join(str(e).split())})") from None
         samples.append(_sample(str(rec.get("id", key)), task_of(rec), question, img, f"{Path(url).name} {key}"))
     if not samples:
-        why = f" ({skipped[NO_IMAGE]} text-only sample(s) left out)" if skipped else ""
+        why = f" ({', '.join(f'{n} {reason}' for reason, n in skipped.items())} sample(s) left out)" if skipped else ""
         raise DecodeInputError(f"bench.prompts={spec!r}: the shards hold no sample with an image{why}")
     return UserPrompts(urls, samples, dict(skipped))
 

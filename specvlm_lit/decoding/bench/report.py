@@ -195,6 +195,48 @@ def _what_was_decoded(report: dict) -> str:
     )
 
 
+def _batch_lines(batch: dict) -> list[str]:
+    """The batch-throughput table (:mod:`.batch`): one row per batch size."""
+    level = f"{CI_LEVEL:.0%}"
+    lines = [
+        "## Batch throughput (T = 0)",
+        "",
+        "Groups of B consecutive prompts decoded at once; both methods on the same group, interleaved, "
+        f"`bench.repeats` times. Speedup = median over groups of the paired throughput ratio [{level} CI].",
+        "",
+        "| batch | HF batched tokens/s | SpecVLM batched tokens/s | speedup [CI] | speedup (sums) | SpecVLM sigma | "
+        "identical to AR (SpecVLM / HF batched) | groups |",
+        "|---" * 8 + "|",
+    ]
+    notes = []
+    for bsz, r in batch.items():
+        if "skipped" in r:
+            lines.append(f"| {bsz} | skipped: {r['skipped']} |" + " |" * 6)
+            continue
+        hf, sp = r["hf_batched"], r["spec_batched"]
+        ci = r.get("speedup_ci")
+        lines.append(
+            _row(
+                [
+                    bsz,
+                    _fmt(hf["tokens_per_s"], 1),
+                    _fmt(sp["tokens_per_s"], 1),
+                    _fmt(r["speedup"]) + (f" [{_fmt(ci[0])}, {_fmt(ci[1])}]" if ci else ""),
+                    _fmt(r["speedup_total"]),
+                    _fmt(sp.get("sigma")),
+                    f"{_fmt(sp['identical'], pct=True)} / {_fmt(hf['identical'], pct=True)}",
+                    str(r["groups"]),
+                ]
+            )
+        )
+        if r.get("speedup_ci_warning"):
+            notes.append(f"batch {bsz}: {r['speedup_ci_warning']}")
+    lines.append("")
+    if notes:
+        lines += [f"- {n}" for n in notes] + [""]
+    return lines
+
+
 def write_markdown(report: dict, path: Path) -> None:
     m, cfg, load = report["machine"], report["config"], report["load"]
     lines = ["# SpecVLM decoding benchmark", ""]
@@ -256,6 +298,8 @@ def write_markdown(report: dict, path: Path) -> None:
                     + " |"
                 )
         lines.append("")
+    if report.get("batch"):
+        lines += _batch_lines(report["batch"]["results"])
     lines += [
         "## Definitions",
         "",

@@ -20,8 +20,9 @@ from pathlib import Path
 from typing import Any
 
 from ..pipeline import DecodeInputError, drafter_kind, find_exported_drafters, pick_drafter
-from .aggregate import summarise_results, temperature_key
+from .aggregate import rounded, summarise_results, temperature_key
 from .baselines import load_assistant, run_hf_method
+from .batch import summarise_batches, time_batches
 from .load import load_average, load_report
 from .methods import DRAFTER_KINDS, OWN_AR, SPEC_METHODS, drafter_of
 from .prompts import read_user_prompts
@@ -72,7 +73,7 @@ class MethodRunner:
     """
 
     def __init__(self, s: BenchSettings, log):
-        from ...drafter.eagle import EagleVLMDrafter
+        from ...drafter.base import load_drafter
         from ..pipeline import SpecVLMPipeline
 
         self.s, self.log = s, log
@@ -110,7 +111,7 @@ class MethodRunner:
                     )
                     continue
                 path = str(found)
-            drafter = EagleVLMDrafter.load(path, target=self.adapter, dtype=self.base.adapter.dtype, device=s.device)
+            drafter = load_drafter(path, target=self.adapter, dtype=self.base.adapter.dtype, device=s.device)
             kind = drafter_kind({"compressor": drafter.config.compressor})
             if kind != m:
                 self.notes.append(f"{m}: the drafter at {path} is of kind {kind!r}, not {m!r}")
@@ -283,7 +284,7 @@ def benchmark_samples(s: BenchSettings, log: Callable[[str], None]) -> tuple[lis
     ]
     if user.skipped:
         left_out = ", ".join(f"{n} {why}" for why, n in sorted(user.skipped.items()))
-        notes.append(f"shard samples left out of bench.prompts: {left_out} (text-only samples have no image)")
+        notes.append(f"shard samples left out of bench.prompts: {left_out} (the bench decodes one image per request)")
         log(f"warning: {notes[-1]}")
     return user.sources, user.samples, notes
 
@@ -313,11 +314,23 @@ def run_benchmark(s: BenchSettings, *, progress: bool = True, log: Callable[[str
             prepared.append((smp, inp, a_px))
         load_before = load_average()
         runs, skipped_t = time_methods(runner, s, prepared, progress=progress)
+        batch_runs, batch_skipped = [], {}
+        if s.batch_sizes:
+            ar_tokens = {
+                r["key"]: r["tokens"]
+                for r in runs
+                if r["method"] == "ar" and r["temperature"] == 0.0 and r["repeat"] == 0 and "error" not in r
+            }
+            batch_runs, batch_skipped = time_batches(runner, s, prepared, ar_tokens)
         load_after = load_average()
         results = summarise_results(s.methods, s.temperatures, runs, runner.skipped, skipped_t)
+        batch = summarise_batches(s.batch_sizes, batch_runs, batch_skipped) if s.batch_sizes else None
         ar_spread = {tk: r.get("time_spread") for tk, r in results["ar"].items()}
         load = load_report(load_before, load_after, machine["cpu_count"], machine["torch_threads"], ar_spread)
         report = build_report(s, machine, load, sources, runner, results, samples, prepared, runs, source_notes)
+        if batch is not None:
+            as_json = [{k: (rounded(v, 6) if isinstance(v, float) else v) for k, v in r.items()} for r in batch_runs]
+            report["batch"] = {"results": batch, "runs": as_json}
     finally:
         transformers.logging.set_verbosity(verbosity)
     write_report(report, out_dir)

@@ -50,6 +50,8 @@ class BenchSettings:
     max_new_tokens: int = 64
     tasks: list[str] | None = None  # task types of the test samples to keep (None = all); [describe] = long answers
     repeats: int = 3  # timed runs of every (prompt, method), interleaved (tau pairs them run by run)
+    # Batch rows (T = 0): throughput of HF batched generate() vs batched speculative decoding per batch size; [] = none.
+    batch_sizes: list[int] = field(default_factory=list)
     methods: list[str] = field(default_factory=lambda: list(METHODS))
     drafters: dict = field(default_factory=lambda: {"eaglevlm": None, "specvlm": None})
     assistant: str | None = None
@@ -86,6 +88,13 @@ def _int_list(value, name: str, minimum: int) -> list[int]:
     if not items:
         raise DecodeInputError(f"{name} must not be empty")
     return [check_int_option(x, f"{name}[{i}]", minimum) for i, x in enumerate(items)]
+
+
+def _batch_sizes(value) -> list[int]:
+    """``bench.batch_sizes``: null / [] (no batch rows) or integers >= 1 (a single integer counts as a list of one)."""
+    if value is None or (isinstance(value, (list, tuple)) and not value):
+        return []
+    return sorted(set(_int_list(value, "bench.batch_sizes", 1)))
 
 
 def _methods(value) -> list[str]:
@@ -207,6 +216,7 @@ def settings_from_config(cfg: Mapping, out_dir: str, root: str | os.PathLike) ->
         max_new_tokens=check_max_new_tokens(b.get("max_new_tokens", 64), "bench.max_new_tokens"),
         tasks=_tasks(b.get("tasks")),
         repeats=repeats,
+        batch_sizes=_batch_sizes(b.get("batch_sizes")),
         methods=methods,
         drafters=drafters,
         assistant=assistant,
