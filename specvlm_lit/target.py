@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import inspect
 import json
 import os
 import struct
@@ -51,6 +52,7 @@ from .config_weights import ShapeFact, check_integer_fields, check_shapes, load_
 from .errors import UserError
 
 __all__ = [
+    "DecoderStates",
     "TargetAdapter",
     "TargetLoadError",
     "TargetOutput",
@@ -86,12 +88,28 @@ class TargetOutput:
         past_key_values: the KV cache (updated in place) when caching was requested, else ``None``.
         inputs_embeds: ``[B, T, H]`` the LM inputs the forward used (token embeddings with the visual
             embeddings scattered in), so callers such as drafter training need not embed a second time.
+        layer_hidden: one ``[B, T, H]`` tensor per id of the forward's ``hidden_layers``, in that order: id ``i``
+            is the residual stream *entering* decoder layer ``i`` (HF ``output_hidden_states[i]``, 0 = the
+            embeddings). EAGLE-3 drafters fuse three of them; empty when none were requested.
     """
 
     logits: torch.Tensor
     hidden: torch.Tensor
     past_key_values: Cache | None = None
     inputs_embeds: torch.Tensor | None = None
+    layer_hidden: tuple[torch.Tensor, ...] = ()
+
+
+@dataclass
+class DecoderStates:
+    """What :meth:`TargetAdapter._decoder_forward` returns when intermediate layers were requested.
+
+    ``hidden`` is the final-norm hidden state (as the hook returns without ``hidden_layers``); ``layer_hidden`` holds
+    one tensor per requested layer id (see :attr:`TargetOutput.layer_hidden`).
+    """
+
+    hidden: torch.Tensor
+    layer_hidden: tuple[torch.Tensor, ...] = ()
 
 
 # model_type -> adapter class. Filled by TargetAdapter.__init_subclass__ and the base class below.
@@ -668,12 +686,68 @@ class TargetAdapter:
         position_ids: torch.Tensor | None,
         past_key_values: Cache | None,
         use_cache: bool,
-    ) -> torch.Tensor:
-        """Run the HF multimodal model on ready embeddings; return the final-norm hidden states ``[B, T, H]``."""
+        hidden_layers: Sequence[int] = (),
+    ) -> torch.Tensor | DecoderStates:
+        """Run the HF multimodal model on ready embeddings.
+
+        Returns the final-norm hidden states ``[B, T, H]`` when ``hidden_layers`` is empty, else
+        :class:`DecoderStates` with the requested layers' inputs too (:meth:`_decoder_states`). Subclasses that
+        override this hook keep the same contract.
+        """
         state = {"attention_mask": attention_mask, "position_ids": position_ids, "past_key_values": past_key_values}
         # use_cache explicit: the decoder otherwise defaults to config.use_cache (True).
-        out = self.model.model(inputs_embeds=inputs_embeds, use_cache=use_cache, return_dict=True, **state)
-        return out.last_hidden_state
+        out = self.model.model(
+            inputs_embeds=inputs_embeds,
+            use_cache=use_cache,
+            return_dict=True,
+            output_hidden_states=bool(hidden_layers),
+            **state,
+        )
+        return self._decoder_states(out.last_hidden_state, out.hidden_states, hidden_layers)
+
+    def _decoder_states(
+        self, last_hidden: torch.Tensor, all_hidden: Sequence[torch.Tensor] | None, hidden_layers: Sequence[int]
+    ) -> torch.Tensor | DecoderStates:
+        """The hook's return value from an HF output: ``last_hidden`` alone, or with ``all_hidden[i]`` for each
+        requested id (HF's ``hidden_states``: index 0 = embeddings, i = input of decoder layer i)."""
+        if not hidden_layers:
+            return last_hidden
+        ids = self._check_hidden_layers(hidden_layers)
+        if all_hidden is None or len(all_hidden) < self.num_layers:
+            raise RuntimeError(
+                f"{type(self).__name__}: the decoder returned no per-layer hidden states (output_hidden_states)"
+            )
+        return DecoderStates(hidden=last_hidden, layer_hidden=tuple(all_hidden[i] for i in ids))
+
+    def _check_hidden_layers(self, hidden_layers: Sequence[int]) -> tuple[int, ...]:
+        ids = tuple(int(i) for i in hidden_layers)
+        bad = [i for i in ids if not 0 <= i < self.num_layers]
+        if bad:
+            raise ValueError(
+                f"hidden_layers {list(ids)}: ids {bad} are out of range; this target has {self.num_layers} decoder "
+                f"layers, so ids must be in [0, {self.num_layers - 1}] (id i = the input of decoder layer i)"
+            )
+        return ids
+
+    def _run_decoder(self, inputs_embeds, hidden_layers: Sequence[int], **kwargs) -> DecoderStates:
+        """Call the hook and normalise its result to :class:`DecoderStates` (old-style overrides return a Tensor
+        and accept no ``hidden_layers``; they still work when no layers are requested)."""
+        if hidden_layers:
+            self._check_hidden_layers(hidden_layers)
+            if "hidden_layers" not in inspect.signature(self._decoder_forward).parameters:
+                raise NotImplementedError(
+                    f"{type(self).__name__}._decoder_forward takes no hidden_layers, so it cannot return the target "
+                    f"layers an EAGLE-3 drafter reads; add the keyword (see TargetAdapter._decoder_forward)"
+                )
+            out = self._decoder_forward(inputs_embeds, hidden_layers=tuple(hidden_layers), **kwargs)
+            if not isinstance(out, DecoderStates) or len(out.layer_hidden) != len(hidden_layers):
+                raise NotImplementedError(
+                    f"{type(self).__name__}._decoder_forward does not return the requested hidden_layers; an "
+                    f"EAGLE-3 drafter needs them (see DecoderStates)"
+                )
+            return out
+        out = self._decoder_forward(inputs_embeds, **kwargs)
+        return out if isinstance(out, DecoderStates) else DecoderStates(hidden=out)
 
     def num_visual_tokens(self, height: int, width: int) -> int:
         """Number of image-placeholder tokens an image of ``height x width`` pixels expands to
@@ -693,6 +767,50 @@ class TargetAdapter:
         return llava_visual_grid(
             height, width, int(self.config.vision_config.patch_size), self.config.vision_feature_select_strategy
         )
+
+    # ------------------------------------------------------------------------------------------------ prompts
+    # The prompt API every family has (specvlm_lit.targets): LLaVA-1.5's Vicuna format is owned by targets/llava.py.
+    @property
+    def processor(self):
+        """This target's prompt builder (``render`` / ``render_conversation``, ``tokenizer``, ``image_processor``),
+        loaded on first use from the directory the model was loaded from (:meth:`attach_processor` sets another)."""
+        proc = getattr(self, "_processor", None)
+        if proc is None:
+            from .targets.llava import LlavaPromptProcessor, default_processor_dir
+
+            proc = self._processor = LlavaPromptProcessor.load(default_processor_dir(self), self.config)
+            self.check_tokenizer(proc.tokenizer)
+        return proc
+
+    def attach_processor(self, processor) -> None:
+        """Use ``processor`` (an HF ``LlavaProcessor`` or a prompt builder) for this target's prompts."""
+        from .targets.llava import LlavaPromptProcessor
+
+        if not isinstance(processor, LlavaPromptProcessor):
+            processor = LlavaPromptProcessor.wrap(processor, self.config)
+        self.check_tokenizer(processor.tokenizer)
+        self._processor = processor
+
+    def render_prompt(self, messages: Sequence[dict], images: Sequence | None = None):
+        """Decoding prompt (:class:`~specvlm_lit.targets.PromptInputs`) in this target's format."""
+        return self.processor.render(messages, images, add_generation_prompt=True)
+
+    def render_conversation(self, messages: Sequence[dict], images: Sequence | None = None, max_length=None):
+        """Training conversation: ids, pixels and the assistant-only ``loss_mask``."""
+        return self.processor.render_conversation(messages, images, max_length=max_length)
+
+    def layouts_of(self, visual) -> list:
+        """The visual-token layout (:class:`~specvlm_lit.targets.VisualLayout`) of every image of ``visual``."""
+        from .targets.llava import llava_layouts
+
+        return llava_layouts(self.config, visual)
+
+    def hf_generate_inputs(self, input_ids: torch.Tensor, visual) -> dict:
+        """The image keyword arguments of HF ``generate()`` for a prompt's ``visual`` (here: the adapter's own
+        encoding, any resolution, as ``mm_encoder_outputs``)."""
+        if visual is None:
+            return {}
+        return {"mm_encoder_outputs": self.as_mm_encoder_outputs(self.encode_images(visual))}
 
     # ------------------------------------------------------------------------------------------------ images
     @torch.no_grad()
@@ -758,6 +876,7 @@ class TargetAdapter:
         position_ids: torch.Tensor | None = None,
         use_cache: bool = False,
         logits_to_keep: int | torch.Tensor = 0,
+        hidden_layers: Sequence[int] = (),
     ) -> TargetOutput:
         """Full target forward over ``input_ids`` ``[B, T]``.
 
@@ -767,7 +886,8 @@ class TargetAdapter:
         when none is given; the given cache is extended in place.
 
         ``logits_to_keep``: ``0`` = all positions, ``k > 0`` = last ``k`` positions, or a 1D index tensor.
-        ``hidden`` is always returned for every position.
+        ``hidden`` is always returned for every position, and so is ``layer_hidden`` for each id of
+        ``hidden_layers`` (see :attr:`TargetOutput.layer_hidden`), from the same forward.
         """
         if image_features is not None and pixel_values is not None:
             raise ValueError("Pass either image_features or pixel_values, not both.")
@@ -780,13 +900,15 @@ class TargetAdapter:
             attention_mask = attention_mask.to(self.device)
         if position_ids is not None:
             position_ids = position_ids.to(self.device)
-        hidden = self._decoder_forward(
+        states = self._run_decoder(
             inputs_embeds,
+            hidden_layers,
             attention_mask=attention_mask,
             position_ids=position_ids,
             past_key_values=past_key_values,
             use_cache=use_cache,
         )
+        hidden = states.hidden
         if isinstance(logits_to_keep, int):
             kept = hidden[:, -logits_to_keep:] if logits_to_keep > 0 else hidden
         else:
@@ -797,6 +919,7 @@ class TargetAdapter:
             hidden=hidden,
             past_key_values=past_key_values if use_cache else None,
             inputs_embeds=inputs_embeds,
+            layer_hidden=states.layer_hidden,
         )
 
     __call__ = forward
@@ -808,6 +931,7 @@ class TargetAdapter:
         position_ids: torch.Tensor,
         tree_mask: torch.Tensor,
         past_key_values: Cache,
+        hidden_layers: Sequence[int] = (),
     ) -> TargetOutput:
         """Verify a draft tree in one KV-cached pass.
 
@@ -819,8 +943,8 @@ class TargetAdapter:
             past_key_values: cache holding the accepted prefix; the ``n`` node entries are appended to it (use
                 :func:`specvlm_lit.kv_cache.compact` afterwards to keep only the accepted path).
 
-        Returns logits/hidden for every node, i.e. node ``i``'s prediction for the token after it given its
-        root-to-node path.
+        Returns logits/hidden (and ``layer_hidden`` for ``hidden_layers``) for every node, i.e. node ``i``'s
+        prediction for the token after it given its root-to-node path.
         """
         if input_ids.dim() != 2 or input_ids.shape[0] != 1:
             raise ValueError(f"tree_forward expects input_ids of shape [1, n], got {tuple(input_ids.shape)}.")
@@ -838,14 +962,20 @@ class TargetAdapter:
         # Every node sees the whole cached prefix and its own ancestors. A 4D mask is taken verbatim by
         # transformers' create_causal_mask (no causal mask is built on top).
         mask = prefix_mask(tree_mask, past_key_values.get_seq_length(), self.dtype, self.device)
-        hidden = self._decoder_forward(
+        states = self._run_decoder(
             self.embed_tokens(input_ids.to(self.device)),
+            hidden_layers,
             attention_mask=mask,
             position_ids=position_ids.to(self.device),
             past_key_values=past_key_values,
             use_cache=True,
         )
-        return TargetOutput(logits=self.lm_head(hidden), hidden=hidden, past_key_values=past_key_values)
+        return TargetOutput(
+            logits=self.lm_head(states.hidden),
+            hidden=states.hidden,
+            past_key_values=past_key_values,
+            layer_hidden=states.layer_hidden,
+        )
 
     # ------------------------------------------------------------------------------------------- fingerprint
     @torch.no_grad()
@@ -885,3 +1015,5 @@ class TargetAdapter:
 
 for _model_type in TargetAdapter.model_types:
     _ADAPTERS[_model_type] = TargetAdapter
+
+from . import targets as _targets  # noqa: E402,F401 - registers the family adapters (LLaVA-NeXT, Qwen-VL, ...)

@@ -155,3 +155,35 @@ def test_several_images_or_none_equal_the_chat_template(counts, corpus_tokenizer
     assert tok.decode(enc.input_ids[enc.loss_mask]) == " " + conv[1]["value"] + "</s> " + conv[3]["value"] + "</s>"
     with pytest.raises(ConversationError, match="placeholder per image"):
         encode_conversation(conv, tok, [*counts, 7])
+
+
+def test_the_llava_prompt_builder_gives_the_legacy_samples_byte_for_byte(small_corpus, tiny_target):
+    """A target directory as data.processor goes through the family prompt builder (targets/llava.py for LLaVA-1.5):
+    its samples equal the tokenizer + image-processor path's (ids, loss mask, pixels), so the embedded target's
+    training data did not change."""
+    import torch
+    import webdataset as wds
+    from transformers import AutoProcessor
+
+    from specvlm_lit.data.shards import SampleEncoder, target_image_resizer
+    from specvlm_lit.target import visual_token_counter
+    from specvlm_lit.targets import load_prompt_builder
+
+    processor = AutoProcessor.from_pretrained(tiny_target)
+    legacy = SampleEncoder(
+        processor.tokenizer,
+        processor.image_processor,
+        visual_token_counter(processor),
+        512,
+        target_image_resizer(tiny_target, processor.image_processor),
+    )
+    prompts = load_prompt_builder(tiny_target)
+    new = SampleEncoder(prompts.tokenizer, prompts.image_processor, None, 512, prompts=prompts)
+    raws = list(wds.WebDataset(str(small_corpus / "val-000000.tar"), shardshuffle=False))[:6]
+    for raw in raws:
+        a, b = legacy(raw), new(raw)
+        assert torch.equal(a["input_ids"], b["input_ids"]) and torch.equal(a["loss_mask"], b["loss_mask"])
+        assert len(a["pixel_values"]) == len(b["pixel_values"]) == 1
+        assert torch.equal(a["pixel_values"][0], b["pixel_values"][0])
+        n_image = int((b["input_ids"] == prompts.tokenizer.convert_tokens_to_ids("<image>")).sum())
+        assert [lay.num_tokens for lay in b["layouts"]] == [n_image]

@@ -24,7 +24,6 @@ from .shards import (
     shard_pipeline,
     skip_batches,
     take_batches,
-    target_image_resizer,
 )
 from .skips import MIN_SEEN, BadSampleMonitor, TooManyBadSamples, describe
 from .sources import check_shards, expand_shards, local_path
@@ -144,16 +143,20 @@ class ShardDataModule(L.LightningDataModule):
         self.train_urls, self.val_urls = train_urls, val_urls
         self._train_shards = check_shards(train_urls, "data.train_urls", pending=self._pending_corpus)
         self._val_shards = check_shards(val_urls, "data.val_urls", pending=self._pending_corpus)
-        resize = None
         if isinstance(processor, (str, os.PathLike)):
-            from transformers import AutoProcessor
+            from ..targets import load_prompt_builder
 
-            processor_dir, processor = processor, AutoProcessor.from_pretrained(processor)
-            resize = target_image_resizer(processor_dir, processor.image_processor)  # images as decoding sees them
-        self.encoder = SampleEncoder(
-            processor.tokenizer, processor.image_processor, visual_token_counter(processor), max_length, resize
-        )
-        self.collate = functools.partial(collate, pad_id=processor.tokenizer.pad_token_id)
+            # The target family's own prompt builder: its chat format, processor outputs and visual-token layouts,
+            # with images sized as decoding sizes them (so the drafter trains on what it will draft with).
+            prompts = load_prompt_builder(processor)
+            self.encoder = SampleEncoder(prompts.tokenizer, prompts.image_processor, None, max_length, prompts=prompts)
+        else:  # an HF LLaVA processor object: its tokenizer and image processor
+            self.encoder = SampleEncoder(
+                processor.tokenizer, processor.image_processor, visual_token_counter(processor), max_length
+            )
+        tok = self.encoder.tokenizer
+        pad_id = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
+        self.collate = functools.partial(collate, pad_id=pad_id)
         self.batch_size, self.shuffle_buffer, self.num_workers, self.seed = (
             batch_size,
             shuffle_buffer,

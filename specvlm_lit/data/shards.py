@@ -23,7 +23,9 @@ import torch
 import webdataset as wds
 from PIL import Image, UnidentifiedImageError
 
-from .conversation import ConversationError, encode_conversation
+from ..target import image_list
+from ..targets.inputs import VisualInputs
+from .conversation import ConversationError, EncodedConversation, encode_conversation, normalise
 from .skips import SEEN, TRUNCATED, TooManyBadSamples  # noqa: F401  (TooManyBadSamples: its old home)
 
 IMAGE_KEYS = ("png", "jpg", "jpeg", "webp")
@@ -99,7 +101,11 @@ class SampleEncoder:
         num_visual_tokens: Callable[[int, int], int],
         max_length: int,
         resize: Callable | None = None,
+        prompts=None,
     ):
+        # prompts: the target family's prompt builder (``targets.load_prompt_builder``): its own chat format,
+        # processor outputs and visual-token layouts. None = the LLaVA-1.5 tokenizer + image-processor path above.
+        self.prompts = prompts
         self.tokenizer = tokenizer
         self.resize = resize  # PIL image -> the size the target sees at decoding time (target_image_resizer)
         self.image_processor = image_processor
@@ -142,6 +148,35 @@ class SampleEncoder:
             pixel_values.append(pixels)
         return pixel_values
 
+    def open_images(self, sample: dict, record: dict) -> list:
+        """The sample's images as RGB PIL images, in placeholder order; :class:`SampleSkip` when one is unusable."""
+        images = []
+        for ext, data in image_members(sample, record):
+            try:
+                image = Image.open(io.BytesIO(data))
+                image.load()
+                images.append(image.convert("RGB"))
+            except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as e:
+                raise SampleSkip("corrupt_image", f"{ext}: {e}") from None
+        return images
+
+    def render(self, sample: dict, record: dict):
+        """The sample through the family's prompt builder: ids, assistant-only loss mask, processor outputs and
+        layouts (``PromptInputs``)."""
+        from ..errors import UserError
+        from ..targets import ImageTooSmallError
+
+        images = self.open_images(sample, record)
+        messages = [{"role": role, "content": text} for role, text in normalise(record["conversations"])]
+        try:
+            return self.prompts.render_conversation(messages, images, max_length=self.max_length)
+        except ConversationError:
+            raise
+        except ImageTooSmallError as e:
+            raise SampleSkip("image_too_small", e) from None
+        except UserError as e:
+            raise SampleSkip(getattr(e, "reason", "bad_conversation"), e) from None
+
     def __call__(self, sample: dict) -> dict | None:
         key = sample.get("__key__", "?")
         where = f"sample {key} of {sample.get('__url__', '?')}"
@@ -155,10 +190,21 @@ class SampleEncoder:
             return self.skip("bad_json", where, f"the .json holds a {type(record).__name__}, not an object")
         if "conversations" not in record:
             return self.skip("bad_conversation", where, "the record has no 'conversations' field")
+        layouts = None
         try:
-            pixel_values = self.images(sample, record)
-            n_visual = [self.num_visual_tokens(*p.shape[-2:]) for p in pixel_values]
-            enc = encode_conversation(record["conversations"], self.tokenizer, n_visual, max_length=self.max_length)
+            if self.prompts is not None:
+                rendered = self.render(sample, record)
+                enc = EncodedConversation(rendered.input_ids[0], rendered.loss_mask[0], rendered.truncated)
+                layouts = rendered.layouts
+                # LLaVA-1.5 pixels stay one [3, h, w] tensor per image; other families' processor outputs are one
+                # VisualInputs per sample (AnyRes tiles, Qwen patches are not images).
+                pixel_values = rendered.visual if isinstance(rendered.visual, VisualInputs) else []
+                if rendered.visual is not None and not isinstance(rendered.visual, VisualInputs):
+                    pixel_values = image_list(rendered.visual)
+            else:
+                pixel_values = self.images(sample, record)
+                n_visual = [self.num_visual_tokens(*p.shape[-2:]) for p in pixel_values]
+                enc = encode_conversation(record["conversations"], self.tokenizer, n_visual, max_length=self.max_length)
         except SampleSkip as e:
             return self.skip(e.reason, where, e.detail)
         except ConversationError as e:
@@ -172,7 +218,9 @@ class SampleEncoder:
             "__key__": key,
             "input_ids": enc.input_ids,
             "loss_mask": enc.loss_mask,
-            "pixel_values": pixel_values,  # one [3, h, w] tensor per image, in placeholder order ([] = text only)
+            "pixel_values": pixel_values,  # one [3, h, w] tensor per image, in placeholder order ([] = text only),
+            # or the family's processor outputs for all the sample's images (VisualInputs)
+            "layouts": layouts,  # VisualLayout per image (prompt-builder path), else None
             "record": record,
             "stats": stats,
         }
@@ -271,6 +319,14 @@ def encode_stage(encoder: SampleEncoder, flush_every: int = FLUSH_EVERY):
     return stage
 
 
+def _bucket(sample: dict) -> tuple:
+    """Samples with equal keys batch without visual padding: the image sizes (LLaVA pixels), else each image's
+    token layout (processor outputs); ``()`` for text-only samples."""
+    if isinstance(sample["pixel_values"], VisualInputs):
+        return tuple(tuple(layout.segments) + (layout.frames,) for layout in sample["layouts"])
+    return tuple(tuple(p.shape[-2:]) for p in sample["pixel_values"])
+
+
 def batched_by_size(batch_size: int, collate_fn, *, flush_partial: bool = True):
     """webdataset stage: batch samples of equal image size together; stats-only items pass straight through.
 
@@ -285,7 +341,7 @@ def batched_by_size(batch_size: int, collate_fn, *, flush_partial: bool = True):
             if "stats_only" in s:
                 yield s
                 continue
-            key = tuple(tuple(p.shape[-2:]) for p in s["pixel_values"])  # () for text-only samples
+            key = _bucket(s)
             bucket = buckets.setdefault(key, [])
             bucket.append(s)
             if len(bucket) == batch_size:
@@ -355,16 +411,32 @@ def collate(samples: list[dict], pad_id: int) -> dict:
         "input_ids": input_ids,
         "attention_mask": attention_mask,
         "loss_mask": loss_mask,
-        "pixel_values": [p for s in samples for p in s["pixel_values"]],
-        "image_counts": [len(s["pixel_values"]) for s in samples],
+        "pixel_values": _collate_images(samples),
+        "image_counts": [_num_images(s["pixel_values"]) for s in samples],
+        "layouts": [s.get("layouts") for s in samples],
         "records": [s["record"] for s in samples],
         "keys": [s["__key__"] for s in samples],
         "stats": sum_stats(samples),
     }
 
 
+def _num_images(pixel_values) -> int:
+    return pixel_values.num_images if isinstance(pixel_values, VisualInputs) else len(pixel_values)
+
+
+def _collate_images(samples: list[dict]):
+    """One flat list of ``[3, h, w]`` tensors, or the samples' processor outputs as one batch
+    (``VisualInputs.concat``, laid out as the HF processor lays out a batch; ``None`` when no sample has images)."""
+    if any(isinstance(s["pixel_values"], VisualInputs) for s in samples):
+        parts = [s["pixel_values"] for s in samples if isinstance(s["pixel_values"], VisualInputs)]
+        return VisualInputs.concat(parts)
+    return [p for s in samples for p in s["pixel_values"]]
+
+
 def sample_images(batch: dict, i: int) -> list:
     """Sample ``i``'s entries of a batch's flat per-image list ``batch["pixel_values"]`` (see :func:`collate`)."""
     counts = batch.get("image_counts") or [1] * len(batch["pixel_values"])
+    if isinstance(batch["pixel_values"], VisualInputs):  # the family's processor outputs: this sample's share
+        return batch["pixel_values"].sample(i, counts) or []
     start = sum(counts[:i])
     return batch["pixel_values"][start : start + counts[i]]

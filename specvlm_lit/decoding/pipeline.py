@@ -244,7 +244,9 @@ def _read_config(path: Path) -> dict | None:
         cfg = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return None
-    return cfg if isinstance(cfg, dict) and cfg.get("model_type") == "eagle_vlm" else None
+    from ..drafter.base import known_drafter_types  # any registered drafter type (EAGLE-2, EAGLE-3, ...)
+
+    return cfg if isinstance(cfg, dict) and cfg.get("model_type") in known_drafter_types() else None
 
 
 def find_exported_drafters(root: str | os.PathLike, kind: str = "any") -> list[tuple[Path, dict]]:
@@ -330,7 +332,7 @@ class PreparedPrompt:
     """Model inputs of one (image, prompt) pair for a given target + processor."""
 
     input_ids: Any  # LongTensor [1, T]
-    pixel_values: Any  # FloatTensor [1, 3, h, w]
+    pixel_values: Any  # the family's image inputs (LLaVA-1.5: FloatTensor [1, 3, h, w]; others: VisualInputs)
     n_visual: int
     grid: tuple[int, int] | None
     image_size: tuple[int, int]  # (width, height) of the processed image
@@ -456,32 +458,17 @@ class SpecVLMPipeline:
     """
 
     def __init__(self, target_path, drafter_path=None, *, dtype="float32", device="cpu", tree=None):
-        from transformers import AutoProcessor
-
-        from ..drafter.eagle import EagleVLMDrafter
-        from ..target import TargetAdapter, TargetLoadError
+        from ..drafter.base import load_drafter
+        from ..target import TargetAdapter
 
         tree = _tree_config(tree)
         torch_dtype = _torch_dtype(dtype)
         adapter = TargetAdapter.from_pretrained(target_path, dtype=torch_dtype, device=device)
-        try:
-            processor = AutoProcessor.from_pretrained(str(target_path), local_files_only=True)
-        except Exception as e:  # noqa: BLE001 - any failure means the directory lacks a usable processor
-            raise TargetLoadError(
-                f"cannot load the processor (tokenizer + image processor) from {target_path} "
-                f"({type(e).__name__}: {' '.join(str(e).split())[:200]}); save it next to the weights with "
-                f"processor.save_pretrained('{target_path}')"
-            ) from None
-        tok = getattr(processor, "tokenizer", None)
-        if tok is None or getattr(processor, "image_processor", None) is None:
-            raise TargetLoadError(
-                f"{target_path} holds no tokenizer + image processor (AutoProcessor returned "
-                f"{type(processor).__name__}); save the target's LlavaProcessor next to it"
-            )
-        adapter.check_tokenizer(tok)
+        # The family's own prompt builder (tokenizer + chat format + image processor), checked against the model.
+        processor = adapter.processor
         drafter = None
         if drafter_path is not None:
-            drafter = EagleVLMDrafter.load(drafter_path, target=adapter, dtype=torch_dtype, device=device)
+            drafter = load_drafter(drafter_path, target=adapter, dtype=torch_dtype, device=device)
         self._init(adapter, processor, drafter, tree, checked=True)  # load() already ran check_target
         self.target_path = str(target_path)
         self.drafter_path = None if drafter_path is None else str(drafter_path)
@@ -496,6 +483,9 @@ class SpecVLMPipeline:
         return self
 
     def _init(self, adapter, processor, drafter, tree, checked: bool = False) -> None:
+        if processor is not None and processor is not getattr(adapter, "_processor", None):
+            adapter.attach_processor(processor)  # an HF processor of the target: the adapter wraps it
+        processor = adapter.processor
         if drafter is not None:
             check = getattr(drafter, "check_target", None)
             if callable(check) and not checked:
@@ -529,40 +519,42 @@ class SpecVLMPipeline:
 
     # ------------------------------------------------------------------------------------------- inputs
     def prepare(self, image, prompt: str, *, max_new_tokens: int | None = None) -> PreparedPrompt:
-        """Image -> pixel values, prompt -> ``"<s>USER: <image>\\n{prompt} ASSISTANT:"`` ids with the image
-        placeholder expanded to the target's visual-token count. No model forward happens here.
+        """Image + question -> the target's own prompt (``adapter.render_prompt``: its chat format, each image
+        placeholder expanded to the family's visual-token count, the processor outputs the images need). No model
+        forward happens here.
 
-        The image is first brought to the size the target family encodes it at
-        (:func:`~specvlm_lit.target.image_input_size`: a processor that resizes does it itself; otherwise an image
-        larger than the vision tower's native size is downscaled, bicubic, aspect kept). The prompt must leave room
-        in the target's context for ``max_new_tokens`` (at least one new token when not given):
-        :func:`check_context`.
+        The image goes where the prompt has an ``<image>`` placeholder, else before the question. How it is sized is
+        the family's (LLaVA-1.5: a photo larger than the vision tower's native size is downscaled first when the
+        processor does not resize, :func:`~specvlm_lit.target.image_input_size`). The prompt must leave room in the
+        target's context for ``max_new_tokens`` (at least one new token when not given): :func:`check_context`.
         """
-        from ..data.conversation import ConversationError, prompt_ids
-        from ..target import resize_for_target
+        from ..errors import UserError
 
         img = load_image(image)
         prompt = check_prompt(prompt)
         if max_new_tokens is not None:
             max_new_tokens = check_max_new_tokens(max_new_tokens)
-        image_processor = self.processor.image_processor
+        before, marker, after = prompt.partition("<image>")
+        if marker:
+            content = [{"type": "text", "text": before}] if before else []
+            content += [{"type": "image", "image": img}] + ([{"type": "text", "text": after}] if after else [])
+        else:
+            content = [{"type": "image", "image": img}, {"type": "text", "text": prompt}]
+        try:
+            rendered = self.adapter.render_prompt([{"role": "user", "content": content}])
+        except (UserError, ValueError) as e:
+            raise DecodeInputError(" ".join(str(e).split())) from None
         original = tuple(img.size)
-        img = resize_for_target(img, image_processor, self.adapter.config.vision_config)
-        try:
-            pixels = image_processor(images=img, return_tensors="pt")["pixel_values"]
-        except Exception as e:  # noqa: BLE001
-            raise DecodeInputError(f"the target's image processor rejected the image ({e})") from None
-        h, w = int(pixels.shape[-2]), int(pixels.shape[-1])
-        try:
-            n_visual = self.adapter.num_visual_tokens(h, w)
-        except ValueError as e:
-            raise DecodeInputError(f"image too small for the target: {e}") from None
-        try:
-            ids = prompt_ids(prompt, self.tokenizer, n_visual).unsqueeze(0)
-        except ConversationError as e:
-            raise DecodeInputError(str(e)) from None
+        given = tuple(rendered.input_sizes[0]) if rendered.input_sizes else original
+        encoded = tuple(rendered.encoded_sizes[0]) if rendered.encoded_sizes else given
         inputs = PreparedPrompt(
-            ids, pixels, n_visual, self.adapter.visual_grid(h, w), (w, h), original, tuple(img.size) != original
+            rendered.input_ids,
+            rendered.visual,
+            rendered.num_visual_tokens,
+            rendered.grid,
+            encoded,
+            original,
+            given != original,
         )
         self.check_fits(inputs, 1 if max_new_tokens is None else max_new_tokens)
         return inputs
@@ -619,13 +611,12 @@ class SpecVLMPipeline:
             torch.manual_seed(int(seed))
         with torch.no_grad(), ForwardCounter(ad.model) as counter:
             t0 = time.perf_counter()
-            feats = ad.encode_images(inputs.pixel_values)
+            kwargs.update(ad.hf_generate_inputs(ids, inputs.pixel_values))  # the family's image inputs
             if prepare_extra is not None:
                 kwargs.update(prepare_extra())
             out = ad.model.generate(
                 input_ids=ids,
                 attention_mask=torch.ones_like(ids),
-                mm_encoder_outputs=ad.as_mm_encoder_outputs(feats),
                 max_new_tokens=max_new_tokens,
                 eos_token_id=self.eos_token_id,
                 pad_token_id=self.pad_token_id,

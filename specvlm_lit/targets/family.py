@@ -1,0 +1,173 @@
+"""What every non-LLaVA-1.5 family adapter shares: processor outputs in, the checkpoint's own prompt format.
+
+:class:`FamilyAdapter` extends :class:`~specvlm_lit.target.TargetAdapter` (which stays the LLaVA-1.5 base) with
+
+* prompt building from the checkpoint's own files (:attr:`processor`, :meth:`render_prompt`,
+  :meth:`render_conversation`, see :mod:`.processor`);
+* images as the family's processor outputs (:class:`~.inputs.VisualInputs`) instead of raw ``[3, h, w]`` pixels
+  (AnyRes tiles and Qwen's flattened patches are not images), encoded into :class:`~.inputs.EncodedImages`;
+* the visual-token layout per image (:meth:`image_layouts`), which every count derives from;
+* text-decoder shape facts that hold for all families' weight names.
+
+Subclasses (one module per family) set ``model_types`` / ``model_class`` and implement ``_encode_visual`` and
+``image_layouts``; they register by ``model_type`` through ``TargetAdapter.__init_subclass__``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import ClassVar
+
+import torch
+
+from ..config_weights import ShapeFact
+from ..target import TargetAdapter
+from .inputs import EncodedImages, PromptInputs, VisualInputs, VisualLayout
+from .processor import FamilyProcessor, PromptError
+
+__all__ = ["FamilyAdapter", "ImageTooSmallError"]
+
+
+class ImageTooSmallError(PromptError):
+    """An image is too small (or too elongated) for the family's image processor."""
+
+
+# Decoder layers under every family's saved names (``model.layers``, ``language_model.model.layers``,
+# ``model.language_model.layers``), but not vision towers' ``encoder.layers`` / ``blocks``.
+_TEXT = r"^(?:model\.)?(?:language_model\.)?(?:model\.)?layers\."
+
+
+def _head_dim(value) -> int:
+    """``text_config.head_dim`` where the config class has one (Llama, Qwen3), else hidden / heads (Qwen2)."""
+    try:
+        head_dim = value("text_config.head_dim")
+    except AttributeError:
+        head_dim = None
+    return int(head_dim or value("text_config.hidden_size") // value("text_config.num_attention_heads"))
+
+
+_TEXT_SHAPE_FACTS = (
+    ShapeFact(("text_config.vocab_size",), r"embed_tokens\.weight$", 0),
+    ShapeFact(("text_config.hidden_size",), r"embed_tokens\.weight$", 1),
+    ShapeFact(("text_config.num_hidden_layers",), _TEXT + r"(\d+)\.", None),
+    ShapeFact(("text_config.intermediate_size",), _TEXT + r"0\.mlp\.gate_proj\.weight$", 0),
+    ShapeFact(
+        ("text_config.num_attention_heads", "text_config.head_dim"),
+        _TEXT + r"0\.self_attn\.q_proj\.weight$",
+        0,
+        lambda v: v("text_config.num_attention_heads") * _head_dim(v),
+        "num_attention_heads x head_dim",
+    ),
+    ShapeFact(
+        ("text_config.num_key_value_heads", "text_config.head_dim"),
+        _TEXT + r"0\.self_attn\.k_proj\.weight$",
+        0,
+        lambda v: v("text_config.num_key_value_heads") * _head_dim(v),
+        "num_key_value_heads x head_dim",
+    ),
+)
+
+
+class FamilyAdapter(TargetAdapter):
+    """Base of the LLaVA-NeXT / OneVision / Qwen-VL adapters (no ``model_types`` of its own, so not registered)."""
+
+    #: Whether the family's checkpoints take video at all (video-to-image-only family -> clear error).
+    supports_video: ClassVar[bool] = False
+
+    # ------------------------------------------------------------------------------------ family facts (class)
+    @classmethod
+    def shape_facts(cls) -> tuple[ShapeFact, ...]:
+        return _TEXT_SHAPE_FACTS
+
+    @classmethod
+    def image_token_string(cls, tokenizer) -> str:
+        """The placeholder token the family's processor expands (the tokenizer's ``image_token`` if it has one)."""
+        return getattr(tokenizer, "image_token", None) or cls.default_image_token
+
+    @staticmethod
+    def config_image_token_id(config) -> int:
+        token_id = getattr(config, "image_token_id", None)
+        return int(token_id if token_id is not None else config.image_token_index)
+
+    @classmethod
+    def check_image_size(cls, height: int, width: int, config, image_processor) -> None:
+        """Raise :class:`ImageTooSmallError` when the family's processor cannot make visual tokens of the image."""
+        raise NotImplementedError
+
+    @classmethod
+    def image_layouts(cls, config, visual: VisualInputs) -> list[VisualLayout]:
+        """The visual-token layout of every image in ``visual`` (processor outputs), in order."""
+        raise NotImplementedError
+
+    # ------------------------------------------------------------------------------------------------ prompts
+    @property
+    def processor(self) -> FamilyProcessor:
+        """The checkpoint's own tokenizer + chat template + image processor (loaded on first use from the
+        directory the model was loaded from; :meth:`attach_processor` sets another one)."""
+        proc = getattr(self, "_processor", None)
+        if proc is None:
+            from ..target import TargetLoadError
+
+            path = getattr(self.model, "name_or_path", "") or ""
+            if not path:
+                raise TargetLoadError(
+                    f"{type(self).__name__} was built from an in-memory model, so its processor files are unknown: "
+                    f"call attach_processor(FamilyProcessor.load(<checkpoint dir>))."
+                )
+            proc = self._processor = FamilyProcessor.load(path, type(self))
+        return proc
+
+    def attach_processor(self, processor) -> None:
+        """Use ``processor`` for prompts: a :class:`FamilyProcessor`, or an HF processor of this checkpoint (its
+        tokenizer, image processor and chat template are taken)."""
+        if not isinstance(processor, FamilyProcessor):
+            tok = getattr(processor, "tokenizer", None)
+            template = getattr(processor, "chat_template", None) or getattr(tok, "chat_template", None)
+            processor = FamilyProcessor(type(self), self.config, tok, processor.image_processor, template)
+        self._processor = processor
+
+    def render_prompt(self, messages: Sequence[dict], images: Sequence | None = None) -> PromptInputs:
+        """Decoding prompt in the checkpoint's chat format: ``input_ids [1, T]`` + the processor outputs
+        (``.visual``, for :meth:`encode_images` / ``forward(pixel_values=...)``)."""
+        return self.processor.render(messages, images, add_generation_prompt=True)
+
+    def render_conversation(self, messages: Sequence[dict], images: Sequence | None = None, max_length=None):
+        """Training conversation (multi-turn): ids, processor outputs and the assistant-only ``loss_mask``."""
+        return self.processor.render_conversation(messages, images, max_length=max_length)
+
+    def hf_generate_inputs(self, input_ids: torch.Tensor, visual: VisualInputs | None) -> dict:
+        """The image keyword arguments of HF ``generate()`` for a prompt: the processor outputs, as HF takes them."""
+        return {} if visual is None else visual.to(self.device, self.dtype).hf_kwargs()
+
+    # ------------------------------------------------------------------------------------------------- images
+    def _encode_visual(self, visual: VisualInputs) -> EncodedImages:
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def encode_images(self, pixel_values) -> EncodedImages:
+        """Encode a prompt's images, given as the family's processor outputs (:class:`VisualInputs`), into one
+        ``[n_i, H]`` feature tensor per image (an :class:`EncodedImages` list)."""
+        if isinstance(pixel_values, (list, tuple)) and not pixel_values:
+            return EncodedImages([])  # a text-only sample
+        if not isinstance(pixel_values, VisualInputs):
+            raise ValueError(
+                f"{type(self).__name__} needs its processor's outputs, not bare pixels: pass "
+                f"adapter.render_prompt(...).visual (a VisualInputs), e.g. forward(ids, pixel_values=prompt.visual)."
+            )
+        return self._encode_visual(pixel_values.to(self.device))
+
+    def layouts_of(self, visual: VisualInputs | None) -> list[VisualLayout]:
+        if visual is None or (isinstance(visual, (list, tuple)) and not visual):
+            return []  # a text-only sample
+        return self.image_layouts(self.config, visual)
+
+    def visual_grid(self, height: int, width: int) -> tuple[int, int] | None:
+        """Plain patch grid of an image of ``height x width`` pixels (as given to the processor), or ``None``."""
+        return self._layout_for_size(height, width).grid
+
+    def num_visual_tokens(self, height: int, width: int) -> int:
+        """Image-placeholder tokens an image of ``height x width`` pixels (as given to the processor) becomes."""
+        return self._layout_for_size(height, width).num_tokens
+
+    def _layout_for_size(self, height: int, width: int) -> VisualLayout:
+        raise NotImplementedError

@@ -1,0 +1,185 @@
+"""The objects every family adapter exchanges with callers: processor outputs in, encoded visuals and layouts out.
+
+Families differ in what their processor emits beside ``input_ids``: LLaVA-NeXT / OneVision need ``image_sizes`` (the
+original size picks the AnyRes tiling), OneVision ``batch_num_images`` (multi-image prompts are not tiled), the
+Qwen-VL families ``image_grid_thw`` (their ``pixel_values`` are flattened patches, not images). :class:`VisualInputs`
+carries all of them as one object, so shards, collate and decoding pass one thing along and only the family adapter
+reads the fields. :class:`EncodedImages` is what ``adapter.encode_images`` returns: a plain list of ``[n_i, H]``
+per-image features (so generic code that only embeds keeps working) that also remembers the facts the family's
+decoder still needs (Qwen: the grids for mRoPE positions; Qwen3-VL: the DeepStack features).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields, replace
+
+import torch
+
+__all__ = ["EncodedImages", "PromptInputs", "VisualInputs", "VisualLayout"]
+
+
+@dataclass
+class VisualInputs:
+    """A prompt's image inputs as the family's image processor produced them (``None`` = the family has no such
+    field). ``pixel_values``: LLaVA-NeXT / OneVision ``[N, tiles, 3, h, w]``; Qwen-VL ``[patches, C*t*p*p]``."""
+
+    pixel_values: torch.Tensor
+    image_sizes: torch.Tensor | None = None  # [N, 2] original (height, width), AnyRes families
+    image_grid_thw: torch.Tensor | None = None  # [N, 3] patch grid (t, h, w) before merging, Qwen-VL families
+    batch_num_images: torch.Tensor | None = None  # [B] images per sample, LLaVA-OneVision
+
+    _FIELDS = ("pixel_values", "image_sizes", "image_grid_thw", "batch_num_images")
+
+    @classmethod
+    def from_processor(cls, outputs: Mapping) -> VisualInputs | None:
+        """The visual fields of a processor's ``BatchFeature`` / dict; ``None`` when it holds no images."""
+        if outputs.get("pixel_values") is None:
+            return None
+        return cls(**{name: _as_tensor(outputs.get(name)) for name in cls._FIELDS})
+
+    @classmethod
+    def concat(cls, items: list[VisualInputs]) -> VisualInputs:
+        """One batch's visual inputs from its samples' (in sample order), laid out as the HF processor lays out a
+        batch: per-image fields concatenated; AnyRes ``pixel_values`` ``[N, tiles, 3, h, w]`` zero-padded to the
+        largest tile count (the model slices each image's own tiles back out by its ``image_sizes``)."""
+        if not items:
+            raise ValueError("VisualInputs.concat needs at least one item")
+        pixels = [item.pixel_values for item in items]
+        if pixels[0].dim() == 5:
+            most = max(p.shape[1] for p in pixels)
+            pixels = [torch.nn.functional.pad(p, (0, 0, 0, 0, 0, 0, 0, most - p.shape[1])) for p in pixels]
+        merged = {"pixel_values": torch.cat(pixels, 0)}
+        for name in cls._FIELDS[1:]:
+            values = [getattr(item, name) for item in items]
+            if any(v is None for v in values) and not all(v is None for v in values):
+                raise ValueError(f"VisualInputs.concat: {name} is set on some samples only")
+            merged[name] = None if values[0] is None else torch.cat(values, 0)
+        return cls(**merged)
+
+    def hf_kwargs(self) -> dict[str, torch.Tensor]:
+        """The non-empty fields as keyword arguments of the HF model's ``forward`` / ``generate``."""
+        return {f.name: getattr(self, f.name) for f in fields(self) if getattr(self, f.name) is not None}
+
+    def to(self, device=None, dtype=None) -> VisualInputs:
+        """A copy on ``device``; ``dtype`` applies to ``pixel_values`` only (the other fields are integers)."""
+        moved = {f.name: getattr(self, f.name) for f in fields(self)}
+        moved = {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in moved.items()}
+        if dtype is not None:
+            moved["pixel_values"] = moved["pixel_values"].to(dtype)
+        return replace(self, **moved)
+
+    def sample(self, index: int, counts: list[int]) -> VisualInputs | None:
+        """Sample ``index``'s images of a batch whose samples hold ``counts`` images each (``None``: it has none)."""
+        start, n = sum(counts[:index]), counts[index]
+        if n == 0:
+            return None
+        stop = start + n
+        pixels = self.pixel_values
+        if self.image_grid_thw is not None:  # flattened patches: each image owns t * h * w rows
+            rows = self.image_grid_thw.prod(-1).tolist()
+            pixels = pixels[sum(rows[:start]) : sum(rows[:stop])]
+        else:
+            pixels = pixels[start:stop]
+        return VisualInputs(
+            pixel_values=pixels,
+            image_sizes=None if self.image_sizes is None else self.image_sizes[start:stop],
+            image_grid_thw=None if self.image_grid_thw is None else self.image_grid_thw[start:stop],
+            batch_num_images=None if self.batch_num_images is None else torch.tensor([n]),
+        )
+
+    @property
+    def num_images(self) -> int:
+        if self.image_grid_thw is not None:
+            return int(self.image_grid_thw.shape[0])
+        if self.image_sizes is not None:
+            return int(self.image_sizes.shape[0])
+        return int(self.pixel_values.shape[0])
+
+
+def _as_tensor(value):
+    if value is None or isinstance(value, torch.Tensor):
+        return value
+    return torch.as_tensor(value)
+
+
+class EncodedImages(list):
+    """LM-space visual features, one ``[n_i, H]`` tensor per image (a ``list``), plus what the family's decoder
+    still needs: ``image_grid_thw`` (Qwen-VL mRoPE positions) and ``deepstack`` (Qwen3-VL: one list of per-image
+    features per DeepStack layer, added to the hidden states of the first decoder layers)."""
+
+    def __init__(self, features, image_grid_thw: torch.Tensor | None = None, deepstack=None):
+        super().__init__(features)
+        self.image_grid_thw = image_grid_thw
+        self.deepstack = deepstack
+
+    @classmethod
+    def join(cls, parts) -> list:
+        """One batch's features from its samples' (in sample order), keeping the grids / DeepStack features that
+        :class:`EncodedImages` parts carry (a plain list of tensors when none does)."""
+        flat = [t for part in parts for t in part]
+        grids = [p.image_grid_thw for p in parts if len(p) and getattr(p, "image_grid_thw", None) is not None]
+        if not grids:
+            return flat
+        deep = [p.deepstack for p in parts if len(p) and getattr(p, "deepstack", None) is not None]
+        layers = [sum((d[i] for d in deep), []) for i in range(len(deep[0]))] if deep else None
+        return cls(flat, image_grid_thw=torch.cat(grids, 0), deepstack=layers)
+
+
+@dataclass
+class VisualLayout:
+    """How one image's placeholder tokens are laid out (row-major), for compressors and the draft sequence.
+
+    ``segments``: consecutive blocks, each ``(kind, rows, cols)``: ``"grid"`` (a plain patch grid), ``"tiles"``
+    (AnyRes: the unpadded tile grid, each row followed by one ``image_newline`` token, so it spans
+    ``rows * (cols + 1)`` tokens) or ``"merged"`` (Qwen: ``spatial_merge_size``-merged patches, ``t`` frames of
+    ``rows x cols``; ``frames`` says how many). ``num_tokens`` is the total.
+    """
+
+    segments: list[tuple[str, int, int]]
+    frames: int = 1
+
+    @property
+    def num_tokens(self) -> int:
+        total = 0
+        for kind, rows, cols in self.segments:
+            total += rows * (cols + 1) if kind == "tiles" else rows * cols * (self.frames if kind == "merged" else 1)
+        return total
+
+    @property
+    def grid(self) -> tuple[int, int] | None:
+        """(rows, cols) when the tokens are exactly one plain grid (what grid compressors assume), else ``None``."""
+        if len(self.segments) == 1 and self.frames == 1 and self.segments[0][0] in ("grid", "merged"):
+            return self.segments[0][1], self.segments[0][2]
+        return None
+
+
+@dataclass
+class PromptInputs:
+    """A rendered prompt: ``input_ids`` ``[1, T]`` with every image placeholder expanded, the processor outputs the
+    images need (``visual``), and for training conversations the assistant-only ``loss_mask`` ``[1, T]`` (True on
+    the tokens the model must learn to produce: assistant turns and their end-of-turn tokens)."""
+
+    input_ids: torch.Tensor
+    visual: VisualInputs | None = None
+    loss_mask: torch.Tensor | None = None
+    layouts: list[VisualLayout] = field(default_factory=list)
+    text: str = ""
+    # (width, height) of each image as handed to the image processor / as encoded; empty = as given (the family's
+    # processor resizes by itself and the layouts say what came out).
+    input_sizes: list[tuple[int, int]] = field(default_factory=list)
+    encoded_sizes: list[tuple[int, int]] = field(default_factory=list)
+    truncated: bool = False  # a training conversation cut at max_length
+
+    @property
+    def num_visual_tokens(self) -> int:
+        return sum(layout.num_tokens for layout in self.layouts)
+
+    @property
+    def grid(self) -> tuple[int, int] | None:
+        """The plain patch grid of the prompt's only image (what grid compressors use), else ``None``."""
+        return self.layouts[0].grid if len(self.layouts) == 1 else None
+
+    @property
+    def attention_mask(self) -> torch.Tensor:
+        return torch.ones_like(self.input_ids)

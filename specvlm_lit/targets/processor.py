@@ -1,0 +1,344 @@
+"""Prompt building for every family from the checkpoint's own files, without ``AutoProcessor``.
+
+``AutoProcessor.from_pretrained`` cannot be used on a CPU-only install: the Qwen-VL and LLaVA-OneVision processors
+cannot even be constructed without their video processor, which needs torchvision (whose registry build links CUDA
+libraries and fails to import beside the CPU torch). :class:`FamilyProcessor` therefore loads exactly what images
+need (the tokenizer, the checkpoint's chat template, the image processor) and does the one thing the HF processor
+adds on top, expanding each image placeholder into the image's visual tokens, with the counts owned by the family
+adapter (:meth:`~specvlm_lit.targets.family.FamilyAdapter.image_layouts`). Video goes through the family's video
+processor and fails with one clear line naming torchvision where it is missing.
+
+Prompts (decoding) and conversations (training, with the assistant-only loss mask over multi-turn dialogues) are
+rendered with the checkpoint's chat template, so every family gets exactly its own format (ChatML, ``[INST]``, ...).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+from ..errors import UserError
+from .inputs import PromptInputs, VisualInputs
+
+__all__ = ["FamilyProcessor", "PromptError", "VideoUnsupportedError"]
+
+
+class PromptError(UserError):
+    """A prompt / conversation / image cannot be turned into model inputs for this target."""
+
+
+class VideoUnsupportedError(PromptError):
+    """Video was given to a target (or an install) that cannot take it."""
+
+
+def _torchvision_available() -> bool:
+    return importlib.util.find_spec("torchvision") is not None
+
+
+def _image_items(messages: Sequence[dict]) -> tuple[list, bool]:
+    """Images embedded in the messages' content items (``{"type": "image", "image": PIL}``), and whether any video
+    item is present."""
+    images, video = [], False
+    for message in messages:
+        content = message.get("content")
+        if isinstance(content, str) or content is None:
+            continue
+        for item in content:
+            kind = item.get("type")
+            if kind == "video" or "video" in item:
+                video = True
+            elif (kind == "image" or "image" in item) and item.get("image") is not None:
+                images.append(item["image"])
+    return images, video
+
+
+_ROLES = {"human": "user", "gpt": "assistant"}
+_PLACEHOLDER = "<image>"  # LLaVA-format data marks each image's place in the text with it
+
+
+def as_chat(messages: Sequence[dict]) -> list[dict]:
+    """Messages in the chat-template form: LLaVA-format records (``{"from": "human", "value": "<image>\\nQ"}``) become
+    ``{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Q"}]}`` (the newline LLaVA puts after
+    an image is its own formatting, dropped); a string content becomes one text item; item lists stay as they are."""
+    out = []
+    for message in messages:
+        role = message.get("role", message.get("from"))
+        role = _ROLES.get(role, role)
+        content = message.get("content", message.get("value"))
+        if isinstance(content, str):  # as items: several real templates (LLaVA-NeXT's) iterate the content
+            pieces = content.split(_PLACEHOLDER)
+            items = [{"type": "text", "text": pieces[0]}] if pieces[0] else []
+            for piece in pieces[1:]:
+                items.append({"type": "image"})
+                piece = piece[1:] if piece.startswith("\n") else piece
+                if piece:
+                    items.append({"type": "text", "text": piece})
+            content = items
+        out.append(
+            {**{k: v for k, v in message.items() if k not in ("from", "value")}, "role": role, "content": content}
+        )
+    return out
+
+
+class FamilyProcessor:
+    """Tokenizer + chat template + image processor of one target checkpoint, driven by its family adapter class.
+
+    Build with :meth:`load` (from the checkpoint directory) or directly from the pieces.
+    """
+
+    def __init__(self, adapter_cls, config, tokenizer, image_processor, chat_template: str | None):
+        self.adapter_cls = adapter_cls
+        self.config = config
+        self.tokenizer = tokenizer
+        self.image_processor = image_processor
+        self.chat_template = chat_template
+        self.image_token = adapter_cls.image_token_string(tokenizer)
+        self.image_token_id = tokenizer.convert_tokens_to_ids(self.image_token)
+        self._check_against_model()
+
+    # ------------------------------------------------------------------------------------------------ loading
+    @classmethod
+    def load(cls, path, adapter_cls=None) -> FamilyProcessor:
+        """Load from a local checkpoint directory (never the network); the family comes from its config.json."""
+        from transformers import AutoConfig, AutoImageProcessor, AutoTokenizer
+
+        from ..target import _ADAPTERS, TargetLoadError, read_model_config, supported_model_types
+
+        path = Path(path).expanduser()
+        raw = read_model_config(
+            path / "config.json",
+            TargetLoadError,
+            missing="Pass the target checkpoint directory.",
+            fix="Restore config.json from the original checkpoint.",
+        )
+        if adapter_cls is None:
+            adapter_cls = _ADAPTERS.get(raw["model_type"])
+            if adapter_cls is None or not hasattr(adapter_cls, "image_layouts"):
+                raise TargetLoadError(
+                    f"{path / 'config.json'} has model_type={raw['model_type']!r}, which has no prompt builder "
+                    f"(supported: {', '.join(supported_model_types())})."
+                )
+        config = AutoConfig.from_pretrained(path, local_files_only=True)
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+        except (OSError, ValueError) as e:
+            raise TargetLoadError(
+                f"Cannot load the tokenizer of {path} ({' '.join(str(e).split())[:200]}). Copy the checkpoint's "
+                f"tokenizer files (tokenizer.json, tokenizer_config.json) next to config.json."
+            ) from e
+        if not (path / "preprocessor_config.json").is_file():
+            raise TargetLoadError(
+                f"{path} has no preprocessor_config.json, so images cannot be prepared for it. Copy the "
+                f"checkpoint's preprocessor_config.json next to config.json."
+            )
+        # Without torchvision transformers falls back to the PIL image processors, which is what CPU installs need.
+        image_processor = AutoImageProcessor.from_pretrained(path, local_files_only=True)
+        return cls(adapter_cls, config, tokenizer, image_processor, cls._read_chat_template(path, tokenizer))
+
+    @staticmethod
+    def _read_chat_template(path: Path, tokenizer) -> str | None:
+        """The checkpoint's chat template: ``chat_template.jinja``, ``chat_template.json`` (older repos) or the
+        tokenizer's own."""
+        jinja = path / "chat_template.jinja"
+        if jinja.is_file():
+            return jinja.read_text(encoding="utf-8")
+        as_json = path / "chat_template.json"
+        if as_json.is_file():
+            return json.loads(as_json.read_text(encoding="utf-8"))["chat_template"]
+        return getattr(tokenizer, "chat_template", None)
+
+    def _check_against_model(self) -> None:
+        """The tokenizer must index the model's embedding and use the model's image token id (classic mistake: a
+        base-LLM tokenizer or another size's processor)."""
+        from ..target import TargetLoadError
+
+        model_id = int(self.adapter_cls.config_image_token_id(self.config))
+        fix = "Use the tokenizer and processor files saved with this target checkpoint."
+        if self.image_token_id is None or self.image_token_id == getattr(self.tokenizer, "unk_token_id", -1):
+            raise TargetLoadError(
+                f"The tokenizer has no image token {self.image_token!r} (the model's image_token_id is {model_id}). "
+                f"{fix}"
+            )
+        if int(self.image_token_id) != model_id:
+            raise TargetLoadError(
+                f"The processor's image token {self.image_token!r} has id {self.image_token_id} but the model's "
+                f"config.image_token_id is {model_id}. {fix}"
+            )
+        n_tok, n_emb = len(self.tokenizer), int(self.config.get_text_config().vocab_size)
+        if n_tok > n_emb:
+            raise TargetLoadError(
+                f"The tokenizer has {n_tok} tokens but the model's vocabulary (text_config.vocab_size) has only "
+                f"{n_emb}. {fix}"
+            )
+
+    # ------------------------------------------------------------------------------------------------- images
+    def process_images(self, images: Sequence) -> VisualInputs:
+        """Run the image processor on PIL images (one prompt); checks sizes first (clear error when too small)."""
+        for image in images:
+            width, height = image.size
+            self.adapter_cls.check_image_size(height, width, self.config, self.image_processor)
+        images = [image.convert("RGB") for image in images]
+        # One nested list = one sample's images (LLaVA-OneVision does not tile when a sample has several);
+        # channels_last stated explicitly: a 3-pixel-tall image would otherwise be read as channels-first.
+        out = self.image_processor(images=[images], return_tensors="pt", input_data_format="channels_last")
+        return VisualInputs.from_processor(out)
+
+    def check_video(self) -> None:
+        """Raise the clear error a video request gets from this family / install."""
+        family = self.config.model_type
+        if not getattr(self.adapter_cls, "supports_video", False):
+            raise VideoUnsupportedError(
+                f"{family} targets take images only; remove the video or use a video family "
+                f"(llava_onevision, qwen2_vl, qwen2_5_vl, qwen3_vl)."
+            )
+        if not _torchvision_available():
+            raise VideoUnsupportedError(
+                f"Video input for {family} needs torchvision (Hugging Face's video processors require it) and it is "
+                f"not installed. Install a torchvision build matching your torch (a CPU build on CPU machines), or "
+                f"send frames as images."
+            )
+        raise VideoUnsupportedError(
+            f"Video input for {family} is not implemented in specvlm-lit yet (issue 14); send frames as images."
+        )
+
+    # ------------------------------------------------------------------------------------------------ prompts
+    def _template(self, messages, add_generation_prompt: bool) -> str:
+        if not self.chat_template:
+            raise PromptError(
+                f"The target checkpoint ({self.config.model_type}) ships no chat template (chat_template.jinja / "
+                f"chat_template.json / tokenizer_config.json), so prompts cannot be built in its format."
+            )
+        return self.tokenizer.apply_chat_template(
+            list(messages),
+            chat_template=self.chat_template,
+            tokenize=False,
+            add_generation_prompt=add_generation_prompt,
+        )
+
+    def render(self, messages: Sequence[dict], images: Sequence | None = None, add_generation_prompt=True):
+        """A decoding prompt: the chat template applied to ``messages``, image placeholders expanded.
+
+        Images come inside the content items (``{"type": "image", "image": <PIL>}``) or, for items without one,
+        from ``images`` in order.
+        """
+        return self._encode(messages, images, add_generation_prompt=add_generation_prompt, with_loss_mask=False)
+
+    def render_conversation(self, messages: Sequence[dict], images: Sequence | None = None, max_length=None):
+        """A training conversation (any number of turns): ids + ``loss_mask`` True on every assistant turn's tokens
+        (its end-of-turn token included), False on system / user turns, template scaffolding and visual tokens."""
+        if not any(m.get("role", m.get("from")) in ("assistant", "gpt") for m in messages):
+            error = PromptError("The conversation has no assistant turn, so there is nothing to learn from it.")
+            error.reason = "no_answer"  # the data pipeline's skip-count key
+            raise error
+        out = self._encode(messages, images, add_generation_prompt=False, with_loss_mask=True)
+        if max_length is not None and out.input_ids.shape[1] > max_length:
+            visual = (out.input_ids[0] == self.image_token_id).nonzero()
+            end = int(visual.max()) + 1 if visual.numel() else 0
+            if max_length <= end:
+                from .llava import ConversationError
+
+                raise ConversationError(
+                    f"max_length={max_length} cannot hold the {visual.numel()} visual tokens; raise max_length above "
+                    f"{end}",
+                    reason="image_exceeds_max_length",
+                )
+            out.input_ids, out.loss_mask = out.input_ids[:, :max_length], out.loss_mask[:, :max_length]
+            out.truncated = True
+        return out
+
+    def _assistant_spans(self, messages, full: str) -> list[tuple[int, int]]:
+        """Character spans of the assistant turns in ``full``: what each assistant message adds to the rendering
+        of the dialogue before it, starting where it departs from that dialogue's generation prompt.
+
+        Some real templates render an assistant turn's header differently from their generation prompt
+        (LLaVA-OneVision: ``"<|im_start|>assistant "`` + ``"\\n" + text`` vs ``"<|im_start|>assistant\\n"``), so the
+        span starts at the first character where the two differ, never before the previous turns' text.
+        """
+        spans = []
+        for i, message in enumerate(messages):
+            if message.get("role") != "assistant":
+                continue
+            previous = self._template(messages[:i], add_generation_prompt=False) if i else ""
+            prompt = self._template(messages[:i], add_generation_prompt=True) if i else ""
+            upto = self._template(messages[: i + 1], add_generation_prompt=False)
+            if not (upto.startswith(previous) and full.startswith(upto)):
+                raise PromptError(
+                    f"The chat template of this {self.config.model_type} target does not render conversations "
+                    f"incrementally (turn {i} changes the text before it), so the assistant-only loss mask cannot "
+                    f"be located."
+                )
+            start = len(os.path.commonprefix([prompt, upto]))
+            spans.append((max(start, len(previous)), len(upto)))
+        return spans
+
+    def _encode(self, messages, images, *, add_generation_prompt: bool, with_loss_mask: bool) -> PromptInputs:
+        messages = as_chat(messages)
+        inline, video = _image_items(messages)
+        if video:
+            self.check_video()
+        images = list(inline) + list(images or [])
+        text = self._template(messages, add_generation_prompt)
+        enc = self.tokenizer(text, return_offsets_mapping=with_loss_mask)
+        ids = list(enc["input_ids"])
+        n_placeholders = ids.count(self.image_token_id)
+        if n_placeholders != len(images):
+            raise PromptError(
+                f"The prompt has {n_placeholders} image placeholder(s) but {len(images)} image(s) were given; give "
+                f"one image per {{'type': 'image'}} content item."
+            )
+        visual = self.process_images(images) if images else None
+        layouts = self.adapter_cls.image_layouts(self.config, visual) if visual is not None else []
+        learn = [False] * len(ids)
+        if with_loss_mask:
+            spans = self._assistant_spans(messages, text)
+            for t, (s, e) in enumerate(enc["offset_mapping"]):
+                learn[t] = e > s and any(a <= s and e <= b for a, b in spans)
+        out_ids, out_mask, k = [], [], 0
+        for tok, lm in zip(ids, learn):
+            if tok == self.image_token_id:
+                n = layouts[k].num_tokens
+                out_ids += [tok] * n
+                out_mask += [False] * n
+                k += 1
+            else:
+                out_ids.append(tok)
+                out_mask.append(lm)
+        return PromptInputs(
+            input_ids=torch.tensor([out_ids], dtype=torch.long),
+            visual=visual,
+            loss_mask=torch.tensor([out_mask]) if with_loss_mask else None,
+            layouts=layouts,
+            text=text,
+        )
+
+
+def load_prompt_builder(path):
+    """The prompt builder of the target checkpoint at ``path`` (no model loaded): :class:`FamilyProcessor` for the
+    families with an adapter in this package, the Vicuna-format :class:`~.llava.LlavaPromptProcessor` for LLaVA-1.5.
+    Both have ``tokenizer``, ``image_processor``, ``render`` and ``render_conversation``."""
+    from transformers import AutoConfig
+
+    from ..target import _ADAPTERS, TargetLoadError, read_model_config, supported_model_types
+    from .llava import LlavaPromptProcessor
+
+    path = Path(path).expanduser()
+    raw = read_model_config(
+        path / "config.json",
+        TargetLoadError,
+        missing="Pass the target checkpoint directory.",
+        fix="Restore config.json from the original checkpoint.",
+    )
+    adapter_cls = _ADAPTERS.get(raw["model_type"])
+    if adapter_cls is None:
+        raise TargetLoadError(
+            f"{path / 'config.json'} has model_type={raw['model_type']!r}, which has no adapter "
+            f"(supported: {', '.join(supported_model_types())})."
+        )
+    if hasattr(adapter_cls, "image_layouts"):
+        return FamilyProcessor.load(path, adapter_cls)
+    return LlavaPromptProcessor.load(path, AutoConfig.from_pretrained(path, local_files_only=True))

@@ -1,0 +1,112 @@
+"""decode.py's pipeline end to end on tiny checkpoints of the new families (Qwen2.5-VL: mRoPE; LLaVA-NeXT: AnyRes).
+
+The reference is Hugging Face's own path: the family's processor class on the rendered prompt text and the image,
+then ``model.generate()``. The drafter is an EAGLE-2 drafter built with the registry's ``for_target`` and exported
+with ``save_atomically`` (what ``train.py`` writes), so the test covers loading it by path too; its random weights
+reject almost every draft, which exercises the reject paths (accept paths: tests/test_families.py's oracle tests).
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from specvlm_lit.decoding.pipeline import DecodeInputError, SpecVLMPipeline
+from specvlm_lit.drafter.base import drafter_class, save_atomically
+from tests.families.build import build_family
+from tests.families.reference import hf_processor, image
+
+ROOT = Path(__file__).resolve().parents[1]
+FAMILIES = ("qwen2_5_vl", "llava_next")
+TREE = {"top_k": 4, "depth": 3, "total_tokens": 10}
+QUESTION = "What is shown in the image?"
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    """family -> (target dir, exported EAGLE-2 drafter dir, two test images of different sizes / aspect ratios)."""
+    root = tmp_path_factory.mktemp("family_decode")
+    out = {}
+    for i, family in enumerate(FAMILIES):
+        target = build_family(family, root / family, seed=i)
+        adapter = SpecVLMPipeline(target).adapter
+        torch.manual_seed(0)
+        drafter = root / f"{family}_drafter"
+        save_atomically(drafter_class("eagle_vlm").for_target(adapter), drafter)
+        images = []
+        for j, (w, h) in enumerate(((50, 40), (40, 90))):
+            path = root / f"{family}_{w}x{h}.png"
+            image(w, h, seed=10 + j).save(path)
+            images.append(path)
+        out[family] = (target, drafter, images)
+    return out
+
+
+def hf_reference(pipe: SpecVLMPipeline, family: str, target: Path, image_path: Path, n: int) -> list[int]:
+    """HF processor outputs for the adapter's rendered prompt text + ``model.generate()`` (greedy)."""
+    from PIL import Image
+
+    proc = pipe.adapter.processor
+    img = Image.open(image_path).convert("RGB")
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": QUESTION}]}]
+    text = proc.render(messages, [img]).text
+    ref = hf_processor(family, target, proc.tokenizer, proc.image_processor)(
+        text=[text], images=[[img]], return_tensors="pt"
+    )
+    out = pipe.adapter.model.generate(**ref, max_new_tokens=n, do_sample=False, eos_token_id=None, pad_token_id=0)
+    prepared = pipe.prepare(image_path, QUESTION)
+    assert torch.equal(prepared.input_ids, ref["input_ids"]), "pipeline prompt != HF processor prompt"
+    return out[0, ref["input_ids"].shape[1] :].tolist()
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_pipeline_greedy_with_drafter_equals_hf_generate(exported, family):
+    target, drafter, images = exported[family]
+    pipe = SpecVLMPipeline(target, drafter, tree=TREE)
+    pipe.eos_token_id = None  # run the full length: random tiny models emit EOS at arbitrary points
+    n = 12
+    answers = set()
+    for path in images:
+        expected = hf_reference(pipe, family, target, path, n)
+        spec = pipe.generate(path, QUESTION, max_new_tokens=n)
+        ar = pipe.generate_ar(path, QUESTION, max_new_tokens=n)
+        assert spec.tokens == expected, (family, path.name)
+        assert ar.tokens == expected, (family, path.name)
+        assert spec.method == "eaglevlm" and spec.stats.target_visual_tokens == pipe.prepare(path, QUESTION).n_visual
+        answers.add(tuple(expected))
+    assert len(answers) == len(images)  # the answers depend on the image (not one repeated token)
+
+
+def test_pipeline_bad_image_is_a_decode_input_error(exported):
+    target, _, _ = exported["qwen2_5_vl"]
+    pipe = SpecVLMPipeline(target)
+    from PIL import Image
+
+    with pytest.raises(DecodeInputError, match="too small"):
+        pipe.prepare(Image.new("RGB", (4, 4)), QUESTION)
+
+
+def test_decode_cli_on_a_qwen_target_with_a_drafter(exported, tmp_path):
+    target, drafter, images = exported["qwen2_5_vl"]
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    args = [
+        sys.executable,
+        str(ROOT / "decode.py"),
+        f"target={target}",
+        f"drafter={drafter}",
+        f"image={images[0]}",
+        f"prompt={QUESTION}",
+        "max_new_tokens=6",
+        "tree.top_k=4",
+        "tree.depth=3",
+        "tree.total_tokens=10",
+        f"hydra.run.dir={tmp_path / 'run'}",
+    ]
+    res = subprocess.run(args, capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert "method: eaglevlm" in res.stdout and f"drafter: {drafter} (eaglevlm)" in res.stdout, res.stdout
