@@ -23,7 +23,14 @@ from typing import Any
 
 from .errors import UserError
 
-__all__ = ["ShapeFact", "check_integer_fields", "check_shapes", "mismatch_summary", "quiet_load_report"]
+__all__ = [
+    "ShapeFact",
+    "attention_shape_facts",
+    "check_integer_fields",
+    "check_shapes",
+    "mismatch_summary",
+    "quiet_load_report",
+]
 
 #: Fields whose ``null`` is meaningful ("derive it from the other sizes"), so only their type is checked.
 _NULLABLE = frozenset({"head_dim", "num_key_value_heads"})
@@ -49,6 +56,40 @@ class ShapeFact:
 
     def expected_size(self, value: Lookup) -> int:
         return int(self.expected(value) if self.expected is not None else value(self.fields[0]))
+
+
+def attention_shape_facts(
+    layer: str, head_dim: Callable[[Lookup], int], field_prefix: str = "", *, kv_heads_nullable: bool = False
+) -> tuple[ShapeFact, ShapeFact]:
+    """The two sizes one attention layer's weights pin down: ``q_proj`` rows = heads x head_dim and ``k_proj`` rows
+    = kv_heads x head_dim.
+
+    ``layer``: regex of the layer's weight-name prefix, ending in ``\\.`` (``r"^layers\\.0\\."``); ``head_dim``: the
+    model's own head-dim rule; ``field_prefix``: where the attention fields sit in config.json (``"text_config."``).
+    ``kv_heads_nullable``: a null ``num_key_value_heads`` means "as many as the attention heads" (the drafters read
+    it unresolved; targets' config classes resolve it themselves).
+    """
+    heads, kv_heads, dim = (field_prefix + f for f in ("num_attention_heads", "num_key_value_heads", "head_dim"))
+
+    def kv_count(v: Lookup) -> int:
+        return (v(kv_heads) or v(heads)) if kv_heads_nullable else v(kv_heads)
+
+    return (
+        ShapeFact(
+            (heads, dim),
+            layer + r"self_attn\.q_proj\.weight$",
+            0,
+            lambda v: v(heads) * head_dim(v),
+            "num_attention_heads x head_dim",
+        ),
+        ShapeFact(
+            (kv_heads, dim),
+            layer + r"self_attn\.k_proj\.weight$",
+            0,
+            lambda v: kv_count(v) * head_dim(v),
+            "num_key_value_heads x head_dim",
+        ),
+    )
 
 
 def raw_lookup(raw: Mapping, field: str) -> tuple[bool, Any]:

@@ -48,7 +48,13 @@ from transformers.cache_utils import Cache
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 from .attention_masks import prefix_mask
-from .config_weights import ShapeFact, check_integer_fields, check_shapes, load_pretrained_checked
+from .config_weights import (
+    ShapeFact,
+    attention_shape_facts,
+    check_integer_fields,
+    check_shapes,
+    load_pretrained_checked,
+)
 from .errors import UserError
 
 __all__ = [
@@ -410,20 +416,7 @@ _LLAVA_SHAPE_FACTS = (
     ShapeFact(("text_config.hidden_size",), r"embed_tokens\.weight$", 1),
     ShapeFact(("text_config.num_hidden_layers",), _LLAVA_TEXT + r"(\d+)\.", None),
     ShapeFact(("text_config.intermediate_size",), _LLAVA_TEXT + r"0\.mlp\.gate_proj\.weight$", 0),
-    ShapeFact(
-        ("text_config.num_attention_heads", "text_config.head_dim"),
-        _LLAVA_TEXT + r"0\.self_attn\.q_proj\.weight$",
-        0,
-        lambda v: v("text_config.num_attention_heads") * _llava_head_dim(v),
-        "num_attention_heads x head_dim",
-    ),
-    ShapeFact(
-        ("text_config.num_key_value_heads", "text_config.head_dim"),
-        _LLAVA_TEXT + r"0\.self_attn\.k_proj\.weight$",
-        0,
-        lambda v: v("text_config.num_key_value_heads") * _llava_head_dim(v),
-        "num_key_value_heads x head_dim",
-    ),
+    *attention_shape_facts(_LLAVA_TEXT + r"0\.", _llava_head_dim, "text_config."),
     ShapeFact(("vision_config.hidden_size",), _LLAVA_VISION + r"embeddings\.patch_embedding\.weight$", 0),
     ShapeFact(("vision_config.num_channels",), _LLAVA_VISION + r"embeddings\.patch_embedding\.weight$", 1),
     ShapeFact(("vision_config.patch_size",), _LLAVA_VISION + r"embeddings\.patch_embedding\.weight$", 2),

@@ -21,7 +21,7 @@ from pathlib import Path
 
 from ..errors import UserError, one_line
 from .convert_inputs import FORMATS, Source, iter_records, open_source
-from .convert_output import ShardOutput
+from .convert_output import ShardOutput, run_cli
 from .convert_samples import (
     IMAGE_FORMATS,
     Converted,
@@ -264,8 +264,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> None:
     a = build_parser().parse_args(argv)
-    try:
-        manifest = convert(
+    run_cli(
+        lambda: convert(
             a.inputs,
             a.out,
             image_root=a.image_root,
@@ -278,14 +278,11 @@ def main(argv: list[str] | None = None) -> None:
             image_format=a.image_format,
             drop_system=a.drop_system,
             progress=not a.no_progress,
-        )
-    except UserError as e:
-        raise SystemExit(f"error: {one_line(e)}") from None
-    except KeyboardInterrupt:
-        print(f"interrupted: rerun the same command to resume the conversion in {a.out}", file=sys.stderr)
-        raise SystemExit(130) from None
-    if manifest["counts"]["written"] == 0:
-        raise SystemExit(f"error: no record could be converted; the reasons are in {Path(a.out) / 'rejects.jsonl'}")
+        ),
+        a.out,
+        what="conversion",
+        none_written="no record could be converted",
+    )
 
 
 if __name__ == "__main__":

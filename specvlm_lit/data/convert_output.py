@@ -22,11 +22,13 @@ from __future__ import annotations
 import io
 import json
 import os
+import sys
 import tarfile
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 
-from ..errors import UserError
+from ..errors import UserError, one_line
 from ..utils.atomic import MARKER, atomic_file, check_replaceable, fsync_path, marker_text
 from .convert_inputs import sha256_file
 
@@ -267,3 +269,22 @@ class ShardOutput:
         if self._rejects is not None and not self._rejects.closed:
             self._rejects.close()
         self._unlock()
+
+
+def run_cli(job: Callable[[], dict], out: str | Path, *, what: str, none_written: str) -> dict:
+    """Run a shard-writing ``job`` for a command line: the converter's and the regenerator's shared epilogue.
+
+    A UserError becomes a one-line ``error:`` exit; Ctrl-C exits 130 saying that rerunning resumes the ``what``
+    (e.g. "conversion") in ``out``; a job that wrote nothing fails with ``none_written`` and where the reasons are.
+    Returns the job's manifest.
+    """
+    try:
+        manifest = job()
+    except UserError as e:
+        raise SystemExit(f"error: {one_line(e)}") from None
+    except KeyboardInterrupt:
+        print(f"interrupted: rerun the same command to resume the {what} in {out}", file=sys.stderr)
+        raise SystemExit(130) from None
+    if manifest["counts"]["written"] == 0:
+        raise SystemExit(f"error: {none_written}; the reasons are in {Path(out) / REJECTS}")
+    return manifest

@@ -31,18 +31,17 @@ import argparse
 import hashlib
 import json
 import logging
-import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..errors import UserError, one_line
+from ..errors import UserError
 from ..utils.atomic import check_replaceable
 from .conversation import IMAGE_PLACEHOLDER, ConversationError, encode_conversation, normalise
 from .convert import Progress
 from .convert_inputs import sha256_file
-from .convert_output import KIND, ShardOutput
+from .convert_output import KIND, ShardOutput, run_cli
 from .convert_samples import sample_key
 from .shards import SampleSkip, image_members
 from .sources import check_shards, is_remote, local_path
@@ -509,8 +508,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> None:
     a = build_parser().parse_args(argv)
     decoding = Decoding(a.temperature, a.top_p, a.top_k, a.seed, a.max_new_tokens, a.batch_size)
-    try:
-        manifest = regenerate(
+    run_cli(
+        lambda: regenerate(
             a.shards,
             a.out,
             target=a.target,
@@ -522,14 +521,11 @@ def main(argv: list[str] | None = None) -> None:
             dtype=a.dtype,
             device=a.device,
             progress=not a.no_progress,
-        )
-    except UserError as e:
-        raise SystemExit(f"error: {one_line(e)}") from None
-    except KeyboardInterrupt:
-        print(f"interrupted: rerun the same command to resume the regeneration in {a.out}", file=sys.stderr)
-        raise SystemExit(130) from None
-    if manifest["counts"]["written"] == 0:
-        raise SystemExit(f"error: no sample could be regenerated; the reasons are in {Path(a.out) / 'rejects.jsonl'}")
+        ),
+        a.out,
+        what="regeneration",
+        none_written="no sample could be regenerated",
+    )
 
 
 if __name__ == "__main__":

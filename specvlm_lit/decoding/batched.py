@@ -47,7 +47,7 @@ from ..targets.inputs import EncodedImages
 from .acceptance import WarpConfig, greedy_paths, truncate_at_eos
 from .configs import TreeConfig
 from .decoder import check_generate_inputs, sync
-from .speculative import SpeculativeDecoder, _single_image_grid
+from .speculative import PhaseTimes, SpeculativeDecoder, _single_image_grid
 from .tree import BatchedTreeBuilder
 
 __all__ = ["BatchSamplingError", "BatchedResult", "BatchedSpeculativeDecoder", "BatchedStats"]
@@ -58,7 +58,7 @@ class BatchSamplingError(UserError):
 
 
 @dataclass
-class BatchedStats:
+class BatchedStats(PhaseTimes):
     """Counters and timings of one :meth:`BatchedSpeculativeDecoder.generate` call.
 
     ``rounds`` = batched verification forwards; ``active_per_round`` = rows still decoding in each; per row:
@@ -74,11 +74,6 @@ class BatchedStats:
     active_per_round: list[int] = field(default_factory=list)
     tree_sizes: list[int] = field(default_factory=list)  # nodes per row (root included), per round
     total_tokens: int = 0
-    time_prefill: float = 0.0
-    time_draft: float = 0.0
-    time_verify: float = 0.0
-    time_other: float = 0.0
-    time_total: float = 0.0
 
     @property
     def sigma(self) -> list[float]:
@@ -86,7 +81,7 @@ class BatchedStats:
         return [n / (r + 1) if n else 0.0 for n, r in zip(self.new_tokens, self.verify_rounds)]
 
     def as_dict(self) -> dict:
-        d = {k: getattr(self, k) for k in self.__dataclass_fields__}
+        d = self._fields_dict()
         d["sigma"] = self.sigma
         return d
 

@@ -90,8 +90,29 @@ DebugHook = Callable[[str, dict], None]
 
 
 # ----------------------------------------------------------------------------------------------------- stats
+@dataclass(kw_only=True)
+class PhaseTimes:
+    """Wall-clock seconds of a decoding call by phase, shared by :class:`SpecStats` and ``BatchedStats``.
+
+    Keyword-only, so that the subclasses' own fields keep their positions in ``__init__``; :meth:`_fields_dict`
+    lists these last, where they were before they moved to this base.
+    """
+
+    time_prefill: float = 0.0
+    time_draft: float = 0.0
+    time_verify: float = 0.0
+    time_other: float = 0.0
+    time_total: float = 0.0
+
+    def _fields_dict(self) -> dict[str, Any]:
+        """The dataclass fields by name: the subclass's own first, then the phase times."""
+        phases = PhaseTimes.__dataclass_fields__
+        own = [k for k in self.__dataclass_fields__ if k not in phases]
+        return {k: getattr(self, k) for k in [*own, *phases]}
+
+
 @dataclass
-class SpecStats:
+class SpecStats(PhaseTimes):
     """Counters and timings of one :meth:`SpeculativeDecoder.generate` call (see the module doc for sigma).
 
     Times are wall-clock seconds (CUDA is synchronised at phase boundaries): ``time_prefill`` = image encoding (when
@@ -115,11 +136,6 @@ class SpecStats:
     target_kv_len: int = 0  # final target cache length
     total_tokens: int = 0  # tree budget used (resolved when the config says "auto")
     finished_by_eos: bool = False
-    time_prefill: float = 0.0
-    time_draft: float = 0.0
-    time_verify: float = 0.0
-    time_other: float = 0.0
-    time_total: float = 0.0
 
     @property
     def rounds(self) -> int:
@@ -137,7 +153,7 @@ class SpecStats:
         return (self.new_tokens - 1) / self.verify_rounds if self.verify_rounds else float("nan")
 
     def as_dict(self) -> dict[str, Any]:
-        d = {k: getattr(self, k) for k in self.__dataclass_fields__}
+        d = self._fields_dict()
         d.update(rounds=self.rounds, sigma=self.sigma, accept_length=self.accept_length)
         return d
 

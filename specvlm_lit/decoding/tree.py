@@ -391,10 +391,7 @@ class BatchedTreeBuilder:
         ``i``).  Returns the next frontier, or ``None`` once ``depth`` levels
         exist (then call :meth:`build`).
         """
-        if not self._started:
-            raise RuntimeError("call start() before expand()")
-        if self._done:
-            raise RuntimeError(f"tree already has depth {self.depth}; call build()")
+        self._check_expandable()
         b, m = self._frontier.shape
         if tuple(frontier_logprobs.shape) != (b, m, self.vocab_size):
             raise ValueError(
@@ -402,6 +399,13 @@ class BatchedTreeBuilder:
                 f"(batch, frontier size, vocab), got {tuple(frontier_logprobs.shape)}"
             )
         return self._expand(frontier_logprobs)
+
+    def _check_expandable(self) -> None:
+        """The state guard of :meth:`expand`, shared with :class:`TreeBuilder` (which checks another shape)."""
+        if not self._started:
+            raise RuntimeError("call start() before expand()")
+        if self._done:
+            raise RuntimeError(f"tree already has depth {self.depth}; call build()")
 
     def _expand(self, frontier_logprobs: Tensor) -> Frontier | None:
         lp = frontier_logprobs.detach().float().to(self.device)
@@ -538,17 +542,8 @@ class TreeBuilder(BatchedTreeBuilder):
         return self._squeeze(self._start(torch.tensor([self.root_token]), root_logprobs[None]))
 
     def expand(self, frontier_logprobs: Tensor) -> Frontier | None:
-        """Add the children of the current frontier.
-
-        ``frontier_logprobs``: ``[m, V]`` draft log-probs at each frontier node
-        (row ``i`` = the distribution of the token following frontier node
-        ``i``).  Returns the next frontier, or ``None`` once ``depth`` levels
-        exist (then call :meth:`build`).
-        """
-        if not self._started:
-            raise RuntimeError("call start() before expand()")
-        if self._done:
-            raise RuntimeError(f"tree already has depth {self.depth}; call build()")
+        """:meth:`BatchedTreeBuilder.expand` for one tree: ``frontier_logprobs [m, V]``, an unbatched frontier."""
+        self._check_expandable()
         m = self._frontier.shape[1]
         if frontier_logprobs.dim() != 2 or tuple(frontier_logprobs.shape) != (m, self.vocab_size):
             raise ValueError(

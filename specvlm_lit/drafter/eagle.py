@@ -38,7 +38,7 @@ from transformers.masking_utils import create_causal_mask
 from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRMSNorm, LlamaRotaryEmbedding
 
 from ..attention_masks import as_additive
-from ..config_weights import ShapeFact
+from ..config_weights import ShapeFact, attention_shape_facts
 from ..target import TargetAdapter
 from .base import (
     DrafterLoadError,
@@ -389,20 +389,7 @@ def _drafter_head_dim(value) -> int:
 _DRAFTER_FACTS = (
     ShapeFact(("hidden_size",), r"^norm_embeds\.weight$", 0),
     ShapeFact(("intermediate_size",), r"^layer\.mlp\.gate_proj\.weight$", 0),
-    ShapeFact(
-        ("num_attention_heads", "head_dim"),
-        r"^layer\.self_attn\.q_proj\.weight$",
-        0,
-        lambda v: v("num_attention_heads") * _drafter_head_dim(v),
-        "num_attention_heads x head_dim",
-    ),
-    ShapeFact(
-        ("num_key_value_heads", "head_dim"),
-        r"^layer\.self_attn\.k_proj\.weight$",
-        0,
-        lambda v: (v("num_key_value_heads") or v("num_attention_heads")) * _drafter_head_dim(v),
-        "num_key_value_heads x head_dim",
-    ),
+    *attention_shape_facts(r"^layer\.", _drafter_head_dim, kv_heads_nullable=True),
 )
 
 EagleVLMDrafter.shape_facts = _DRAFTER_FACTS

@@ -35,7 +35,7 @@ from transformers.models.llama.modeling_llama import (
     LlamaRotaryEmbedding,
 )
 
-from ..config_weights import ShapeFact
+from ..config_weights import ShapeFact, attention_shape_facts
 from ..target import TargetAdapter
 from .base import IMAGE_ROWS, DrafterOutput, DraftModel, register_drafter
 from .compressor import Compressor, build_compressor
@@ -302,20 +302,7 @@ class Eagle3VLMDrafter(DraftModel):
 Eagle3VLMDrafter.shape_facts = (
     ShapeFact(("hidden_size",), r"^norm\.weight$", 0),
     ShapeFact(("intermediate_size",), r"^layers\.0\.mlp\.gate_proj\.weight$", 0),
-    ShapeFact(
-        ("num_attention_heads", "head_dim"),
-        r"^layers\.0\.self_attn\.q_proj\.weight$",
-        0,
-        lambda v: v("num_attention_heads") * _drafter_head_dim(v),
-        "num_attention_heads x head_dim",
-    ),
-    ShapeFact(
-        ("num_key_value_heads", "head_dim"),
-        r"^layers\.0\.self_attn\.k_proj\.weight$",
-        0,
-        lambda v: (v("num_key_value_heads") or v("num_attention_heads")) * _drafter_head_dim(v),
-        "num_key_value_heads x head_dim",
-    ),
+    *attention_shape_facts(r"^layers\.0\.", _drafter_head_dim, kv_heads_nullable=True),
     ShapeFact(
         ("vocab_size",),  # draft_vocab_size may be null (= vocab_size), so it cannot be the integer-checked field
         r"^lm_head\.weight$",

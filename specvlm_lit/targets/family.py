@@ -20,7 +20,7 @@ from typing import ClassVar
 
 import torch
 
-from ..config_weights import ShapeFact
+from ..config_weights import ShapeFact, attention_shape_facts
 from ..target import TargetAdapter
 from .inputs import EncodedImages, PromptInputs, VisualInputs, VisualLayout
 from .processor import FamilyProcessor, PromptError
@@ -51,20 +51,7 @@ _TEXT_SHAPE_FACTS = (
     ShapeFact(("text_config.hidden_size",), r"embed_tokens\.weight$", 1),
     ShapeFact(("text_config.num_hidden_layers",), _TEXT + r"(\d+)\.", None),
     ShapeFact(("text_config.intermediate_size",), _TEXT + r"0\.mlp\.gate_proj\.weight$", 0),
-    ShapeFact(
-        ("text_config.num_attention_heads", "text_config.head_dim"),
-        _TEXT + r"0\.self_attn\.q_proj\.weight$",
-        0,
-        lambda v: v("text_config.num_attention_heads") * _head_dim(v),
-        "num_attention_heads x head_dim",
-    ),
-    ShapeFact(
-        ("text_config.num_key_value_heads", "text_config.head_dim"),
-        _TEXT + r"0\.self_attn\.k_proj\.weight$",
-        0,
-        lambda v: v("text_config.num_key_value_heads") * _head_dim(v),
-        "num_key_value_heads x head_dim",
-    ),
+    *attention_shape_facts(_TEXT + r"0\.", _head_dim, "text_config."),
 )
 
 

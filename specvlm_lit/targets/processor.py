@@ -107,15 +107,10 @@ class FamilyProcessor:
         """Load from a local checkpoint directory (never the network); the family comes from its config.json."""
         from transformers import AutoConfig, AutoImageProcessor, AutoTokenizer
 
-        from ..target import _ADAPTERS, TargetLoadError, read_model_config, supported_model_types
+        from ..target import _ADAPTERS, TargetLoadError, supported_model_types
 
         path = Path(path).expanduser()
-        raw = read_model_config(
-            path / "config.json",
-            TargetLoadError,
-            missing="Pass the target checkpoint directory.",
-            fix="Restore config.json from the original checkpoint.",
-        )
+        raw = _read_target_config(path)
         if adapter_cls is None:
             adapter_cls = _ADAPTERS.get(raw["model_type"])
             if adapter_cls is None or not hasattr(adapter_cls, "image_layouts"):
@@ -317,22 +312,29 @@ class FamilyProcessor:
         )
 
 
+def _read_target_config(path: Path) -> dict:
+    """The parsed ``config.json`` of the target checkpoint directory ``path`` (one-line TargetLoadError if bad)."""
+    from ..target import TargetLoadError, read_model_config
+
+    return read_model_config(
+        path / "config.json",
+        TargetLoadError,
+        missing="Pass the target checkpoint directory.",
+        fix="Restore config.json from the original checkpoint.",
+    )
+
+
 def load_prompt_builder(path):
     """The prompt builder of the target checkpoint at ``path`` (no model loaded): :class:`FamilyProcessor` for the
     families with an adapter in this package, the Vicuna-format :class:`~.llava.LlavaPromptProcessor` for LLaVA-1.5.
     Both have ``tokenizer``, ``image_processor``, ``render`` and ``render_conversation``."""
     from transformers import AutoConfig
 
-    from ..target import _ADAPTERS, TargetLoadError, read_model_config, supported_model_types
+    from ..target import _ADAPTERS, TargetLoadError, supported_model_types
     from .llava import LlavaPromptProcessor
 
     path = Path(path).expanduser()
-    raw = read_model_config(
-        path / "config.json",
-        TargetLoadError,
-        missing="Pass the target checkpoint directory.",
-        fix="Restore config.json from the original checkpoint.",
-    )
+    raw = _read_target_config(path)
     adapter_cls = _ADAPTERS.get(raw["model_type"])
     if adapter_cls is None:
         raise TargetLoadError(
