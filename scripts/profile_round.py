@@ -40,37 +40,14 @@ from specvlm_lit.decoding.speculative import SpeculativeDecoder, TreeConfig  # n
 
 
 def _tiny_target():
-    """A random LLaVA with the embedded target's shape family but tiny (2 layers of width 64), and its inputs."""
-    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+    """The tests' tiny random LLaVA (2 layers of width 64, LLaVA-1.5-shaped), for a quick run of the script."""
+    from transformers import LlavaForConditionalGeneration
 
     from specvlm_lit.target import TargetAdapter
+    from tests.test_target_adapter import tiny_llava_config
 
     torch.manual_seed(0)
-    cfg = LlavaConfig(
-        vision_config=CLIPVisionConfig(
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=2,
-            image_size=32,
-            patch_size=8,
-            projection_dim=32,
-        ),
-        text_config=LlamaConfig(
-            hidden_size=64,
-            intermediate_size=128,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            vocab_size=120,
-            max_position_embeddings=512,
-        ),
-        image_token_id=119,
-        vision_feature_layer=-2,
-        vision_feature_select_strategy="default",
-        projector_hidden_act="gelu",
-    )
-    return TargetAdapter(LlavaForConditionalGeneration(cfg).eval())
+    return TargetAdapter(LlavaForConditionalGeneration(tiny_llava_config()).eval())
 
 
 def _tiny_prompts(adapter, n: int):

@@ -56,3 +56,26 @@ def chi2_pvalue_of_cells(obs, exp) -> float:
             torch.tensor(dof / 2.0, dtype=torch.float64), torch.tensor(stat / 2.0, dtype=torch.float64)
         )
     )
+
+
+def tree_from_parents(parents: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Reference ancestor-or-self mask ``[n, n]`` and depths ``[n]`` of a tree given by parent indices (-1 = root),
+    built node by node (independently of the decoder's own tree code)."""
+    n = len(parents)
+    mask = torch.zeros(n, n, dtype=torch.bool)
+    depth = torch.zeros(n, dtype=torch.long)
+    for i, p in enumerate(parents):
+        mask[i, i] = True
+        if p >= 0:
+            mask[i] |= mask[p]
+            depth[i] = depth[p] + 1
+    return mask, depth
+
+
+def root_path(parents: list[int], node: int) -> list[int]:
+    """Node indices from the root to ``node``."""
+    out = []
+    while node >= 0:
+        out.append(node)
+        node = parents[node]
+    return out[::-1]

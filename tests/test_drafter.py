@@ -23,6 +23,7 @@ from specvlm_lit.drafter.eagle import (
 from specvlm_lit.drafter.sequence import build_draft_sequence
 from specvlm_lit.target import TargetAdapter
 from specvlm_lit.utils.atomic import MARKER, ForeignDirectoryError
+from tests.helpers import root_path, tree_from_parents
 from tests.test_target_adapter import IMAGE_TOKEN_ID, build_tiny_llava, make_vlm_inputs, tiny_llava_config
 
 torch.set_num_threads(1)
@@ -66,26 +67,6 @@ def make_drafter(adapter, seed=0, **overrides) -> EagleVLMDrafter:
 def rows(b, t, h=64, seed=0):
     g = torch.Generator().manual_seed(seed)
     return 0.02 * torch.randn(b, t, h, generator=g), torch.randn(b, t, h, generator=g)
-
-
-def tree(parents):
-    n = len(parents)
-    mask = torch.zeros(n, n, dtype=torch.bool)
-    depth = torch.zeros(n, dtype=torch.long)
-    for i, p in enumerate(parents):
-        mask[i, i] = True
-        if p >= 0:
-            mask[i] |= mask[p]
-            depth[i] = depth[p] + 1
-    return mask, depth
-
-
-def path(parents, node):
-    out = []
-    while node >= 0:
-        out.append(node)
-        node = parents[node]
-    return out[::-1]
 
 
 # ---------------------------------------------------------------------------------------------------- config
@@ -175,12 +156,12 @@ def test_tree_mask_matches_root_to_node_paths(adapter, attn):
     e, f = rows(1, p + n, seed=1)
     cache = drafter.new_cache()
     drafter(e[:, :p], f[:, :p], past_key_values=cache)
-    mask, depth = tree(PARENTS)
+    mask, depth = tree_from_parents(PARENTS)
     mask4d = prefix_mask(mask, p, adapter.dtype, adapter.device)  # the decoder's convention: additive [1,1,n,p+n]
     out = drafter(e[:, p:], f[:, p:], position_ids=(p + depth)[None], attention_mask=mask4d, past_key_values=cache)
     assert cache.get_seq_length() == p + n
     for node in range(n):
-        nodes = [p + i for i in path(PARENTS, node)]
+        nodes = [p + i for i in root_path(PARENTS, node)]
         idx = list(range(p)) + nodes
         ref = drafter(e[:, idx], f[:, idx])  # plain causal forward over prefix + root-to-node path
         torch.testing.assert_close(out.hidden[0, node], ref.hidden[0, -1], atol=ATOL, rtol=0)
@@ -197,7 +178,7 @@ def test_compact_and_crop_cache(adapter):
     e, f = rows(1, p + n + 1, seed=2)
     cache = drafter.new_cache()
     drafter(e[:, :p], f[:, :p], past_key_values=cache)
-    mask, depth = tree(PARENTS)
+    mask, depth = tree_from_parents(PARENTS)
     drafter(
         e[:, p : p + n],
         f[:, p : p + n],
@@ -205,7 +186,7 @@ def test_compact_and_crop_cache(adapter):
         attention_mask=prefix_mask(mask, p, adapter.dtype, adapter.device),
         past_key_values=cache,
     )
-    keep = torch.tensor(path(PARENTS, 7))  # accepted path 0 -> 2 -> 5 -> 7
+    keep = torch.tensor(root_path(PARENTS, 7))  # accepted path 0 -> 2 -> 5 -> 7
     kv_cache.compact(cache, p, keep)
     assert cache.get_seq_length() == p + len(keep)
     nxt = drafter(e[:, -1:], f[:, -1:], past_key_values=cache)

@@ -29,6 +29,7 @@ from specvlm_lit.targets import (
 from specvlm_lit.targets.processor import _torchvision_available
 from tests.families.build import FAMILIES, build_family
 from tests.families.reference import IMAGE_SIZES, hf_processor, image
+from tests.helpers import root_path, tree_from_parents
 
 ATOL = 1e-4  # logits are O(10) at the raised init scale; float32 reorderings differ by ~2e-5
 QWEN = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
@@ -294,26 +295,6 @@ def test_cached_greedy_equals_hf_generate_and_depends_on_image(fam):
 
 
 # -------------------------------------------------------------------------------------------- verification
-def _tree(parents):
-    n = len(parents)
-    mask = torch.zeros(n, n, dtype=torch.bool)
-    depth = torch.zeros(n, dtype=torch.long)
-    for i, p in enumerate(parents):
-        mask[i, i] = True
-        if p >= 0:
-            mask[i] |= mask[p]
-            depth[i] = depth[p] + 1
-    return mask, depth
-
-
-def _path(parents, node):
-    path = []
-    while node >= 0:
-        path.append(node)
-        node = parents[node]
-    return path[::-1]
-
-
 CHAIN = [-1, 0, 1, 2, 3]
 BRANCHING = [-1, 0, 0, 1, 2, 2, 3, 5]
 
@@ -332,12 +313,12 @@ def test_tree_forward_equals_hf_on_every_path(fam, parents):
     ad = fam.adapter
     prompt, ref, cache = _prefilled(fam, *multi_turn())
     p = prompt.input_ids.shape[1]
-    mask, depth = _tree(parents)
+    mask, depth = tree_from_parents(parents)
     tokens = fam.text_ids(len(parents), seed=len(parents))
     tree = ad.tree_forward(tokens, (p + depth)[None], mask, cache)
     assert cache.get_seq_length() == p + len(parents)
     for node in range(len(parents)):
-        path = tokens[:, _path(parents, node)]
+        path = tokens[:, root_path(parents, node)]
         torch.testing.assert_close(tree.logits[0, node], hf_logits(fam, ref, path)[0, -1], atol=ATOL, rtol=0)
     if parents == CHAIN:
         _, _, seq_cache = _prefilled(fam, *multi_turn())
@@ -351,10 +332,10 @@ def test_compaction_after_partial_accept_is_exact(fam):
     messages, images = single(40, 90, seed=3)
     prompt, ref, cache = _prefilled(fam, messages, images)
     p = prompt.input_ids.shape[1]
-    mask, depth = _tree(BRANCHING)
+    mask, depth = tree_from_parents(BRANCHING)
     tokens = fam.text_ids(len(BRANCHING), seed=21)
     ad.tree_forward(tokens, (p + depth)[None], mask, cache)
-    path = _path(BRANCHING, 7)  # [0, 2, 5, 7]: a partial accept through second-ranked siblings
+    path = root_path(BRANCHING, 7)  # [0, 2, 5, 7]: a partial accept through second-ranked siblings
     kv_cache.compact(cache, p, torch.tensor(path))
     assert cache.get_seq_length() == p + len(path)
     fresh = ad.new_cache()
