@@ -263,8 +263,9 @@ class OnlineDistillation(L.LightningModule):
         seqs, rows = [], []
         for i, n in enumerate(lengths):
             # A sample holds any number of images (none: text only); one grid per image, compressed per image.
-            grid = [layout.grid for layout in self.target.layouts_of(sample_images(batch, i))]  # family's layout
-            n_vis = int((ids[i, :n] == self.target.image_token_id).sum())
+            layouts = self.target.layouts_of(sample_images(batch, i))  # the family's layout of each image
+            grid = [layout.grid for layout in layouts]
+            n_vis = sum(layout.num_tokens for layout in layouts)  # from the layout: no device count (host sync)
             answer_pos = loss_mask[i].nonzero()
             seq = build_draft_sequence(
                 embeds[i],
