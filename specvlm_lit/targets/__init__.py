@@ -6,11 +6,12 @@ imports this package at its end so every family is registered whenever the base 
 
 from . import llava, llava_next, llava_onevision, qwen_vl  # noqa: F401 - registers the adapters
 from .family import FamilyAdapter, ImageTooSmallError
-from .inputs import EncodedImages, PromptInputs, VisualInputs, VisualLayout
+from .inputs import EncodedImages, GridPiece, PromptInputs, VisualInputs, VisualLayout
 from .llava import LlavaPromptProcessor
 from .processor import FamilyProcessor, PromptError, VideoUnsupportedError, load_prompt_builder
 
 __all__ = [
+    "GridPiece",
     "EncodedImages",
     "FamilyAdapter",
     "FamilyProcessor",

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field, fields, replace
 
 import torch
 
-__all__ = ["EncodedImages", "PromptInputs", "VisualInputs", "VisualLayout"]
+__all__ = ["EncodedImages", "GridPiece", "PromptInputs", "VisualInputs", "VisualLayout"]
 
 
 @dataclass
@@ -152,6 +152,44 @@ class VisualLayout:
         if len(self.segments) == 1 and self.frames == 1 and self.segments[0][0] in ("grid", "merged"):
             return self.segments[0][1], self.segments[0][2]
         return None
+
+    def pieces(self) -> list[GridPiece]:
+        """The layout as plain patch grids, in token order: each ``"grid"`` segment, the unpadded AnyRes tile grid
+        without its newline tokens, each frame of a ``"merged"`` segment. ``index`` are the grid's tokens, row-major,
+        as offsets into this image's run of placeholder tokens; tokens in no piece (AnyRes newlines) are
+        :meth:`extra_indices`. Grid compressors (pool, conv) work piece by piece."""
+        out, at = [], 0
+        for kind, rows, cols in self.segments:
+            if kind == "tiles":
+                index = (torch.arange(rows)[:, None] * (cols + 1) + torch.arange(cols)[None, :]).flatten() + at
+                out.append(GridPiece(index, rows, cols))
+                at += rows * (cols + 1)
+            else:
+                for _ in range(self.frames if kind == "merged" else 1):
+                    out.append(GridPiece(torch.arange(at, at + rows * cols), rows, cols))
+                    at += rows * cols
+        return out
+
+    def extra_indices(self) -> torch.Tensor:
+        """Offsets of the tokens no grid piece holds (AnyRes ``image_newline`` tokens), ascending."""
+        covered = torch.zeros(self.num_tokens, dtype=torch.bool)
+        for piece in self.pieces():
+            covered[piece.index] = True
+        return (~covered).nonzero().flatten()
+
+    @classmethod
+    def plain(cls, rows: int, cols: int) -> VisualLayout:
+        """One plain ``rows x cols`` patch grid (LLaVA-1.5)."""
+        return cls([("grid", int(rows), int(cols))])
+
+
+@dataclass
+class GridPiece:
+    """One plain patch grid inside an image's placeholder tokens (see :meth:`VisualLayout.pieces`)."""
+
+    index: torch.Tensor  # [rows * cols] long: offsets into the image's run of tokens, row-major
+    rows: int
+    cols: int
 
 
 @dataclass
