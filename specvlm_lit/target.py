@@ -626,12 +626,6 @@ class TargetAdapter:
         return int(token_id)
 
     @property
-    def visual_token_ids(self) -> tuple[int, ...]:
-        """Every placeholder id whose rows carry visual embeddings (image; video for families that have it), which
-        the draft sequence compresses. The layouts of :meth:`layouts_of` cover these tokens' runs in prompt order."""
-        return (self.image_token_id,)
-
-    @property
     def dtype(self) -> torch.dtype:
         return self.embed_tokens.weight.dtype
 

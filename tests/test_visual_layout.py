@@ -29,5 +29,17 @@ def test_merged_frames_are_one_piece_each():
 
 
 def test_plain_grid():
-    layout = VisualLayout.plain(3, 4)
+    layout = VisualLayout([("grid", 3, 4)])
     assert layout.grid == (3, 4) and len(layout.pieces()) == 1 and layout.pieces()[0].index.tolist() == list(range(12))
+
+
+def test_cls_and_single_newline_are_extras_not_grids():
+    full = VisualLayout([("cls", 1, 1), ("grid", 2, 3)])  # LLaVA "full" strategy: CLS row, then the patch grid
+    pieces, index = _covered(full)
+    assert [(p.rows, p.cols) for p in pieces] == [(2, 3)] and pieces[0].index.tolist() == list(range(1, 7))
+    assert full.extra_indices().tolist() == [0] and sorted(index.tolist()) == list(range(full.num_tokens))
+
+    base_only = VisualLayout([("grid", 2, 2), ("newline", 1, 1)])  # LLaVA-NeXT image without tiles
+    pieces, index = _covered(base_only)
+    assert [(p.rows, p.cols) for p in pieces] == [(2, 2)] and base_only.extra_indices().tolist() == [4]
+    assert sorted(index.tolist()) == list(range(base_only.num_tokens)) == list(range(5))

@@ -11,10 +11,10 @@ from .llava import LlavaPromptProcessor
 from .processor import FamilyProcessor, PromptError, VideoUnsupportedError, load_prompt_builder
 
 __all__ = [
-    "GridPiece",
     "EncodedImages",
     "FamilyAdapter",
     "FamilyProcessor",
+    "GridPiece",
     "ImageTooSmallError",
     "LlavaPromptProcessor",
     "PromptError",

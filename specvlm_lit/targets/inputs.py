@@ -130,21 +130,33 @@ class EncodedImages(list):
 class VisualLayout:
     """How one image's placeholder tokens are laid out (row-major), for compressors and the draft sequence.
 
-    ``segments``: consecutive blocks, each ``(kind, rows, cols)``: ``"grid"`` (a plain patch grid), ``"tiles"``
-    (AnyRes: the unpadded tile grid, each row followed by one ``image_newline`` token, so it spans
-    ``rows * (cols + 1)`` tokens) or ``"merged"`` (Qwen: ``spatial_merge_size``-merged patches, ``t`` frames of
-    ``rows x cols``; ``frames`` says how many). ``num_tokens`` is the total.
+    ``segments``: consecutive blocks, each ``(kind, rows, cols)``:
+
+    * ``"grid"``: a plain ``rows x cols`` patch grid;
+    * ``"tiles"``: AnyRes, the unpadded tile grid with one ``image_newline`` token after each row, so it spans
+      ``rows * (cols + 1)`` tokens;
+    * ``"merged"``: Qwen, ``spatial_merge_size``-merged patches, ``frames`` frames of ``rows x cols`` each;
+    * ``"cls"`` / ``"newline"``: single tokens outside any grid (the CLS row of LLaVA's ``full`` feature strategy,
+      the one trailing ``image_newline`` of a LLaVA-NeXT base-only image); ``rows = cols = 1``.
+
+    ``num_tokens`` is the total.
     """
 
     segments: list[tuple[str, int, int]]
     frames: int = 1
 
+    # Kinds whose tokens form patch grids (pieces); every other kind is single tokens outside any grid.
+    _GRID_KINDS = ("grid", "tiles", "merged")
+
+    def _span(self, kind: str, rows: int, cols: int) -> int:
+        """How many placeholder tokens one segment occupies."""
+        if kind == "tiles":
+            return rows * (cols + 1)
+        return rows * cols * (self.frames if kind == "merged" else 1)
+
     @property
     def num_tokens(self) -> int:
-        total = 0
-        for kind, rows, cols in self.segments:
-            total += rows * (cols + 1) if kind == "tiles" else rows * cols * (self.frames if kind == "merged" else 1)
-        return total
+        return sum(self._span(*segment) for segment in self.segments)
 
     @property
     def grid(self) -> tuple[int, int] | None:
@@ -156,31 +168,26 @@ class VisualLayout:
     def pieces(self) -> list[GridPiece]:
         """The layout as plain patch grids, in token order: each ``"grid"`` segment, the unpadded AnyRes tile grid
         without its newline tokens, each frame of a ``"merged"`` segment. ``index`` are the grid's tokens, row-major,
-        as offsets into this image's run of placeholder tokens; tokens in no piece (AnyRes newlines) are
+        as offsets into this image's run of placeholder tokens; tokens in no piece (AnyRes newlines, CLS) are
         :meth:`extra_indices`. Grid compressors (pool, conv) work piece by piece."""
         out, at = [], 0
         for kind, rows, cols in self.segments:
             if kind == "tiles":
                 index = (torch.arange(rows)[:, None] * (cols + 1) + torch.arange(cols)[None, :]).flatten() + at
                 out.append(GridPiece(index, rows, cols))
-                at += rows * (cols + 1)
-            else:
-                for _ in range(self.frames if kind == "merged" else 1):
-                    out.append(GridPiece(torch.arange(at, at + rows * cols), rows, cols))
-                    at += rows * cols
+            elif kind in self._GRID_KINDS:
+                for frame in range(self.frames if kind == "merged" else 1):
+                    first = at + frame * rows * cols
+                    out.append(GridPiece(torch.arange(first, first + rows * cols), rows, cols))
+            at += self._span(kind, rows, cols)
         return out
 
     def extra_indices(self) -> torch.Tensor:
-        """Offsets of the tokens no grid piece holds (AnyRes ``image_newline`` tokens), ascending."""
+        """Offsets of the tokens no grid piece holds (AnyRes ``image_newline`` tokens, CLS), ascending."""
         covered = torch.zeros(self.num_tokens, dtype=torch.bool)
         for piece in self.pieces():
             covered[piece.index] = True
         return (~covered).nonzero().flatten()
-
-    @classmethod
-    def plain(cls, rows: int, cols: int) -> VisualLayout:
-        """One plain ``rows x cols`` patch grid (LLaVA-1.5)."""
-        return cls([("grid", int(rows), int(cols))])
 
 
 @dataclass
