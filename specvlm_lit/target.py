@@ -626,6 +626,15 @@ class TargetAdapter:
         return int(token_id)
 
     @property
+    def visual_token_ids(self) -> tuple[int, ...]:
+        """Every placeholder id visual features are scattered into (families with video add the video token)."""
+        return (self.image_token_id,)
+
+    def visual_token_mask(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """``input_ids`` positions that hold a visual placeholder (image or video token)."""
+        return torch.isin(input_ids, torch.tensor(self.visual_token_ids, device=input_ids.device))
+
+    @property
     def dtype(self) -> torch.dtype:
         return self.embed_tokens.weight.dtype
 
@@ -827,10 +836,11 @@ class TargetAdapter:
     def embed(
         self, input_ids: torch.Tensor, image_features: Sequence[torch.Tensor] | torch.Tensor | None = None
     ) -> torch.Tensor:
-        """Token embeddings ``[B, T, H]`` with visual features written into the image-placeholder positions.
+        """Token embeddings ``[B, T, H]`` with visual features written into the visual-placeholder positions.
 
         Features are consumed in row-major order of the placeholders (all of sample 0, then sample 1, ...), the
-        same convention as HF. Without ``image_features`` the placeholders keep their token embedding (as in HF).
+        same convention as HF's separate image / video scatters. Without ``image_features`` the placeholders keep
+        their token embedding (as in HF).
         """
         embeds = self.embed_tokens(input_ids.to(self.device))
         if image_features is None:
@@ -841,16 +851,16 @@ class TargetAdapter:
             feats = embeds.new_zeros((0, embeds.shape[-1]))
         else:
             feats = torch.cat(list(image_features), dim=0).to(device=embeds.device, dtype=embeds.dtype)
-        mask = input_ids.to(embeds.device) == self.image_token_id
+        mask = self.visual_token_mask(input_ids.to(embeds.device))
         n_tokens = int(mask.sum())
         if n_tokens != feats.shape[0]:
             raise ValueError(
-                f"Image tokens and image features do not match: input_ids contain {n_tokens} image tokens "
-                f"(id {self.image_token_id}) but {feats.shape[0]} feature vectors were given. Expand each image "
-                f"placeholder to num_visual_tokens(h, w) tokens."
+                f"Visual tokens and visual features do not match: input_ids contain {n_tokens} visual tokens "
+                f"(ids {self.visual_token_ids}) but {feats.shape[0]} feature vectors were given. Render the prompt "
+                f"with adapter.render_prompt(...) so each placeholder is expanded to its visual tokens."
             )
         if feats.shape[-1] != embeds.shape[-1]:
-            raise ValueError(f"Image features have width {feats.shape[-1]}, expected hidden size {embeds.shape[-1]}.")
+            raise ValueError(f"Visual features have width {feats.shape[-1]}, expected hidden size {embeds.shape[-1]}.")
         return embeds.masked_scatter(mask.unsqueeze(-1), feats)
 
     # ----------------------------------------------------------------------------------------------- forward

@@ -209,7 +209,7 @@ def test_refuses_sampling_adaptive_and_bad_input():
     ids, feats = _requests(adapter, REQUESTS[:1])[0]
     with pytest.raises(ValueError, match="max_new_tokens"):
         dec.generate([ids], image_features=[feats], max_new_tokens=0)
-    with pytest.raises(ValueError, match="image tokens"):
+    with pytest.raises(ValueError, match="visual tokens"):
         dec.generate([ids], max_new_tokens=4, image_features=[[feats[0][:3]]])
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import shutil
 
+import numpy as np
 import pytest
 import torch
 from transformers import AutoConfig
@@ -409,18 +410,22 @@ def test_processor_disagreeing_with_model_names_both_values(family, family_dirs)
         FamilyProcessor(proc.adapter_cls, config, proc.tokenizer, proc.image_processor, proc.chat_template)
 
 
-def _video_messages():
-    return [{"role": "user", "content": [{"type": "video"}, {"type": "text", "text": "What happens?"}]}]
+def _video_messages(video=None):
+    item = {"type": "video"} if video is None else {"type": "video", "video": video}
+    return [{"role": "user", "content": [item, {"type": "text", "text": "What happens?"}]}]
 
 
 def test_video_errors(family_dirs):
-    with pytest.raises(VideoUnsupportedError, match="images only"):
+    with pytest.raises(VideoUnsupportedError, match="llava_next targets take images only"):
         FamilyProcessor.load(family_dirs["llava_next"]).render(_video_messages())
     qwen = FamilyProcessor.load(family_dirs["qwen2_5_vl"])
+    with pytest.raises(PromptError, match="1 video placeholder.*0 video"):
+        qwen.render(_video_messages())
     if _torchvision_available():
         pytest.skip("torchvision is installed: the missing-torchvision error cannot occur")
+    raw = np.zeros((4, 32, 32, 3), dtype=np.uint8)  # frames: they need the HF video processor
     with pytest.raises(VideoUnsupportedError, match="torchvision"):
-        qwen.render(_video_messages())
+        qwen.render(_video_messages(raw))
 
 
 @pytest.mark.parametrize("family,size", [("qwen2_5_vl", (10, 40)), ("llava_next", (4, 60)), ("qwen3_vl", (2000, 9))])

@@ -714,7 +714,7 @@ def test_bad_inputs_raise_before_model_work():
         (dict(input_ids=ids + 1000, max_new_tokens=2), "outside"),
         (dict(input_ids=ids, max_new_tokens=2, eos_token_id="x"), "eos_token_id"),
         (dict(input_ids=ids, image_features=feats, pixel_values=torch.zeros(1, 3, 16, 16), max_new_tokens=2), "either"),
-        (dict(input_ids=ids, image_features=[torch.zeros(3, 64)], max_new_tokens=2), "image tokens"),
+        (dict(input_ids=ids, image_features=[torch.zeros(3, 64)], max_new_tokens=2), "visual tokens"),
     ]:
         kwargs.setdefault("image_features", feats if kwargs.get("input_ids") is ids else None)
         with pytest.raises(ValueError, match=match):

@@ -433,7 +433,7 @@ def test_embed_checks_image_token_count(adapter):
     emb = adapter.embed(ids, feats)
     pos = (ids[0] == IMAGE_TOKEN_ID).nonzero()[:, 0]
     torch.testing.assert_close(emb[0, pos], feats[0])
-    with pytest.raises(ValueError, match="4 image tokens.*16 feature vectors"):
+    with pytest.raises(ValueError, match="4 visual tokens.*16 feature vectors"):
         adapter.embed(ids, adapter.encode_images([torch.randn(3, 32, 32)]))
     with pytest.raises(ValueError, match="either image_features or pixel_values"):
         adapter.forward(ids, image_features=feats, pixel_values=images)

@@ -47,7 +47,7 @@ class AutoregressiveDecoder(TargetDecoder):
         ad = self.adapter
         dev = ad.device
         ids = input_ids.to(dev, torch.long)
-        stats = SpecStats(prompt_len=int(ids.shape[1]), target_visual_tokens=int((ids == ad.image_token_id).sum()))
+        stats = SpecStats(prompt_len=int(ids.shape[1]), target_visual_tokens=int(ad.visual_token_mask(ids).sum()))
         if pixel_values is not None:
             image_features = ad.encode_images(pixel_values)
         cache = ad.new_cache()

@@ -78,10 +78,10 @@ def check_generate_inputs(
         if isinstance(image_features, Tensor):
             image_features = [image_features] if image_features.dim() == 2 else list(image_features)
         n_feat = sum(int(f.shape[0]) for f in image_features)
-        n_tok = int((input_ids == adapter.image_token_id).sum())
+        n_tok = int(adapter.visual_token_mask(input_ids).sum())
         if n_feat != n_tok:
             raise ValueError(
-                f"input_ids contain {n_tok} image tokens but image_features hold {n_feat} vectors; expand each "
+                f"input_ids contain {n_tok} visual tokens but image_features hold {n_feat} vectors; expand each "
                 f"image placeholder to its number of visual tokens."
             )
     if generator is not None and not isinstance(generator, torch.Generator):

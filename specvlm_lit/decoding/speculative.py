@@ -217,7 +217,7 @@ def time_verification(
     device = adapter.device
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(0, adapter.vocab_size, (1, prefix_len), generator=g)
-    ids[ids == adapter.image_token_id] = 0
+    ids[adapter.visual_token_mask(ids)] = 0
     cache = adapter.new_cache()
     adapter.forward(ids.to(device), past_key_values=cache, use_cache=True, logits_to_keep=1)
     out: dict[int, float] = {}
@@ -521,7 +521,7 @@ class SpeculativeDecoder(TargetDecoder):
         stats = SpecStats(prompt_len=int(input_ids.shape[1]))
         ids = input_ids.to(dev, torch.long)
         T = ids.shape[1]
-        n_visual = int((ids == ad.image_token_id).sum())
+        n_visual = int(ad.visual_token_mask(ids).sum())
         stats.target_visual_tokens = n_visual
         out_tokens: list[int] = []
 

@@ -9,8 +9,10 @@
 * the visual-token layout per image (:meth:`image_layouts`), which every count derives from;
 * text-decoder shape facts that hold for all families' weight names.
 
-Subclasses (one module per family) set ``model_types`` / ``model_class`` and implement ``_encode_visual`` and
-``image_layouts``; they register by ``model_type`` through ``TargetAdapter.__init_subclass__``.
+Subclasses (one module per family) set ``model_types`` / ``model_class`` and implement ``_encode_image_inputs`` and
+``image_layouts`` (video families also ``_encode_video_inputs`` and ``video_layouts``); they register by
+``model_type`` through ``TargetAdapter.__init_subclass__``. Images and videos of one prompt are kept in the order
+their tokens appear (``VisualInputs.kinds``): features, layouts and the placeholder scatter all follow it.
 """
 
 from __future__ import annotations
@@ -77,6 +79,22 @@ class FamilyAdapter(TargetAdapter):
         return int(token_id if token_id is not None else config.image_token_index)
 
     @classmethod
+    def video_token_string(cls, tokenizer) -> str:
+        """The video placeholder token the family's processor expands (the tokenizer's ``video_token`` if any)."""
+        return getattr(tokenizer, "video_token", None) or cls.default_video_token
+
+    #: The video placeholder when the tokenizer names none (set by the video families).
+    default_video_token: ClassVar[str | None] = None
+
+    @classmethod
+    def config_video_token_id(cls, config) -> int | None:
+        """The model's video token id (``None`` for image-only families)."""
+        if not cls.supports_video:
+            return None
+        token_id = getattr(config, "video_token_id", None)
+        return int(token_id if token_id is not None else config.video_token_index)
+
+    @classmethod
     def check_image_size(cls, height: int, width: int, config, image_processor) -> None:
         """Raise :class:`ImageTooSmallError` when the family's processor cannot make visual tokens of the image."""
         raise NotImplementedError
@@ -85,6 +103,35 @@ class FamilyAdapter(TargetAdapter):
     def image_layouts(cls, config, visual: VisualInputs) -> list[VisualLayout]:
         """The visual-token layout of every image in ``visual`` (processor outputs), in order."""
         raise NotImplementedError
+
+    @classmethod
+    def video_layouts(cls, config, visual: VisualInputs) -> list[list[VisualLayout]]:
+        """For every video in ``visual``, the layout of each of its runs of video tokens (one run per video, except
+        Qwen3-VL: one per temporal patch, separated by timestamp text)."""
+        raise NotImplementedError
+
+    @classmethod
+    def video_token_ids(cls, config, tokenizer, visual: VisualInputs, index: int) -> list[int]:
+        """The tokens video ``index`` of ``visual`` expands its placeholder into (the HF processor's
+        ``replace_video_token``): by default its video tokens, all runs back to back."""
+        n = sum(layout.num_tokens for layout in cls.video_layouts(config, visual)[index])
+        return [cls.config_video_token_id(config)] * n
+
+    @classmethod
+    def video_metadata_fields(cls, metadata, video_processor) -> dict:
+        """:class:`VisualInputs` fields the family's HF *processor* (not its video processor) derives from a raw
+        video's ``VideoMetadata`` (Qwen2.5-VL: ``second_per_grid_ts``; Qwen3-VL: ``video_timestamps``)."""
+        return {}
+
+    @classmethod
+    def visual_layouts(cls, config, visual: VisualInputs) -> list[VisualLayout]:
+        """One layout per run of visual tokens (each image; each video's runs), in prompt order."""
+        images = iter(cls.image_layouts(config, visual) if visual.count("image") else [])
+        videos = iter(cls.video_layouts(config, visual) if visual.count("video") else [])
+        out: list[VisualLayout] = []
+        for kind in visual.kinds:
+            out += [next(images)] if kind == "image" else next(videos)
+        return out
 
     # ------------------------------------------------------------------------------------------------ prompts
     @property
@@ -113,27 +160,53 @@ class FamilyAdapter(TargetAdapter):
             processor = FamilyProcessor(type(self), self.config, tok, processor.image_processor, template)
         self._processor = processor
 
-    def render_prompt(self, messages: Sequence[dict], images: Sequence | None = None) -> PromptInputs:
+    def render_prompt(
+        self, messages: Sequence[dict], images: Sequence | None = None, videos: Sequence | None = None
+    ) -> PromptInputs:
         """Decoding prompt in the checkpoint's chat format: ``input_ids [1, T]`` + the processor outputs
-        (``.visual``, for :meth:`encode_images` / ``forward(pixel_values=...)``)."""
-        return self.processor.render(messages, images, add_generation_prompt=True)
+        (``.visual``, for :meth:`encode_images` / ``forward(pixel_values=...)``). ``videos``: see
+        :meth:`FamilyProcessor.render`."""
+        return self.processor.render(messages, images, add_generation_prompt=True, videos=videos)
 
-    def render_conversation(self, messages: Sequence[dict], images: Sequence | None = None, max_length=None):
+    def render_conversation(
+        self, messages: Sequence[dict], images: Sequence | None = None, max_length=None, videos=None
+    ):
         """Training conversation (multi-turn): ids, processor outputs and the assistant-only ``loss_mask``."""
-        return self.processor.render_conversation(messages, images, max_length=max_length)
+        return self.processor.render_conversation(messages, images, max_length=max_length, videos=videos)
 
     def hf_generate_inputs(self, input_ids: torch.Tensor, visual: VisualInputs | None) -> dict:
         """The image keyword arguments of HF ``generate()`` for a prompt: the processor outputs, as HF takes them."""
         return {} if visual is None else visual.to(self.device, self.dtype).hf_kwargs()
 
     # ------------------------------------------------------------------------------------------------- images
-    def _encode_visual(self, visual: VisualInputs) -> EncodedImages:
+    @property
+    def video_token_id(self) -> int | None:
+        return self.config_video_token_id(self.config)
+
+    @property
+    def visual_token_ids(self) -> tuple[int, ...]:
+        """Every placeholder id visual features are scattered into: the image token, and the video token for the
+        families that take video."""
+        video = self.video_token_id
+        return (self.image_token_id,) if video is None else (self.image_token_id, video)
+
+    def _encode_image_inputs(self, visual: VisualInputs) -> EncodedImages:
         raise NotImplementedError
+
+    def _encode_video_inputs(self, visual: VisualInputs) -> EncodedImages:
+        raise NotImplementedError(f"{self.config.model_type} targets take images only")
+
+    def _encode_visual(self, visual: VisualInputs) -> EncodedImages:
+        """Images and videos encoded separately (one tower call each), merged into prompt order."""
+        empty = EncodedImages([])
+        images = self._encode_image_inputs(visual) if visual.count("image") else empty
+        videos = self._encode_video_inputs(visual) if visual.count("video") else empty
+        return EncodedImages.interleave(images, videos, visual)
 
     @torch.no_grad()
     def encode_images(self, pixel_values) -> EncodedImages:
-        """Encode a prompt's images, given as the family's processor outputs (:class:`VisualInputs`), into one
-        ``[n_i, H]`` feature tensor per image (an :class:`EncodedImages` list)."""
+        """Encode a prompt's images and videos, given as the family's processor outputs (:class:`VisualInputs`),
+        into one ``[n_i, H]`` feature tensor per image / video in prompt order (an :class:`EncodedImages` list)."""
         if isinstance(pixel_values, (list, tuple)) and not pixel_values:
             return EncodedImages([])  # a text-only sample
         if not isinstance(pixel_values, VisualInputs):
@@ -146,7 +219,7 @@ class FamilyAdapter(TargetAdapter):
     def layouts_of(self, visual: VisualInputs | None) -> list[VisualLayout]:
         if visual is None or (isinstance(visual, (list, tuple)) and not visual):
             return []  # a text-only sample
-        return self.image_layouts(self.config, visual)
+        return self.visual_layouts(self.config, visual)
 
     def visual_grid(self, height: int, width: int) -> tuple[int, int] | None:
         """Plain patch grid of an image of ``height x width`` pixels (as given to the processor), or ``None``."""

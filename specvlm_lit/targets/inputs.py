@@ -21,80 +21,143 @@ __all__ = ["EncodedImages", "GridPiece", "PromptInputs", "VisualInputs", "Visual
 
 @dataclass
 class VisualInputs:
-    """A prompt's image inputs as the family's image processor produced them (``None`` = the family has no such
-    field). ``pixel_values``: LLaVA-NeXT / OneVision ``[N, tiles, 3, h, w]``; Qwen-VL ``[patches, C*t*p*p]``."""
+    """A prompt's image and video inputs as the family's processors produced them (``None`` = the family has no such
+    field, or the prompt no such input). ``pixel_values``: LLaVA-NeXT / OneVision ``[N, tiles, 3, h, w]``; Qwen-VL
+    ``[patches, C*t*p*p]``. ``pixel_values_videos``: Qwen-VL flattened patches like images; OneVision
+    ``[V, frames, 3, S, S]``."""
 
-    pixel_values: torch.Tensor
+    pixel_values: torch.Tensor | None = None
     image_sizes: torch.Tensor | None = None  # [N, 2] original (height, width), AnyRes families
     image_grid_thw: torch.Tensor | None = None  # [N, 3] patch grid (t, h, w) before merging, Qwen-VL families
     batch_num_images: torch.Tensor | None = None  # [B] images per sample, LLaVA-OneVision
+    pixel_values_videos: torch.Tensor | None = None
+    video_grid_thw: torch.Tensor | None = None  # [V, 3] (temporal patches, h, w) before merging, Qwen-VL families
+    second_per_grid_ts: torch.Tensor | None = None  # [V] seconds per temporal patch, Qwen2.5-VL (mRoPE spacing)
+    # Not model inputs: the kind ("image" / "video") of every visual in prompt order (None: images, then videos), and
+    # Qwen3-VL's frame times in seconds, one per temporal patch of each video (its prompt text, see qwen_vl.py).
+    order: tuple[str, ...] | None = None
+    video_timestamps: list[list[float]] | None = None
 
     _FIELDS = ("pixel_values", "image_sizes", "image_grid_thw", "batch_num_images")
+    _VIDEO_FIELDS = ("pixel_values_videos", "video_grid_thw", "second_per_grid_ts")
 
     @classmethod
     def from_processor(cls, outputs: Mapping) -> VisualInputs | None:
-        """The visual fields of a processor's ``BatchFeature`` / dict; ``None`` when it holds no images."""
-        if outputs.get("pixel_values") is None:
+        """The visual fields of a processor's ``BatchFeature`` / dict; ``None`` when it holds no images or videos."""
+        if outputs.get("pixel_values") is None and outputs.get("pixel_values_videos") is None:
             return None
-        return cls(**{name: _as_tensor(outputs.get(name)) for name in cls._FIELDS})
+        return cls(**{name: _as_tensor(outputs.get(name)) for name in cls._FIELDS + cls._VIDEO_FIELDS})
+
+    @property
+    def kinds(self) -> tuple[str, ...]:
+        """``"image"`` / ``"video"`` for every visual, in the order their tokens appear in the prompt (the order of
+        :meth:`FamilyAdapter.encode_images`'s features and of ``layouts_of``'s runs)."""
+        if self.order is not None:
+            return self.order
+        return ("image",) * self.count("image") + ("video",) * self.count("video")
+
+    def count(self, kind: str) -> int:
+        """How many images (``kind="image"``) or videos (``"video"``) these inputs hold."""
+        if kind == "image":
+            grid, pixels = self.image_grid_thw, self.pixel_values
+        else:
+            grid, pixels = self.video_grid_thw, self.pixel_values_videos
+        if pixels is None:
+            return 0
+        if grid is not None:
+            return int(grid.shape[0])
+        if kind == "image" and self.image_sizes is not None:
+            return int(self.image_sizes.shape[0])
+        return int(pixels.shape[0])
 
     @classmethod
     def concat(cls, items: list[VisualInputs]) -> VisualInputs:
         """One batch's visual inputs from its samples' (in sample order), laid out as the HF processor lays out a
-        batch: per-image fields concatenated; AnyRes ``pixel_values`` ``[N, tiles, 3, h, w]`` zero-padded to the
-        largest tile count (the model slices each image's own tiles back out by its ``image_sizes``)."""
+        batch: per-image / per-video fields concatenated; AnyRes ``pixel_values`` ``[N, tiles, 3, h, w]`` zero-padded
+        to the largest tile count (the model slices each image's own tiles back out by its ``image_sizes``)."""
         if not items:
             raise ValueError("VisualInputs.concat needs at least one item")
-        pixels = [item.pixel_values for item in items]
-        if pixels[0].dim() == 5:
+        pixels = [item.pixel_values for item in items if item.pixel_values is not None]
+        if pixels and pixels[0].dim() == 5:
             most = max(p.shape[1] for p in pixels)
             pixels = [torch.nn.functional.pad(p, (0, 0, 0, 0, 0, 0, 0, most - p.shape[1])) for p in pixels]
-        merged = {"pixel_values": torch.cat(pixels, 0)}
-        for name in cls._FIELDS[1:]:
-            values = [getattr(item, name) for item in items]
-            if any(v is None for v in values) and not all(v is None for v in values):
-                raise ValueError(f"VisualInputs.concat: {name} is set on some samples only")
-            merged[name] = None if values[0] is None else torch.cat(values, 0)
+        merged = {"pixel_values": torch.cat(pixels, 0) if pixels else None}
+        for group, present in ((cls._FIELDS[1:], "pixel_values"), (cls._VIDEO_FIELDS, "pixel_values_videos")):
+            holders = [item for item in items if getattr(item, present) is not None]
+            for name in group:
+                values = [getattr(item, name) for item in holders]
+                if name == "batch_num_images" and any(v is not None for v in values):
+                    # a sample without images still has its entry (0 images) in the batch
+                    values = [
+                        item.batch_num_images if item.pixel_values is not None else torch.tensor([0]) for item in items
+                    ]
+                if any(v is None for v in values) and not all(v is None for v in values):
+                    raise ValueError(f"VisualInputs.concat: {name} is set on some samples only")
+                merged[name] = None if not values or values[0] is None else torch.cat(values, 0)
+        if any(item.order is not None for item in items):
+            merged["order"] = tuple(kind for item in items for kind in item.kinds)
+        with_videos = [item for item in items if item.count("video")]
+        if any(item.video_timestamps is not None for item in with_videos):
+            if any(item.video_timestamps is None for item in with_videos):
+                raise ValueError("VisualInputs.concat: video_timestamps is set on some samples only")
+            merged["video_timestamps"] = [ts for item in with_videos for ts in item.video_timestamps]
         return cls(**merged)
 
     def hf_kwargs(self) -> dict[str, torch.Tensor]:
-        """The non-empty fields as keyword arguments of the HF model's ``forward`` / ``generate``."""
-        return {f.name: getattr(self, f.name) for f in fields(self) if getattr(self, f.name) is not None}
+        """The non-empty model inputs as keyword arguments of the HF model's ``forward`` / ``generate``."""
+        return {
+            name: getattr(self, name) for name in self._FIELDS + self._VIDEO_FIELDS if getattr(self, name) is not None
+        }
 
     def to(self, device=None, dtype=None) -> VisualInputs:
-        """A copy on ``device``; ``dtype`` applies to ``pixel_values`` only (the other fields are integers)."""
+        """A copy on ``device``; ``dtype`` applies to the pixel tensors only (the other fields keep theirs)."""
         moved = {f.name: getattr(self, f.name) for f in fields(self)}
         moved = {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in moved.items()}
         if dtype is not None:
-            moved["pixel_values"] = moved["pixel_values"].to(dtype)
+            for name in ("pixel_values", "pixel_values_videos"):
+                if moved[name] is not None:
+                    moved[name] = moved[name].to(dtype)
         return replace(self, **moved)
 
+    def _rows(self, kind: str, start: int, stop: int) -> dict:
+        """The fields of images (or videos) ``start:stop``."""
+        names = self._FIELDS[:3] if kind == "image" else self._VIDEO_FIELDS
+        pixels, grid = getattr(self, names[0]), getattr(self, names[2] if kind == "image" else names[1])
+        if pixels is None or start == stop:
+            return {}
+        if grid is not None:  # flattened patches: each visual owns t * h * w rows
+            rows = grid.prod(-1).tolist()
+            out = {names[0]: pixels[sum(rows[:start]) : sum(rows[:stop])]}
+        else:
+            out = {names[0]: pixels[start:stop]}
+        for name in names[1:]:
+            value = getattr(self, name)
+            out[name] = None if value is None else value[start:stop]
+        return out
+
     def sample(self, index: int, counts: list[int]) -> VisualInputs | None:
-        """Sample ``index``'s images of a batch whose samples hold ``counts`` images each (``None``: it has none)."""
+        """Sample ``index``'s visuals of a batch whose samples hold ``counts`` visuals (images and videos) each
+        (``None``: it has none)."""
         start, n = sum(counts[:index]), counts[index]
         if n == 0:
             return None
-        stop = start + n
-        pixels = self.pixel_values
-        if self.image_grid_thw is not None:  # flattened patches: each image owns t * h * w rows
-            rows = self.image_grid_thw.prod(-1).tolist()
-            pixels = pixels[sum(rows[:start]) : sum(rows[:stop])]
-        else:
-            pixels = pixels[start:stop]
-        return VisualInputs(
-            pixel_values=pixels,
-            image_sizes=None if self.image_sizes is None else self.image_sizes[start:stop],
-            image_grid_thw=None if self.image_grid_thw is None else self.image_grid_thw[start:stop],
-            batch_num_images=None if self.batch_num_images is None else torch.tensor([n]),
-        )
+        kinds = self.kinds
+        mine = kinds[start : start + n]
+        first = {kind: kinds[:start].count(kind) for kind in ("image", "video")}
+        out = {}
+        for kind in ("image", "video"):
+            out.update(self._rows(kind, first[kind], first[kind] + mine.count(kind)))
+        n_images = mine.count("image")
+        if self.batch_num_images is not None and n_images:
+            out["batch_num_images"] = torch.tensor([n_images])
+        if self.video_timestamps is not None:
+            out["video_timestamps"] = self.video_timestamps[first["video"] : first["video"] + mine.count("video")]
+        return VisualInputs(**out, order=None if self.order is None else mine)
 
     @property
     def num_images(self) -> int:
-        if self.image_grid_thw is not None:
-            return int(self.image_grid_thw.shape[0])
-        if self.image_sizes is not None:
-            return int(self.image_sizes.shape[0])
-        return int(self.pixel_values.shape[0])
+        """How many visuals (images and videos: one feature tensor each in ``encode_images``) these inputs hold."""
+        return len(self.kinds)
 
 
 def _as_tensor(value):
@@ -104,26 +167,60 @@ def _as_tensor(value):
 
 
 class EncodedImages(list):
-    """LM-space visual features, one ``[n_i, H]`` tensor per image (a ``list``), plus what the family's decoder
-    still needs: ``image_grid_thw`` (Qwen-VL mRoPE positions) and ``deepstack`` (Qwen3-VL: one list of per-image
-    features per DeepStack layer, added to the hidden states of the first decoder layers)."""
+    """LM-space visual features, one ``[n_i, H]`` tensor per image or video in prompt order (a ``list``), plus what
+    the family's decoder still needs: ``image_grid_thw`` / ``video_grid_thw`` / ``second_per_grid_ts`` (Qwen-VL
+    mRoPE positions) and ``deepstack`` (Qwen3-VL: one list of per-visual features per DeepStack layer, added to the
+    hidden states of the first decoder layers)."""
 
-    def __init__(self, features, image_grid_thw: torch.Tensor | None = None, deepstack=None):
+    _GRIDS = ("image_grid_thw", "video_grid_thw", "second_per_grid_ts")
+
+    def __init__(
+        self,
+        features,
+        image_grid_thw: torch.Tensor | None = None,
+        deepstack=None,
+        video_grid_thw: torch.Tensor | None = None,
+        second_per_grid_ts: torch.Tensor | None = None,
+    ):
         super().__init__(features)
         self.image_grid_thw = image_grid_thw
         self.deepstack = deepstack
+        self.video_grid_thw = video_grid_thw
+        self.second_per_grid_ts = second_per_grid_ts
+
+    @classmethod
+    def interleave(cls, images: EncodedImages, videos: EncodedImages, visual) -> EncodedImages:
+        """Image and video features merged into the prompt order of ``visual`` (a :class:`VisualInputs`: its
+        ``kinds`` and grids), DeepStack layers likewise."""
+        sources = {"image": iter(range(len(images))), "video": iter(range(len(videos)))}
+        picks = [(kind, next(sources[kind])) for kind in visual.kinds]
+        parts = {"image": images, "video": videos}
+        deep = None
+        if images.deepstack is not None or videos.deepstack is not None:
+            layers = len(images.deepstack or videos.deepstack)
+            deep = [[parts[k].deepstack[layer][i] for k, i in picks] for layer in range(layers)]
+        return cls(
+            [parts[k][i] for k, i in picks],
+            image_grid_thw=visual.image_grid_thw,
+            deepstack=deep,
+            video_grid_thw=visual.video_grid_thw,
+            second_per_grid_ts=visual.second_per_grid_ts,
+        )
 
     @classmethod
     def join(cls, parts) -> list:
         """One batch's features from its samples' (in sample order), keeping the grids / DeepStack features that
         :class:`EncodedImages` parts carry (a plain list of tensors when none does)."""
         flat = [t for part in parts for t in part]
-        grids = [p.image_grid_thw for p in parts if len(p) and getattr(p, "image_grid_thw", None) is not None]
-        if not grids:
+        grids = {
+            name: [getattr(p, name) for p in parts if len(p) and getattr(p, name, None) is not None]
+            for name in cls._GRIDS
+        }
+        if not any(grids.values()):
             return flat
         deep = [p.deepstack for p in parts if len(p) and getattr(p, "deepstack", None) is not None]
         layers = [sum((d[i] for d in deep), []) for i in range(len(deep[0]))] if deep else None
-        return cls(flat, image_grid_thw=torch.cat(grids, 0), deepstack=layers)
+        return cls(flat, deepstack=layers, **{name: torch.cat(v, 0) if v else None for name, v in grids.items()})
 
 
 @dataclass
@@ -135,7 +232,8 @@ class VisualLayout:
     * ``"grid"``: a plain ``rows x cols`` patch grid;
     * ``"tiles"``: AnyRes, the unpadded tile grid with one ``image_newline`` token after each row, so it spans
       ``rows * (cols + 1)`` tokens;
-    * ``"merged"``: Qwen, ``spatial_merge_size``-merged patches, ``frames`` frames of ``rows x cols`` each;
+    * ``"merged"``: Qwen's ``spatial_merge_size``-merged patches (a video: ``frames`` temporal patches of ``rows x
+      cols`` each), or OneVision's 2x2-pooled video frames (``frames`` frames);
     * ``"cls"`` / ``"newline"``: single tokens outside any grid (the CLS row of LLaVA's ``full`` feature strategy,
       the one trailing ``image_newline`` of a LLaVA-NeXT base-only image); ``rows = cols = 1``.
 

@@ -87,7 +87,7 @@ class LlavaNextAdapter(FamilyAdapter):
     def _image_feature_kwargs(self, visual: VisualInputs) -> dict:
         return {}
 
-    def _encode_visual(self, visual: VisualInputs) -> EncodedImages:
+    def _encode_image_inputs(self, visual: VisualInputs) -> EncodedImages:
         cfg = self.config
         if visual.image_sizes is None:
             raise ValueError(f"{cfg.model_type} needs image_sizes from its image processor (VisualInputs.image_sizes).")

@@ -5,8 +5,12 @@ cannot even be constructed without their video processor, which needs torchvisio
 libraries and fails to import beside the CPU torch). :class:`FamilyProcessor` therefore loads exactly what images
 need (the tokenizer, the checkpoint's chat template, the image processor) and does the one thing the HF processor
 adds on top, expanding each image placeholder into the image's visual tokens, with the counts owned by the family
-adapter (:meth:`~specvlm_lit.targets.family.FamilyAdapter.image_layouts`). Video goes through the family's video
-processor and fails with one clear line naming torchvision where it is missing.
+adapter (:meth:`~specvlm_lit.targets.family.FamilyAdapter.image_layouts`).
+
+Videos come either already processed (a :class:`VisualInputs` with ``pixel_values_videos`` / ``video_grid_thw``, as
+the family's HF video processor makes them: how the tests run video on CPU) or raw (frames), which go through the
+checkpoint's HF video processor where torchvision imports and fail with one clear line naming torchvision where it
+does not. Images and videos keep the order their placeholders have in the rendered prompt (``VisualInputs.order``).
 
 Prompts (decoding) and conversations (training, with the assistant-only loss mask over multi-turn dialogues) are
 rendered with the checkpoint's chat template, so every family gets exactly its own format (ChatML, ``[INST]``, ...).
@@ -18,6 +22,7 @@ import importlib.util
 import json
 import os
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -40,10 +45,10 @@ def _torchvision_available() -> bool:
     return importlib.util.find_spec("torchvision") is not None
 
 
-def _image_items(messages: Sequence[dict]) -> tuple[list, bool]:
-    """Images embedded in the messages' content items (``{"type": "image", "image": PIL}``), and whether any video
-    item is present."""
-    images, video = [], False
+def _visual_items(messages: Sequence[dict]) -> tuple[list, list, bool]:
+    """Images and videos embedded in the messages' content items (``{"type": "image", "image": PIL}``,
+    ``{"type": "video", "video": frames or VisualInputs}``), and whether any video item is present."""
+    images, videos, video = [], [], False
     for message in messages:
         content = message.get("content")
         if isinstance(content, str) or content is None:
@@ -52,9 +57,11 @@ def _image_items(messages: Sequence[dict]) -> tuple[list, bool]:
             kind = item.get("type")
             if kind == "video" or "video" in item:
                 video = True
+                if item.get("video") is not None:
+                    videos.append(item["video"])
             elif (kind == "image" or "image" in item) and item.get("image") is not None:
                 images.append(item["image"])
-    return images, video
+    return images, videos, video
 
 
 _ROLES = {"human": "user", "gpt": "assistant"}
@@ -91,14 +98,18 @@ class FamilyProcessor:
     Build with :meth:`load` (from the checkpoint directory) or directly from the pieces.
     """
 
-    def __init__(self, adapter_cls, config, tokenizer, image_processor, chat_template: str | None):
+    def __init__(self, adapter_cls, config, tokenizer, image_processor, chat_template: str | None, path=None):
         self.adapter_cls = adapter_cls
         self.config = config
         self.tokenizer = tokenizer
         self.image_processor = image_processor
         self.chat_template = chat_template
+        self.path = path  # the checkpoint directory (its video processor is loaded from it on first raw video)
+        self._video_processor = None
         self.image_token = adapter_cls.image_token_string(tokenizer)
         self.image_token_id = tokenizer.convert_tokens_to_ids(self.image_token)
+        self.video_token_id = adapter_cls.config_video_token_id(config)
+        self.video_token = adapter_cls.video_token_string(tokenizer) if self.video_token_id is not None else None
         self._check_against_model()
 
     # ------------------------------------------------------------------------------------------------ loading
@@ -133,7 +144,7 @@ class FamilyProcessor:
             )
         # Without torchvision transformers falls back to the PIL image processors, which is what CPU installs need.
         image_processor = AutoImageProcessor.from_pretrained(path, local_files_only=True)
-        return cls(adapter_cls, config, tokenizer, image_processor, cls._read_chat_template(path, tokenizer))
+        return cls(adapter_cls, config, tokenizer, image_processor, cls._read_chat_template(path, tokenizer), path)
 
     @staticmethod
     def _read_chat_template(path: Path, tokenizer) -> str | None:
@@ -164,6 +175,12 @@ class FamilyProcessor:
                 f"The processor's image token {self.image_token!r} has id {self.image_token_id} but the model's "
                 f"config.image_token_id is {model_id}. {fix}"
             )
+        video_id = None if self.video_token is None else self.tokenizer.convert_tokens_to_ids(self.video_token)
+        if video_id != self.video_token_id:
+            raise TargetLoadError(
+                f"The processor's video token {self.video_token!r} has id {video_id} but the model's video token id "
+                f"is {self.video_token_id}. {fix}"
+            )
         n_tok, n_emb = len(self.tokenizer), int(self.config.get_text_config().vocab_size)
         if n_tok > n_emb:
             raise TargetLoadError(
@@ -184,22 +201,49 @@ class FamilyProcessor:
         return VisualInputs.from_processor(out)
 
     def check_video(self) -> None:
-        """Raise the clear error a video request gets from this family / install."""
-        family = self.config.model_type
+        """Raise the clear error a video gets from an image-only family."""
         if not getattr(self.adapter_cls, "supports_video", False):
             raise VideoUnsupportedError(
-                f"{family} targets take images only; remove the video or use a video family "
+                f"{self.config.model_type} targets take images only; remove the video or use a video family "
                 f"(llava_onevision, qwen2_vl, qwen2_5_vl, qwen3_vl)."
             )
-        if not _torchvision_available():
-            raise VideoUnsupportedError(
-                f"Video input for {family} needs torchvision (Hugging Face's video processors require it) and it is "
-                f"not installed. Install a torchvision build matching your torch (a CPU build on CPU machines), or "
-                f"send frames as images."
-            )
-        raise VideoUnsupportedError(
-            f"Video input for {family} is not implemented in specvlm-lit yet (issue 14); send frames as images."
-        )
+
+    def process_videos(self, videos: Sequence) -> VisualInputs | None:
+        """One prompt's videos as one :class:`VisualInputs` (video fields only), in order: processed inputs are taken
+        as they are, raw videos (frames) go through the checkpoint's HF video processor (needs torchvision)."""
+        parts = [v if isinstance(v, VisualInputs) else self._process_raw_video(v) for v in videos]
+        for part in parts:
+            if part.pixel_values_videos is None or part.pixel_values is not None:
+                raise PromptError(
+                    "A processed video must be a VisualInputs with pixel_values_videos (and, for Qwen-VL, "
+                    "video_grid_thw) and no image fields, as the family's video processor returns them."
+                )
+        return VisualInputs.concat(parts) if parts else None
+
+    def _process_raw_video(self, video) -> VisualInputs:
+        """The HF video processor on one raw video. Untested here: it needs torchvision, which the CPU test install
+        cannot import."""
+        if self._video_processor is None:
+            family = self.config.model_type
+            if not _torchvision_available():
+                raise VideoUnsupportedError(
+                    f"Video input for {family} needs torchvision (Hugging Face's video processors require it) and it "
+                    f"is not installed. Install a torchvision build matching your torch (a CPU build on CPU "
+                    f"machines), or pass already-processed video inputs (VisualInputs with pixel_values_videos)."
+                )
+            if self.path is None:
+                raise VideoUnsupportedError(
+                    f"This {family} processor was built without its checkpoint directory, so its video processor "
+                    f"cannot be loaded: use FamilyProcessor.load(<checkpoint dir>) or pass processed video inputs."
+                )
+            from transformers import AutoVideoProcessor
+
+            self._video_processor = AutoVideoProcessor.from_pretrained(self.path, local_files_only=True)
+        out = self._video_processor(videos=[video], return_tensors="pt", return_metadata=True)
+        visual = VisualInputs.from_processor(out)
+        metadata = out.get("video_metadata")
+        extra = self.adapter_cls.video_metadata_fields(metadata[0], self._video_processor) if metadata else {}
+        return replace(visual, **extra)
 
     # ------------------------------------------------------------------------------------------------ prompts
     def _template(self, messages, add_generation_prompt: bool) -> str:
@@ -215,24 +259,28 @@ class FamilyProcessor:
             add_generation_prompt=add_generation_prompt,
         )
 
-    def render(self, messages: Sequence[dict], images: Sequence | None = None, add_generation_prompt=True):
-        """A decoding prompt: the chat template applied to ``messages``, image placeholders expanded.
+    def render(self, messages: Sequence[dict], images: Sequence | None = None, add_generation_prompt=True, videos=None):
+        """A decoding prompt: the chat template applied to ``messages``, image and video placeholders expanded.
 
         Images come inside the content items (``{"type": "image", "image": <PIL>}``) or, for items without one,
-        from ``images`` in order.
+        from ``images`` in order; videos likewise (``{"type": "video", "video": ...}`` / ``videos``), each either
+        already processed (a :class:`VisualInputs` with ``pixel_values_videos`` + ``video_grid_thw``; Qwen2.5-VL
+        also ``second_per_grid_ts``, Qwen3-VL optionally ``video_timestamps``) or raw frames (needs torchvision).
         """
-        return self._encode(messages, images, add_generation_prompt=add_generation_prompt, with_loss_mask=False)
+        return self._encode(messages, images, videos, add_generation_prompt=add_generation_prompt, with_loss_mask=False)
 
-    def render_conversation(self, messages: Sequence[dict], images: Sequence | None = None, max_length=None):
+    def render_conversation(
+        self, messages: Sequence[dict], images: Sequence | None = None, max_length=None, videos=None
+    ):
         """A training conversation (any number of turns): ids + ``loss_mask`` True on every assistant turn's tokens
         (its end-of-turn token included), False on system / user turns, template scaffolding and visual tokens."""
         if not any(m.get("role", m.get("from")) in ("assistant", "gpt") for m in messages):
             error = PromptError("The conversation has no assistant turn, so there is nothing to learn from it.")
             error.reason = "no_answer"  # the data pipeline's skip-count key
             raise error
-        out = self._encode(messages, images, add_generation_prompt=False, with_loss_mask=True)
+        out = self._encode(messages, images, videos, add_generation_prompt=False, with_loss_mask=True)
         if max_length is not None and out.input_ids.shape[1] > max_length:
-            visual = (out.input_ids[0] == self.image_token_id).nonzero()
+            visual = torch.isin(out.input_ids[0], torch.tensor(self._placeholder_ids)).nonzero()
             end = int(visual.max()) + 1 if visual.numel() else 0
             if max_length <= end:
                 from .llava import ConversationError
@@ -271,10 +319,15 @@ class FamilyProcessor:
             spans.append((max(start, len(previous)), len(upto)))
         return spans
 
-    def _encode(self, messages, images, *, add_generation_prompt: bool, with_loss_mask: bool) -> PromptInputs:
+    @property
+    def _placeholder_ids(self) -> list[int]:
+        return [self.image_token_id] + ([] if self.video_token_id is None else [self.video_token_id])
+
+    def _encode(self, messages, images, videos, *, add_generation_prompt: bool, with_loss_mask: bool) -> PromptInputs:
         messages = as_chat(messages)
-        inline, video = _image_items(messages)
-        if video:
+        inline, inline_videos, video_items = _visual_items(messages)
+        videos = [videos] if isinstance(videos, VisualInputs) else list(videos or [])
+        if video_items or videos:
             self.check_video()
         images = list(inline) + list(images or [])
         text = self._template(messages, add_generation_prompt)
@@ -286,30 +339,53 @@ class FamilyProcessor:
                 f"The prompt has {n_placeholders} image placeholder(s) but {len(images)} image(s) were given; give "
                 f"one image per {{'type': 'image'}} content item."
             )
-        visual = self.process_images(images) if images else None
-        layouts = self.adapter_cls.image_layouts(self.config, visual) if visual is not None else []
+        image_inputs = self.process_images(images) if images else None
+        video_inputs = self.process_videos(list(inline_videos) + videos)
+        n_videos = 0 if video_inputs is None else video_inputs.count("video")
+        if self.video_token_id is not None and ids.count(self.video_token_id) != n_videos:
+            raise PromptError(
+                f"The prompt has {ids.count(self.video_token_id)} video placeholder(s) but {n_videos} video(s) were "
+                f"given; give one video per {{'type': 'video'}} content item."
+            )
+        image_layouts = iter(self.adapter_cls.image_layouts(self.config, image_inputs) if images else [])
+        video_layouts = self.adapter_cls.video_layouts(self.config, video_inputs) if n_videos else []
         learn = [False] * len(ids)
         if with_loss_mask:
             spans = self._assistant_spans(messages, text)
             for t, (s, e) in enumerate(enc["offset_mapping"]):
                 learn[t] = e > s and any(a <= s and e <= b for a, b in spans)
-        out_ids, out_mask, k = [], [], 0
+        out_ids, out_mask, layouts, order = [], [], [], []
         for tok, lm in zip(ids, learn):
             if tok == self.image_token_id:
-                n = layouts[k].num_tokens
-                out_ids += [tok] * n
-                out_mask += [False] * n
-                k += 1
+                layouts.append(next(image_layouts))
+                expanded = [tok] * layouts[-1].num_tokens
+            elif tok == self.video_token_id:
+                k = len(order) - order.count("image")
+                layouts += video_layouts[k]
+                expanded = self.adapter_cls.video_token_ids(self.config, self.tokenizer, video_inputs, k)
             else:
                 out_ids.append(tok)
                 out_mask.append(lm)
+                continue
+            order.append("image" if tok == self.image_token_id else "video")
+            out_ids += expanded
+            out_mask += [False] * len(expanded)
         return PromptInputs(
             input_ids=torch.tensor([out_ids], dtype=torch.long),
-            visual=visual,
+            visual=_joined(image_inputs, video_inputs, tuple(order)) if n_videos else image_inputs,
             loss_mask=torch.tensor([out_mask]) if with_loss_mask else None,
             layouts=layouts,
             text=text,
         )
+
+
+def _joined(images: VisualInputs | None, videos: VisualInputs | None, order: tuple[str, ...]) -> VisualInputs | None:
+    """A prompt's image and video inputs as one :class:`VisualInputs` that remembers their prompt order."""
+    if images is None and videos is None:
+        return None
+    video_fields = {} if videos is None else {name: getattr(videos, name) for name in VisualInputs._VIDEO_FIELDS}
+    timestamps = None if videos is None else videos.video_timestamps
+    return replace(images or VisualInputs(), **video_fields, video_timestamps=timestamps, order=order)
 
 
 def _read_target_config(path: Path) -> dict:

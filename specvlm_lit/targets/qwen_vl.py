@@ -18,6 +18,14 @@ Facts (transformers 5.23):
   differs from the first token. The adapter derives the types from ``input_ids`` itself;
 * Qwen3-VL also adds DeepStack features (vision-tower intermediate layers) to the hidden states of the first
   decoder layers at the visual positions, and interleaves the mRoPE sections.
+
+Video (``pixel_values_videos`` + ``video_grid_thw``, the video processor's outputs): the vision tower encodes it like
+an image whose ``t`` is the number of temporal patches (``temporal_patch_size`` frames each). Qwen2-VL / Qwen2.5-VL
+expand ``<|video_pad|>`` into one run of ``t * (h / m) * (w / m)`` tokens, positioned ``(s + k * interval, s + row,
+s + col)`` for temporal patch ``k`` (interval 1, Qwen2.5-VL: ``tokens_per_second * second_per_grid_ts``). Qwen3-VL
+writes each temporal patch's time as text: the placeholder becomes ``<T seconds><|vision_start|>`` + one frame's
+tokens + ``<|vision_end|>`` per temporal patch (inside the template's own vision_start / vision_end), so one video
+is ``t`` runs, each positioned as a one-frame image (``get_rope_index`` splits the grid per frame).
 """
 
 from __future__ import annotations
@@ -67,13 +75,24 @@ class QwenVLAdapter(FamilyAdapter):
     """Shared mRoPE machinery of the Qwen-VL families (not registered itself)."""
 
     default_image_token: ClassVar[str] = "<|image_pad|>"
+    default_video_token: ClassVar[str] = "<|video_pad|>"
     supports_video: ClassVar[bool] = True
 
     # ------------------------------------------------------------------------------------------ layout facts
+    @staticmethod
+    def _merged(config, grid_thw: torch.Tensor | None) -> list[VisualLayout]:
+        """One merged-patch layout per (t, h, w) row: ``t`` temporal patches of ``(h / m) x (w / m)`` tokens."""
+        m = int(config.vision_config.spatial_merge_size)
+        rows = [] if grid_thw is None else grid_thw.tolist()
+        return [VisualLayout([("merged", h // m, w // m)], frames=t) for t, h, w in rows]
+
     @classmethod
     def image_layouts(cls, config, visual: VisualInputs) -> list[VisualLayout]:
-        m = int(config.vision_config.spatial_merge_size)
-        return [VisualLayout([("merged", h // m, w // m)], frames=t) for t, h, w in visual.image_grid_thw.tolist()]
+        return cls._merged(config, visual.image_grid_thw)
+
+    @classmethod
+    def video_layouts(cls, config, visual: VisualInputs) -> list[list[VisualLayout]]:
+        return [[layout] for layout in cls._merged(config, visual.video_grid_thw)]
 
     @classmethod
     def check_image_size(cls, height: int, width: int, config, image_processor) -> None:
@@ -96,19 +115,32 @@ class QwenVLAdapter(FamilyAdapter):
         return VisualLayout([("merged", h // factor, w // factor)])
 
     # ------------------------------------------------------------------------------------------------ images
-    def _encode_visual(self, visual: VisualInputs) -> EncodedImages:
+    def _encode_image_inputs(self, visual: VisualInputs) -> EncodedImages:
         if visual.image_grid_thw is None:
             raise ValueError(
                 f"{self.config.model_type} needs image_grid_thw from its image processor (VisualInputs.image_grid_thw)."
             )
-        grid = visual.image_grid_thw
         out = self.model.model.get_image_features(
-            pixel_values=visual.pixel_values.to(self.dtype), image_grid_thw=grid, return_dict=True
+            pixel_values=visual.pixel_values.to(self.dtype), image_grid_thw=visual.image_grid_thw, return_dict=True
         )
+        return self._encoded(out)
+
+    def _encode_video_inputs(self, visual: VisualInputs) -> EncodedImages:
+        if visual.video_grid_thw is None:
+            raise ValueError(
+                f"{self.config.model_type} needs video_grid_thw from its video processor (VisualInputs.video_grid_thw)."
+            )
+        out = self.model.model.get_video_features(
+            pixel_values_videos=visual.pixel_values_videos.to(self.dtype),
+            video_grid_thw=visual.video_grid_thw,
+            return_dict=True,
+        )
+        return self._encoded(out)
+
+    @staticmethod
+    def _encoded(out) -> EncodedImages:
         deep = getattr(out, "deepstack_features", None)
-        return EncodedImages(
-            list(out.pooler_output), image_grid_thw=grid, deepstack=None if deep is None else [list(f) for f in deep]
-        )
+        return EncodedImages(list(out.pooler_output), deepstack=None if deep is None else [list(f) for f in deep])
 
     # --------------------------------------------------------------------------------------------- positions
     def mm_token_type_ids(self, input_ids: torch.Tensor) -> torch.Tensor:
@@ -125,14 +157,22 @@ class QwenVLAdapter(FamilyAdapter):
         return {**super().hf_generate_inputs(input_ids, visual), "mm_token_type_ids": self.mm_token_type_ids(input_ids)}
 
     def prompt_position_ids(
-        self, input_ids: torch.Tensor, image_grid_thw: torch.Tensor | None, attention_mask: torch.Tensor | None = None
+        self,
+        input_ids: torch.Tensor,
+        image_grid_thw: torch.Tensor | None,
+        attention_mask: torch.Tensor | None = None,
+        video_grid_thw: torch.Tensor | None = None,
+        second_per_grid_ts: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """mRoPE positions ``[3, B, T]`` and ``rope_deltas [B, 1]`` of a whole prompt (``get_rope_index``)."""
+        extra = {} if second_per_grid_ts is None else {"second_per_grid_ts": second_per_grid_ts}
         return self.model.model.get_rope_index(
             input_ids,
             mm_token_type_ids=self.mm_token_type_ids(input_ids),
             image_grid_thw=image_grid_thw,
+            video_grid_thw=video_grid_thw,
             attention_mask=attention_mask,
+            **extra,
         )
 
     def _mrope(self, position_ids: torch.Tensor | None, n: int, batch: int, cache) -> torch.Tensor:
@@ -177,13 +217,14 @@ class QwenVLAdapter(FamilyAdapter):
                 mask = None if attention_mask is None or attention_mask.dim() != 2 else attention_mask.to(self.device)
                 if position_ids is not None:
                     mask = _real_tokens(position_ids.to(self.device))
-                grid = getattr(image_features, "image_grid_thw", None)
-                if grid is None:
+                grids = {name: getattr(image_features, name, None) for name in EncodedImages._GRIDS}
+                if grids["image_grid_thw"] is None and grids["video_grid_thw"] is None:
                     raise ValueError(
-                        f"{self.config.model_type} needs each image's grid for its positions: pass image_features "
-                        f"from adapter.encode_images(prompt.visual) or pixel_values=prompt.visual."
+                        f"{self.config.model_type} needs each image's / video's grid for its positions: pass "
+                        f"image_features from adapter.encode_images(prompt.visual) or pixel_values=prompt.visual."
                     )
-                position_ids, deltas = self.prompt_position_ids(ids, grid.to(self.device), mask)
+                grids = {k: None if v is None else v.to(self.device) for k, v in grids.items()}
+                position_ids, deltas = self.prompt_position_ids(ids, attention_mask=mask, **grids)
                 if past_key_values is not None:
                     setattr(past_key_values, _ROPE_DELTAS, deltas)
             else:
@@ -250,17 +291,72 @@ class Qwen2_5_VLAdapter(QwenVLAdapter):  # noqa: N801 - named like the HF class
     model_types: ClassVar[tuple[str, ...]] = ("qwen2_5_vl",)
     model_class = Qwen2_5_VLForConditionalGeneration
 
+    @classmethod
+    def video_metadata_fields(cls, metadata, video_processor) -> dict:
+        # Qwen2_5_VLProcessor: seconds per temporal patch = temporal_patch_size / sampled fps.
+        return {"second_per_grid_ts": torch.tensor([video_processor.temporal_patch_size / metadata.sampled_fps])}
+
 
 class Qwen3VLAdapter(QwenVLAdapter):
     model_types: ClassVar[tuple[str, ...]] = ("qwen3_vl",)
     model_class = Qwen3VLForConditionalGeneration
 
+    @classmethod
+    def video_layouts(cls, config, visual: VisualInputs) -> list[list[VisualLayout]]:
+        # One run of tokens per temporal patch (the timestamp text separates them).
+        videos = cls._merged(config, visual.video_grid_thw)
+        return [[VisualLayout(layout.segments)] * layout.frames for layout in videos]
+
+    @classmethod
+    def video_metadata_fields(cls, metadata, video_processor) -> dict:
+        from transformers import Qwen3VLProcessor
+
+        fps = metadata.fps or _DEFAULT_FPS  # as Qwen3VLProcessor.replace_video_token
+        times = Qwen3VLProcessor._calculate_timestamps(
+            None, list(metadata.frames_indices), fps, video_processor.temporal_patch_size
+        )
+        return {"video_timestamps": [times]}
+
+    @classmethod
+    def video_token_ids(cls, config, tokenizer, visual: VisualInputs, index: int) -> list[int]:
+        """``<T seconds><|vision_start|>`` + one temporal patch's video tokens + ``<|vision_end|>`` per patch."""
+        runs = cls.video_layouts(config, visual)[index]
+        times = frame_timestamps(visual, index, len(runs), int(config.vision_config.temporal_patch_size))
+        video, start, end = cls.config_video_token_id(config), config.vision_start_token_id, config.vision_end_token_id
+        out: list[int] = []
+        for layout, seconds in zip(runs, times):
+            stamp = tokenizer(f"<{seconds:.1f} seconds>", add_special_tokens=False)["input_ids"]
+            out += [*stamp, start, *[video] * layout.num_tokens, end]
+        return out
+
     def _decoder_extras(self, ids: torch.Tensor, image_features, visual: torch.Tensor) -> dict:
         deep = getattr(image_features, "deepstack", None)
-        if not deep or not bool((ids == self.image_token_id).any()):
+        if not deep or not bool(visual.any()):
             return {}
-        # DeepStack: layer l's features of every image, in placeholder order, added after decoder layer l.
+        # DeepStack: layer l's features of every image / video, in placeholder order, added after decoder layer l.
         return {
-            "visual_pos_masks": ids == self.image_token_id,
+            "visual_pos_masks": visual,
             "deepstack_visual_embeds": [torch.cat(layer, 0).to(self.device, self.dtype) for layer in deep],
         }
+
+
+# Qwen3VLProcessor's fps when a video's metadata has none (pre-sampled frames): its timestamps then assume 24 fps.
+_DEFAULT_FPS = 24.0
+
+
+def frame_timestamps(visual: VisualInputs, index: int, steps: int, temporal_patch: int) -> list[float]:
+    """Seconds of each temporal patch of video ``index`` (Qwen3-VL's prompt text): ``visual.video_timestamps`` when
+    given, else HF's default for frames without metadata (frames ``0 .. temporal_patch * steps - 1`` at 24 fps, each
+    patch at the mean time of its frames)."""
+    if visual.video_timestamps is not None:
+        times = list(visual.video_timestamps[index])
+        if len(times) != steps:
+            raise ValueError(
+                f"video {index} has {steps} temporal patches but {len(times)} timestamps (video_timestamps gives one "
+                f"time in seconds per temporal patch)."
+            )
+        return times
+    from transformers import Qwen3VLProcessor
+
+    frames = list(range(temporal_patch * steps))
+    return Qwen3VLProcessor._calculate_timestamps(None, frames, _DEFAULT_FPS, temporal_patch)
