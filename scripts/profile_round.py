@@ -75,7 +75,7 @@ def _embedded_prompts(pipe, n: int, max_new_tokens: int):
     out = []
     for s in samples:
         p = pipe.prepare(s.image, s.question, max_new_tokens=max_new_tokens)
-        out.append((p.input_ids, p.pixel_values, p.grid, s.question))
+        out.append((p.input_ids, p.pixel_values, p.layouts, s.question))
     return out
 
 
@@ -166,7 +166,7 @@ def _decode_all(dec, prompts, args, eos, batch: int):
     """Decode every prompt (batch 1) or the prompts in groups of ``batch``; returns the stats objects."""
     out = []
     if batch == 1:
-        for ids, px, grid, _ in prompts:
+        for ids, px, layouts, _ in prompts:
             g = torch.Generator().manual_seed(0)
             res = dec.generate(
                 ids,
@@ -174,7 +174,7 @@ def _decode_all(dec, prompts, args, eos, batch: int):
                 max_new_tokens=args.max_new_tokens,
                 eos_token_id=eos,
                 generator=g,
-                **({"image_grid": grid} if grid is not None else {}),
+                **({"image_layouts": layouts} if layouts is not None else {}),
             )
             out.append(res.stats)
         return out
@@ -185,7 +185,7 @@ def _decode_all(dec, prompts, args, eos, batch: int):
             pixel_values=[px for _, px, *_ in group],
             max_new_tokens=args.max_new_tokens,
             eos_token_id=eos,
-            image_grids=[grid for _, _, grid, _ in group],
+            image_layouts=[layouts for _, _, layouts, _ in group],
         )
         out.append(res.stats)
     return out

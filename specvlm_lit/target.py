@@ -71,7 +71,6 @@ __all__ = [
     "llava_visual_tokens",
     "read_model_config",
     "resize_for_target",
-    "square_grid",
     "supported_model_types",
     "visual_token_counter",
 ]
@@ -151,14 +150,6 @@ def llava_visual_grid(height: int, width: int, patch_size: int, strategy: str = 
     if strategy != "default":
         return None
     return height // patch_size, width // patch_size
-
-
-def square_grid(n_tokens: int) -> tuple[int, int]:
-    """The square grid ``n_tokens`` visual tokens form when nothing else says how they are laid out."""
-    side = int(round(n_tokens**0.5))
-    if side * side != n_tokens:
-        raise ValueError(f"{n_tokens} visual tokens are not a square grid: pass grid=(rows, cols)")
-    return side, side
 
 
 def visual_token_counter(processor) -> Callable[[int, int], int]:

@@ -25,11 +25,17 @@ from specvlm_lit.drafter.compressor import (
     normalize_compressor_config,
 )
 from specvlm_lit.drafter.sequence import CompressedVisual
+from specvlm_lit.targets import VisualLayout
 
 torch.set_num_threads(1)
 
 H = 8
 GRIDS = [(8, 8), (12, 12), (16, 16), (5, 7)]  # the embedded target's grids + a non-divisible one
+
+
+def layout(grid) -> VisualLayout:
+    """A plain ``rows x cols`` patch grid (LLaVA-1.5's layout)."""
+    return VisualLayout([("grid", *grid)])
 
 
 def rows(grid, h=H, seed=0):
@@ -79,10 +85,10 @@ def test_prune_output_size(grid, ratio):
     n = grid[0] * grid[1]
     c = PruneCompressor(ratio).eval()
     e, f = rows(grid)
-    out = c(e, f, grid, question())
+    out = c(e, f, layout(grid), question())
     assert isinstance(out, CompressedVisual)
     assert out.embeds.shape == out.features.shape == (math.ceil(n / ratio), H)
-    assert c.num_output_tokens(grid) == math.ceil(n / ratio)
+    assert c.num_output_tokens(layout(grid)) == math.ceil(n / ratio)
     assert out.branch is None and out.gate_probs is None
 
 
@@ -94,30 +100,36 @@ def test_pool_and_conv_output_size(grid, ratio, cls):
     kh, kw = kernel_for_ratio(ratio)
     m = math.ceil(grid[0] / kh) * math.ceil(grid[1] / kw)  # ceil mode: border patches are kept
     e, f = rows(grid)
-    out = c(e, f, grid, question())
+    out = c(e, f, layout(grid), question())
     assert out.embeds.shape == out.features.shape == (m, H)
-    assert c.num_output_tokens(grid) == m
+    assert c.num_output_tokens(layout(grid)) == m
 
 
 def test_known_sizes_on_target_grids():
     # The documented table of the default select branches.
     sel = build_compressor({"type": "select"}, H)
-    assert sel.branch_output_tokens((8, 8)) == {"prune10": 7, "pool9": 9, "conv4": 16, "resampler2": 2, "text_only": 0}
-    assert sel.branch_output_tokens((12, 12)) == {
+    assert sel.branch_output_tokens(layout((8, 8))) == {
+        "prune10": 7,
+        "pool9": 9,
+        "conv4": 16,
+        "resampler2": 2,
+        "text_only": 0,
+    }
+    assert sel.branch_output_tokens(layout((12, 12))) == {
         "prune10": 15,
         "pool9": 16,
         "conv4": 36,
         "resampler2": 2,
         "text_only": 0,
     }
-    assert sel.branch_output_tokens((16, 16)) == {
+    assert sel.branch_output_tokens(layout((16, 16))) == {
         "prune10": 26,
         "pool9": 36,
         "conv4": 64,
         "resampler2": 2,
         "text_only": 0,
     }
-    assert sel.num_output_tokens((16, 16)) == 64 and sel.num_output_tokens((16, 16), "pool9") == 36
+    assert sel.num_output_tokens(layout((16, 16))) == 64 and sel.num_output_tokens(layout((16, 16)), "pool9") == 36
 
 
 @pytest.mark.parametrize("num_queries", [1, 2, 4])
@@ -125,16 +137,16 @@ def test_resampler_output_size(num_queries):
     c = ResamplerCompressor(num_queries, H, num_heads=2).eval()
     for grid in GRIDS:
         e, f = rows(grid)
-        out = c(e, f, grid, question())
+        out = c(e, f, layout(grid), question())
         assert out.embeds.shape == out.features.shape == (num_queries, H)
-        assert c.num_output_tokens(grid) == num_queries
+        assert c.num_output_tokens(layout(grid)) == num_queries
 
 
 def test_text_only_returns_zero_rows():
     e, f = rows((8, 8))
-    out = TextOnlyCompressor()(e, f, (8, 8), question())
+    out = TextOnlyCompressor()(e, f, layout((8, 8)), question())
     assert out.embeds.shape == out.features.shape == (0, H)
-    assert TextOnlyCompressor().num_output_tokens((8, 8)) == 0
+    assert TextOnlyCompressor().num_output_tokens(layout((8, 8))) == 0
 
 
 def test_concat_m_is_sum():
@@ -147,14 +159,14 @@ def test_concat_m_is_sum():
     c = ConcatCompressor(branches).eval()
     for grid in GRIDS:
         e, f = rows(grid)
-        out = c(e, f, grid, question())
-        expected = sum(b.num_output_tokens(grid) for b in branches.values())
-        assert out.embeds.shape[0] == out.features.shape[0] == expected == c.num_output_tokens(grid)
+        out = c(e, f, layout(grid), question())
+        expected = sum(b.num_output_tokens(layout(grid)) for b in branches.values())
+        assert out.embeds.shape[0] == out.features.shape[0] == expected == c.num_output_tokens(layout(grid))
     # rows are the branches' rows in branch-name order
     assert list(c.branches) == ["c", "p", "q", "r"]
     e, f = rows((8, 8))
-    out = c(e, f, (8, 8), question())
-    first = branches["c"](e, f, (8, 8), question())
+    out = c(e, f, layout((8, 8)), question())
+    first = branches["c"](e, f, layout((8, 8)), question())
     torch.testing.assert_close(out.embeds[: first.embeds.shape[0]], first.embeds)
 
 
@@ -162,7 +174,7 @@ def test_concat_m_is_sum():
 def test_prune_eval_is_deterministic_and_evenly_spaced():
     c = PruneCompressor(4).eval()
     e, f = rows((8, 8))
-    a, b = c(e, f, (8, 8), question()), c(e, f, (8, 8), question())
+    a, b = c(e, f, layout((8, 8)), question()), c(e, f, layout((8, 8)), question())
     assert torch.equal(a.embeds, b.embeds) and torch.equal(a.features, b.features)
     idx = c.keep_indices(64)
     assert idx.tolist() == list(range(2, 64, 4))  # centre of each slice of 4
@@ -188,7 +200,7 @@ def test_prune_keeps_same_indices_in_both_streams():
     n = 64
     e = torch.arange(n, dtype=torch.float)[:, None].expand(n, H).clone()
     f = 1000 + e
-    out = c(e, f, (8, 8), question())
+    out = c(e, f, layout((8, 8)), question())
     torch.testing.assert_close(out.features, 1000 + out.embeds)
     kept = out.embeds[:, 0]
     assert torch.all(kept[1:] > kept[:-1])  # original order
@@ -198,7 +210,7 @@ def test_prune_keeps_same_indices_in_both_streams():
 def test_pool_averages_grid_windows_with_partial_edges():
     grid = (5, 7)
     e, f = rows(grid)
-    out = PoolCompressor(4)(e, f, grid, question())  # 2x2 windows -> 3 x 4
+    out = PoolCompressor(4)(e, f, layout(grid), question())  # 2x2 windows -> 3 x 4
     emap = e.view(5, 7, H)
     torch.testing.assert_close(out.embeds[0], emap[0:2, 0:2].reshape(-1, H).mean(0))
     torch.testing.assert_close(out.embeds[5], emap[2:4, 2:4].reshape(-1, H).mean(0))  # window (1, 1)
@@ -211,8 +223,8 @@ def test_pool_averages_grid_windows_with_partial_edges():
 def test_conv_initialised_as_average_pooling(ratio):
     grid = (12, 12)
     e, f = rows(grid)
-    conv = ConvCompressor(ratio, H)(e, f, grid, question())
-    pool = PoolCompressor(ratio)(e, f, grid, question())
+    conv = ConvCompressor(ratio, H)(e, f, layout(grid), question())
+    pool = PoolCompressor(ratio)(e, f, layout(grid), question())
     torch.testing.assert_close(conv.embeds, pool.embeds, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(conv.features, pool.features, atol=1e-4, rtol=1e-5)
 
@@ -222,8 +234,8 @@ def test_conv_streams_do_not_mix():
     with torch.no_grad():
         c.conv.weight.normal_()
     e, f = rows((8, 8))
-    a = c(e, f, (8, 8), question())
-    b = c(e, f * 5 + 3, (8, 8), question())
+    a = c(e, f, layout((8, 8)), question())
+    b = c(e, f * 5 + 3, layout((8, 8)), question())
     torch.testing.assert_close(a.embeds, b.embeds)  # embedding half never sees features
 
 
@@ -237,7 +249,7 @@ def test_streams_stay_aligned(name, training):
     c = build_compressor(all_configs()[name], H).train(training)
     for grid in [(8, 8), (5, 7)]:
         e, _ = rows(grid)
-        out = c(e, -e, grid, question())
+        out = c(e, -e, layout(grid), question())
         torch.testing.assert_close(out.features, -out.embeds, atol=1e-5, rtol=1e-5)
 
 
@@ -245,14 +257,14 @@ def test_input_validation():
     c = PoolCompressor(4)
     e, f = rows((8, 8))
     with pytest.raises(ValueError, match="does not hold"):
-        c(e, f, (8, 7), question())
+        c(e, f, layout((8, 7)), question())
     with pytest.raises(ValueError, match="aligned"):
-        c(e, f[:-1], (8, 8), question())
+        c(e, f[:-1], layout((8, 8)), question())
     with pytest.raises(ValueError, match="hidden size"):
-        ConvCompressor(4, H + 1)(e, f, (8, 8), question())
+        ConvCompressor(4, H + 1)(e, f, layout((8, 8)), question())
     # question may be empty or omitted
-    assert c(e, f, (8, 8)).embeds.shape == (16, H)
-    assert c(e, f, (8, 8), question(0)).embeds.shape == (16, H)
+    assert c(e, f, layout((8, 8))).embeds.shape == (16, H)
+    assert c(e, f, layout((8, 8)), question(0)).embeds.shape == (16, H)
 
 
 # ------------------------------------------------------------------------------------------------- select
@@ -278,15 +290,15 @@ def test_select_eval_picks_argmax_deterministically():
     c = _select().eval()
     e, f = rows((8, 8))
     q = question()
-    a, b = c(e, f, (8, 8), q), c(e, f, (8, 8), q)
+    a, b = c(e, f, layout((8, 8)), q), c(e, f, layout((8, 8)), q)
     assert a.branch == b.branch and torch.equal(a.embeds, b.embeds)
     assert a.branch == int(c.gate(f, q).argmax())
     torch.testing.assert_close(a.gate_probs.sum(), torch.tensor(1.0))
     # force the pool branch: output == that branch's output
     k = _force(c, "pool")
-    out = c(e, f, (8, 8), q)
+    out = c(e, f, layout((8, 8)), q)
     assert out.branch == k and c.branch_names[out.branch] == "pool"
-    ref = PoolCompressor(4)(e, f, (8, 8), q)
+    ref = PoolCompressor(4)(e, f, layout((8, 8)), q)
     torch.testing.assert_close(out.embeds, ref.embeds)
     torch.testing.assert_close(out.features, ref.features)
     assert out.gate_probs[k] > 0.99
@@ -296,8 +308,8 @@ def test_select_gate_depends_on_question():
     torch.manual_seed(0)
     c = _select().eval()
     e, f = rows((8, 8))
-    p1 = c(e, f, (8, 8), question(seed=1)).gate_probs
-    p2 = c(e, f, (8, 8), question(seed=2)).gate_probs
+    p1 = c(e, f, layout((8, 8)), question(seed=1)).gate_probs
+    p2 = c(e, f, layout((8, 8)), question(seed=2)).gate_probs
     assert not torch.allclose(p1, p2)
 
 
@@ -306,12 +318,12 @@ def test_select_training_samples_branches_and_passes_gradient_to_gate():
     c = _select().train()
     e, f = rows((8, 8))
     q = question()
-    chosen = {c(e, f, (8, 8), q).branch for _ in range(40)}
+    chosen = {c(e, f, layout((8, 8)), q).branch for _ in range(40)}
     assert len(chosen) > 1  # Gumbel sampling explores
     k = _force(c, "pool")
-    out = c(e, f, (8, 8), q)
+    out = c(e, f, layout((8, 8)), q)
     assert out.branch == k
-    ref = PoolCompressor(4)(e, f, (8, 8), q)
+    ref = PoolCompressor(4)(e, f, layout((8, 8)), q)
     torch.testing.assert_close(out.embeds, ref.embeds)  # straight-through weight is 1 in value
     torch.testing.assert_close(out.gate_probs.sum(), torch.tensor(1.0))
     # A loss behind a per-row RMSNorm (as in the drafter) must still reach the gate.
@@ -338,11 +350,11 @@ def test_select_validation():
 def test_weighted_branches_share_m(grid, ratio):
     c = WeightedCompressor(ratio, H).eval()
     e, f = rows(grid)
-    out = c(e, f, grid, question())
-    m = PoolCompressor(ratio).num_output_tokens(grid)
-    assert out.embeds.shape == out.features.shape == (m, H) and c.num_output_tokens(grid) == m
-    assert c.window_prune_indices(grid).numel() == m
-    assert ConvCompressor(ratio, H).num_output_tokens(grid) == m
+    out = c(e, f, layout(grid), question())
+    m = PoolCompressor(ratio).num_output_tokens(layout(grid))
+    assert out.embeds.shape == out.features.shape == (m, H) and c.num_output_tokens(layout(grid)) == m
+    assert c.window_prune_indices(layout(grid)).numel() == m
+    assert ConvCompressor(ratio, H).num_output_tokens(layout(grid)) == m
     torch.testing.assert_close(out.gate_probs.sum(), torch.tensor(1.0))
     assert out.gate_probs.shape == (3,) and out.branch is None
 
@@ -354,12 +366,12 @@ def test_weighted_prune_is_window_aligned():
     for training in (False, True):
         c.train(training)
         for _ in range(5):
-            idx = c.window_prune_indices(grid)
+            idx = c.window_prune_indices(layout(grid))
             r, col = idx // grid[1], idx % grid[1]
             wr, wc = torch.arange(3).repeat_interleave(4), torch.arange(4).repeat(3)
             assert torch.all(r // kh == wr) and torch.all(col // kw == wc)
     c.eval()
-    assert torch.equal(c.window_prune_indices(grid), c.window_prune_indices(grid))
+    assert torch.equal(c.window_prune_indices(layout(grid)), c.window_prune_indices(layout(grid)))
 
 
 def test_weighted_fuses_with_gate_weights():
@@ -368,8 +380,8 @@ def test_weighted_fuses_with_gate_weights():
     e, f = rows((8, 8))
     with torch.no_grad():
         c.gate.mlp[-1].bias.copy_(torch.tensor([0.0, 40.0, 0.0]))
-    out = c(e, f, (8, 8), question())
-    torch.testing.assert_close(out.embeds, PoolCompressor(4)(e, f, (8, 8)).embeds, atol=1e-5, rtol=1e-5)
+    out = c(e, f, layout((8, 8)), question())
+    torch.testing.assert_close(out.embeds, PoolCompressor(4)(e, f, layout((8, 8))).embeds, atol=1e-5, rtol=1e-5)
     out.features.sum().backward()
     assert c.conv.conv.weight.grad is not None and any(p.grad is not None for p in c.gate.parameters())
 
@@ -443,7 +455,7 @@ def test_build_serialise_round_trip(name):
     c2.load_state_dict(c1.state_dict())
     for grid in [(8, 8), (5, 7)]:
         e, f = rows(grid)
-        a, b = c1(e, f, grid, question()), c2(e, f, grid, question())
+        a, b = c1(e, f, layout(grid), question()), c2(e, f, layout(grid), question())
         torch.testing.assert_close(a.embeds, b.embeds)
         torch.testing.assert_close(a.features, b.features)
         assert a.branch == b.branch
@@ -461,27 +473,28 @@ def test_normalize_fills_defaults():
 # ------------------------------------------------------------------------------- several images, no image
 @pytest.mark.parametrize("name", sorted(all_configs()))
 def test_every_compressor_compresses_each_image_on_its_own_and_skips_text_only(name):
-    """build_draft_sequence with several images calls the compressor once per image (its own rows and grid) and
+    """build_draft_sequence with several images calls the compressor once per image (its own rows and layout) and
     splices each output where that image stood; a text-only sequence is the plain pairing, whatever the compressor."""
-    from specvlm_lit.drafter.sequence import build_draft_sequence, image_spans
+    from specvlm_lit.drafter.sequence import build_draft_sequence, visual_spans
 
     torch.manual_seed(0)
     comp = build_compressor(all_configs()[name], H).eval()
     img = 99
     grids = [(8, 8), (5, 7)]
+    layouts = [layout(g) for g in grids]
     # BOS, text, image 1, text, image 2, question text: two separate runs of image tokens.
     ids = torch.tensor([1, 5, *[img] * 64, 6, 7, *[img] * 35, 8, 9, 10])
     T = ids.shape[0]
     embeds, feats = torch.randn(T, H), 10 * torch.randn(T, H)
-    seq = build_draft_sequence(embeds, feats, ids, img, compressor=comp, grid=grids)
-    (s1, n1), (s2, n2) = image_spans(ids, img)
+    seq = build_draft_sequence(embeds, feats, ids, img, compressor=comp, layouts=layouts)
+    (s1, n1), (s2, n2) = visual_spans(ids, img)
     assert [(s1, n1), (s2, n2)] == [(2, 64), (68, 35)]
     question = feats[s2 + n2 : T]  # the text after the last image
     e_next, f = embeds[1:], feats[:-1]
-    one = comp(e_next[s1 - 1 : s1 - 1 + n1], f[s1 - 1 : s1 - 1 + n1], grids[0], question)
-    two = comp(e_next[s2 - 1 : s2 - 1 + n2], f[s2 - 1 : s2 - 1 + n2], grids[1], question)
+    one = comp(e_next[s1 - 1 : s1 - 1 + n1], f[s1 - 1 : s1 - 1 + n1], layout(grids[0]), question)
+    two = comp(e_next[s2 - 1 : s2 - 1 + n2], f[s2 - 1 : s2 - 1 + n2], layout(grids[1]), question)
     m1, m2 = one.embeds.shape[0], two.embeds.shape[0]
-    assert m1 == comp.num_output_tokens(grids[0]) or name == "select"  # select: the gate's branch
+    assert m1 == comp.num_output_tokens(layout(grids[0])) or name == "select"  # select: the gate's branch
     expected_e = torch.cat(
         [e_next[: s1 - 1], one.embeds, e_next[s1 - 1 + n1 : s2 - 1], two.embeds, e_next[s2 - 1 + n2 :]]
     )
@@ -491,15 +504,17 @@ def test_every_compressor_compresses_each_image_on_its_own_and_skips_text_only(n
     assert (seq.source == -1).sum() == m1 + m2 and len(seq.compressed_images) == 2
     kept = seq.source[seq.source >= 0]
     assert kept.tolist() == [0, *range(s1 - 1 + n1, s2 - 1), *range(s2 - 1 + n2, T - 1)]
-    # Back-to-back placeholders are still two images when the grids say so.
+    # Back-to-back placeholders are still two images when the layouts say so.
     ids2 = torch.tensor([1, *[img] * 64, *[img] * 35, 8, 9])
     e2, f2 = torch.randn(ids2.shape[0], H), torch.randn(ids2.shape[0], H)
-    seq2 = build_draft_sequence(e2, f2, ids2, img, compressor=comp, grid=grids)
+    seq2 = build_draft_sequence(e2, f2, ids2, img, compressor=comp, layouts=layouts)
     assert len(seq2.compressed_images) == 2
     # No image: nothing compressed, every pair kept.
     text = torch.tensor([1, 5, 6, 7, 8])
-    plain = build_draft_sequence(torch.randn(5, H), torch.randn(5, H), text, img, compressor=comp, grid=[])
+    plain = build_draft_sequence(torch.randn(5, H), torch.randn(5, H), text, img, compressor=comp, layouts=[])
     assert plain.length == 4 and plain.position_offset == 0 and plain.compressed is None
     assert plain.source.tolist() == [0, 1, 2, 3]
-    with pytest.raises(ValueError, match="grid"):
-        build_draft_sequence(embeds, feats, ids, img, compressor=comp, grid=[(8, 8), None, (2, 2)])
+    with pytest.raises(ValueError, match="layouts hold 103 visual tokens .* input_ids hold 99 visual tokens"):
+        build_draft_sequence(embeds, feats, ids, img, compressor=comp, layouts=[*layouts, layout((2, 2))])
+    with pytest.raises(ValueError, match="no layouts"):
+        build_draft_sequence(embeds, feats, ids, img, compressor=comp)

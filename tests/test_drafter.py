@@ -22,9 +22,10 @@ from specvlm_lit.drafter.eagle import (
 )
 from specvlm_lit.drafter.sequence import build_draft_sequence
 from specvlm_lit.target import TargetAdapter
+from specvlm_lit.targets import VisualLayout
 from specvlm_lit.utils.atomic import MARKER, ForeignDirectoryError
 from tests.helpers import root_path, tree_from_parents
-from tests.test_target_adapter import IMAGE_TOKEN_ID, build_tiny_llava, make_vlm_inputs, tiny_llava_config
+from tests.test_target_adapter import build_tiny_llava, make_vlm_inputs, tiny_llava_config
 
 torch.set_num_threads(1)
 ATOL = 1e-5
@@ -232,8 +233,9 @@ def test_end_to_end_with_target_and_compressor(adapter):
     gradients reach fc, the decoder layer and the compressor's gate."""
     drafter = make_drafter(adapter, compressor={"type": "select"}).train()
     # 4x4 grid: prune10 -> 2, pool9 -> 4, conv4 -> 4, resampler2 -> 2, text_only -> 0; the max is reported
-    assert drafter.num_visual_tokens((4, 4)) == 4
-    assert make_drafter(adapter).num_visual_tokens((4, 4)) == 16  # no compressor: every visual row
+    grid = VisualLayout([("grid", 4, 4)])
+    assert drafter.num_visual_tokens(grid) == 4
+    assert make_drafter(adapter).num_visual_tokens(grid) == 16  # no compressor: every visual row
     ids, images = make_vlm_inputs(adapter, [(32, 32)], n_text=4, seed=0)
     feats = adapter.encode_images(images)
     out = adapter.forward(ids, image_features=feats)
@@ -242,7 +244,11 @@ def test_end_to_end_with_target_and_compressor(adapter):
     k = drafter.compressor.branch_names.index("conv4")
     with torch.no_grad():  # pick a branch that produces rows, so the loss reaches the gate
         drafter.compressor.gate.mlp[-1].bias.copy_(50.0 * torch.nn.functional.one_hot(torch.tensor(k), 5).float())
-    seq = build_draft_sequence(embeds[0], out.hidden[0], ids[0], IMAGE_TOKEN_ID, compressor=drafter.compressor)
+    layouts = adapter.layouts_of(images)
+    assert [layout.segments for layout in layouts] == [[("grid", 4, 4)]]
+    seq = build_draft_sequence(
+        embeds[0], out.hidden[0], ids[0], adapter.visual_token_ids, compressor=drafter.compressor, layouts=layouts
+    )
     assert seq.compressed.branch == k and seq.length == ids.shape[1] - 1 - 16 + 4
     pred = drafter(seq.embeds[None], seq.features[None]).hidden
     logits = adapter.lm_head(pred)
@@ -272,7 +278,8 @@ def _same_outputs(a: EagleVLMDrafter, b: EagleVLMDrafter):
                     c.compressor.gate.mlp[-1].bias.copy_(
                         50.0 * torch.nn.functional.one_hot(torch.tensor(branch), len(a.compressor.branches)).float()
                     )
-        x, y = a.compressor(ev[0], fv[0], (8, 8), q), b.compressor(ev[0], fv[0], (8, 8), q)
+        grid = VisualLayout([("grid", 8, 8)])
+        x, y = a.compressor(ev[0], fv[0], grid, q), b.compressor(ev[0], fv[0], grid, q)
         assert x.branch == y.branch == branch
         torch.testing.assert_close(x.embeds, y.embeds, atol=0, rtol=0)
         torch.testing.assert_close(x.features, y.features, atol=0, rtol=0)

@@ -107,7 +107,7 @@ def test_adaptive_trees_with_fixed_cpu_and_gpu_costs_on_the_embedded_target(trai
                 pixel_values=inputs.pixel_values,
                 max_new_tokens=64,
                 eos_token_id=pipe.eos_token_id,
-                image_grid=inputs.grid,
+                image_layouts=inputs.layouts,
             )
             assert spec.tokens.tolist() == pipe.generate_ar(image, question, max_new_tokens=64).tokens
             sizes[name] += spec.stats.tree_sizes

@@ -31,6 +31,7 @@ from specvlm_lit.decoding.speculative import (
     SpeculativeDecoder,
     TreeConfig,
     choose_total_tokens,
+    square_layouts,
 )
 from specvlm_lit.decoding.tree import build_tree_from_fn
 from specvlm_lit.drafter.sequence import CompressedVisual, build_draft_sequence
@@ -490,8 +491,14 @@ def _accepted_rows(adapter, prompt, feats, seq, compressor=None):
     h0 = adapter.forward(prompt, image_features=feats, past_key_values=cache, use_cache=True).hidden[0]
     gen = seq[T0:]
     hidden = torch.cat([h0, adapter.forward(gen[None], past_key_values=cache).hidden[0]]) if len(gen) else h0
-    img_id = adapter.image_token_id if compressor is not None else -1
-    ds = build_draft_sequence(adapter.embed(prompt, feats)[0], h0, prompt[0], img_id, compressor=compressor)
+    ds = build_draft_sequence(
+        adapter.embed(prompt, feats)[0],
+        h0,
+        prompt[0],
+        adapter.visual_token_ids,
+        compressor=compressor,
+        layouts=square_layouts(feats),
+    )
     embeds = torch.cat([ds.embeds, adapter.embed_tokens(gen)])
     features = torch.cat([ds.features, hidden[T0 - 1 : len(seq) - 1]])
     return embeds, features

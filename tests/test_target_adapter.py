@@ -30,7 +30,6 @@ from specvlm_lit.target import (
     encode_by_size,
     image_list,
     llava_visual_grid,
-    square_grid,
     visual_token_counter,
 )
 
@@ -415,9 +414,6 @@ def test_visual_token_counter_matches_the_adapter(adapter):
     assert visual_token_counter(Processor())(24, 40) == 16 and llava_visual_grid(24, 40, 8, "full") is None
     with pytest.raises(TargetLoadError, match="no patch_size"):
         visual_token_counter(object())
-    assert square_grid(16) == (4, 4)
-    with pytest.raises(ValueError, match="not a square grid"):
-        square_grid(15)
 
 
 def test_encode_images_without_interpolation_rejects_other_sizes():

@@ -43,11 +43,11 @@ from torch import Tensor
 from .. import kv_cache
 from ..drafter.sequence import build_draft_sequence
 from ..errors import UserError
-from ..targets.inputs import EncodedImages
+from ..targets.inputs import EncodedImages, VisualLayout
 from .acceptance import WarpConfig, greedy_paths, truncate_at_eos
 from .configs import TreeConfig
 from .decoder import check_generate_inputs, sync
-from .speculative import PhaseTimes, SpeculativeDecoder, _single_image_grid
+from .speculative import PhaseTimes, SpeculativeDecoder, prompt_layouts
 from .tree import BatchedTreeBuilder
 
 __all__ = ["BatchSamplingError", "BatchedResult", "BatchedSpeculativeDecoder", "BatchedStats"]
@@ -177,20 +177,21 @@ class BatchedSpeculativeDecoder(SpeculativeDecoder):
         *,
         max_new_tokens: int,
         eos_token_id=None,
-        image_grids: Sequence[tuple[int, int] | None] | None = None,
+        image_layouts: Sequence[Sequence[VisualLayout] | None] | None = None,
     ) -> BatchedResult:
         """Decode every request: ``input_ids[b]`` ``[1, T_b]`` with its images (``image_features[b]`` or
         ``pixel_values[b]``, or neither), up to ``max_new_tokens`` each, stopping a row right after its first EOS
-        (kept), like HF ``generate()``. ``image_grids[b]``: the patch grid for the drafter's compressor."""
+        (kept), like HF ``generate()``. ``image_layouts[b]``: request b's visual layouts for the drafter's compressor
+        (``None``: the adapter's layouts of ``pixel_values[b]``, see :func:`~.speculative.prompt_layouts`)."""
         t_start = time.perf_counter()
         if isinstance(input_ids, Tensor) or len(input_ids) == 0:
             raise ValueError("input_ids must be a non-empty list of [1, T] LongTensors, one per request")
         n = len(input_ids)
         feats_in = list(image_features) if image_features is not None else [None] * n
         px_in = list(pixel_values) if pixel_values is not None else [None] * n
-        grids = list(image_grids) if image_grids is not None else [None] * n
-        if not len(feats_in) == len(px_in) == len(grids) == n:
-            raise ValueError(f"{n} requests but image_features / pixel_values / image_grids of other lengths")
+        layouts = list(image_layouts) if image_layouts is not None else [None] * n
+        if not len(feats_in) == len(px_in) == len(layouts) == n:
+            raise ValueError(f"{n} requests but image_features / pixel_values / image_layouts of other lengths")
         eos: list[int] = []
         checked = []
         for b in range(n):
@@ -202,7 +203,7 @@ class BatchedSpeculativeDecoder(SpeculativeDecoder):
         for m in training:
             m.eval()
         try:
-            return self._generate_batch(list(input_ids), checked, px_in, grids, max_new_tokens, eos, t_start)
+            return self._generate_batch(list(input_ids), checked, px_in, layouts, max_new_tokens, eos, t_start)
         finally:
             for m in training:
                 m.train()
@@ -214,17 +215,17 @@ class BatchedSpeculativeDecoder(SpeculativeDecoder):
         return self.adapter.forward(input_ids, **kwargs)
 
     # ------------------------------------------------------------------------------------------------ prefill
-    def _prefill(self, ids_list, feats_list, px_list, grids):
-        """Target prefill of the left-padded prompts -> (first tokens, target cache + rows, prompt features)."""
+    def _prefill(self, ids_list, feats_list, px_list, layouts):
+        """Target prefill of the left-padded prompts -> (first tokens, target cache + rows, prompt features, the
+        requests' visual layouts for the drafter's compressor)."""
         ad = self.adapter
         dev = ad.device
-        feats, hints = [], []
+        if getattr(self.drafter, "compressor", None) is not None:
+            layouts = [prompt_layouts(ad, f, px, given) for f, px, given in zip(feats_list, px_list, layouts)]
+        feats = []
         for f, px in zip(feats_list, px_list):
             if px is not None:
-                hints.append(_single_image_grid(ad, px))
                 f = ad.encode_images(px)
-            else:
-                hints.append(None)
             feats.append([] if f is None else f if isinstance(f, list) else list(f))  # EncodedImages kept as is
         lens = [int(x.shape[1]) for x in ids_list]
         width = max(lens)
@@ -249,9 +250,9 @@ class BatchedSpeculativeDecoder(SpeculativeDecoder):
             **self._layer_kwargs,
         )
         first = tout.logits[:, -1].argmax(-1).tolist()
-        return first, tcache, _Rows(pad), ids, feats, tout, lens, [g or h for g, h in zip(grids, hints)]
+        return first, tcache, _Rows(pad), ids, feats, tout, lens, layouts
 
-    def _draft_prefill(self, ids, feats, tout, lens, grids, roots):
+    def _draft_prefill(self, ids, feats, tout, lens, layouts, roots):
         """Draft rows of every prompt (visual rows possibly compressed) + its root row, left-padded -> h_root."""
         ad = self.adapter
         dev = ad.device
@@ -263,12 +264,7 @@ class BatchedSpeculativeDecoder(SpeculativeDecoder):
             real = slice(width - n, width)
             embeds = self._token_rows(ids[b : b + 1, real], ad.embed(ids[b : b + 1, real], feats[b] or None))[0]
             seq = build_draft_sequence(
-                embeds,
-                hidden[b, real],
-                ids[b, real],
-                ad.image_token_id if compressor is not None else -1,
-                compressor=compressor,
-                grid=grids[b],
+                embeds, hidden[b, real], ids[b, real], ad.visual_token_ids, compressor=compressor, layouts=layouts[b]
             )
             root_e = ad.embed_tokens(torch.tensor([roots[b]], device=dev))
             rows_e.append(torch.cat([seq.embeds.to(root_e.dtype), root_e]))
@@ -323,7 +319,7 @@ class BatchedSpeculativeDecoder(SpeculativeDecoder):
             kv_cache.crop(dcache, drows.width)
         return builder.build()
 
-    def _generate_batch(self, ids_list, feats_list, px_list, grids, max_new_tokens, eos, t_start) -> BatchedResult:
+    def _generate_batch(self, ids_list, feats_list, px_list, layouts, max_new_tokens, eos, t_start) -> BatchedResult:
         ad = self.adapter
         dev = ad.device
         n_req = len(ids_list)
@@ -331,7 +327,7 @@ class BatchedSpeculativeDecoder(SpeculativeDecoder):
         out: list[list[int]] = [[] for _ in range(n_req)]
         sync(dev)
         t0 = time.perf_counter()
-        first, tcache, trows, ids, feats, tout, lens, grids = self._prefill(ids_list, feats_list, px_list, grids)
+        first, tcache, trows, ids, feats, tout, lens, layouts = self._prefill(ids_list, feats_list, px_list, layouts)
         total = self._total_tokens(max(lens))
         stats.total_tokens = total
         active = []  # request index of every batch row
@@ -347,7 +343,7 @@ class BatchedSpeculativeDecoder(SpeculativeDecoder):
         if not active:
             return self._finish(out, stats, t_start)
         t0 = time.perf_counter()
-        dcache, drows, d_real, h_root = self._draft_prefill(ids, feats, tout, lens, grids, first)
+        dcache, drows, d_real, h_root = self._draft_prefill(ids, feats, tout, lens, layouts, first)
         d_real = torch.tensor(d_real, dtype=torch.long)
         t_real = torch.tensor(lens, dtype=torch.long)  # real target entries per row (the root's position)
         if len(active) < n_req:

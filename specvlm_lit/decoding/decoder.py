@@ -94,7 +94,7 @@ class TargetDecoder:
 
     Subclasses set ``self.adapter`` and ``self.warp`` and implement ``_generate(input_ids, image_features,
     pixel_values, max_new_tokens, eos, generator, t_start, **options)``; ``options`` are their own keyword-only
-    extras (``image_grid`` for the speculative decoder). ``_modules_in_eval`` lists modules that may be training
+    extras (``image_layouts`` for the speculative decoder). ``_modules_in_eval`` lists modules that may be training
     between calls (the drafter during validation): they decode in eval mode and are restored afterwards.
     """
 

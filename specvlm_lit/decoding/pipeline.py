@@ -40,6 +40,7 @@ from .configs import InvalidOption, TreeConfig, WarpConfig, check_int
 if TYPE_CHECKING:  # pragma: no cover
     from PIL import Image
 
+    from ..targets.inputs import VisualLayout
     from .speculative import SpecStats
 
 __all__ = [
@@ -334,7 +335,7 @@ class PreparedPrompt:
     input_ids: Any  # LongTensor [1, T]
     pixel_values: Any  # the family's image inputs (LLaVA-1.5: FloatTensor [1, 3, h, w]; others: VisualInputs)
     n_visual: int
-    grid: tuple[int, int] | None
+    layouts: list[VisualLayout]  # one per visual (the family's), for the drafter's compressor
     image_size: tuple[int, int]  # (width, height) of the processed image
     original_size: tuple[int, int] | None = None  # (width, height) of the image as given
     downscaled: bool = False  # by the pipeline, to the vision tower's native size (target.image_input_size)
@@ -551,7 +552,7 @@ class SpecVLMPipeline:
             rendered.input_ids,
             rendered.visual,
             rendered.num_visual_tokens,
-            rendered.grid,
+            rendered.layouts,
             encoded,
             original,
             given != original,
@@ -590,7 +591,7 @@ class SpecVLMPipeline:
             max_new_tokens=max_new_tokens,
             eos_token_id=self.eos_token_id,
             generator=self._generator(seed),
-            image_grid=inputs.grid,
+            image_layouts=inputs.layouts,
         )
 
     def hf_generate(

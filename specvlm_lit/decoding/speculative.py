@@ -67,7 +67,7 @@ from torch import Tensor
 from .. import kv_cache
 from ..attention_masks import causal_mask
 from ..drafter.sequence import build_draft_sequence
-from ..target import image_list
+from ..targets.inputs import VisualLayout
 from .acceptance import WarpConfig, accept_greedy, accept_sampling, truncate_at_eos
 from .configs import TreeConfig
 from .cost_model import RoundCostModel
@@ -175,15 +175,34 @@ def _module_dtype_device(module, fallback_dtype, fallback_device) -> tuple[torch
     return fallback_dtype, fallback_device
 
 
-def _single_image_grid(adapter, pixel_values) -> tuple[int, int] | None:
-    """The target's patch grid of the prompt's image when it is exactly one image (the adapter owns the layout:
-    LLaVA pixels, AnyRes tiles and Qwen patches all differ)."""
-    layouts_of = getattr(adapter, "layouts_of", None)
-    if layouts_of is not None:
-        layouts = layouts_of(pixel_values)
-        return layouts[0].grid if len(layouts) == 1 else None
-    images = image_list(pixel_values)
-    return adapter.visual_grid(*images[0].shape[-2:]) if len(images) == 1 else None
+def square_layouts(image_features: Sequence[Tensor] | None) -> list[VisualLayout]:
+    """One plain square-grid layout per pre-encoded visual: the guess left when a request brings only
+    ``image_features`` (no pixels, no ``image_layouts``). Right for square images at a LLaVA-1.5 target's native size;
+    anything else must say its layouts (``adapter.layouts_of(visual)``)."""
+    layouts = []
+    for feats in image_features or []:
+        n = int(feats.shape[0])
+        side = math.isqrt(n)
+        if side * side != n:
+            raise ValueError(
+                f"a visual of {n} tokens given as image_features only is not a square grid, so its layout is "
+                f"unknown: pass image_layouts=adapter.layouts_of(visual) (or pixel_values) with it"
+            )
+        layouts.append(VisualLayout([("grid", side, side)]))
+    return layouts
+
+
+def prompt_layouts(
+    adapter, image_features, pixel_values, image_layouts: Sequence[VisualLayout] | None
+) -> list[VisualLayout]:
+    """The layouts of a request's visuals for the drafter's compressor: ``image_layouts`` when given, else the
+    adapter's layouts of the pixel inputs (the family owns them: LLaVA grids, AnyRes tiles, Qwen merged patches,
+    video frames), else :func:`square_layouts` of the pre-encoded features."""
+    if image_layouts is not None:
+        return list(image_layouts)
+    if pixel_values is not None:
+        return adapter.layouts_of(pixel_values)
+    return square_layouts(image_features)
 
 
 # ------------------------------------------------------------------------------------------ auto tree budget
@@ -512,10 +531,18 @@ class SpeculativeDecoder(TargetDecoder):
         return (self.drafter,)
 
     def _generate(
-        self, input_ids, image_features, pixel_values, max_new_tokens, eos, generator, t_start, image_grid=None
+        self,
+        input_ids,
+        image_features,
+        pixel_values,
+        max_new_tokens,
+        eos,
+        generator,
+        t_start,
+        image_layouts: Sequence[VisualLayout] | None = None,
     ) -> SpecResult:
-        """``image_grid`` = ``(rows, cols)`` patch grid for the drafter's visual compressor (inferred from a single
-        image's pixels, or assumed square)."""
+        """``image_layouts``: one :class:`~specvlm_lit.targets.VisualLayout` per visual of the prompt, in order, for
+        the drafter's visual compressor (default: :func:`prompt_layouts`, the adapter's layouts of ``pixel_values``)."""
         ad = self.adapter
         dev = ad.device
         stats = SpecStats(prompt_len=int(input_ids.shape[1]))
@@ -539,11 +566,10 @@ class SpeculativeDecoder(TargetDecoder):
         # 1. Target prefill -> first token.
         sync(dev)
         t0 = time.perf_counter()
+        compressor = getattr(self.drafter, "compressor", None)
+        layouts = prompt_layouts(ad, image_features, pixel_values, image_layouts) if compressor is not None else None
         if pixel_values is not None:
-            grid_hint = _single_image_grid(ad, pixel_values)
             image_features = ad.encode_images(pixel_values)
-        else:
-            grid_hint = None
         tcache = kv_cache.growing(ad.new_cache())  # appends in place instead of concatenating per forward
         tout = ad.forward(
             ids,
@@ -566,19 +592,9 @@ class SpeculativeDecoder(TargetDecoder):
 
         # 2. Draft prefill: prompt rows (t = 0..T-2, visual rows possibly compressed) + the root row.
         t0 = time.perf_counter()
-        compressor = getattr(self.drafter, "compressor", None)
         embeds = self._token_rows(ids, ad.embed(ids, image_features))[0]
         hidden = self._target_features(tout)[0]
-        # Without a compressor the pairing is plain (t -> (e_{t+1}, f_t)) whatever the images look like; we pass an
-        # impossible image id so that build_draft_sequence's single-image checks do not reject multi-image prompts.
-        seq = build_draft_sequence(
-            embeds,
-            hidden,
-            ids[0],
-            ad.image_token_id if compressor is not None else -1,
-            compressor=compressor,
-            grid=image_grid or grid_hint,
-        )
+        seq = build_draft_sequence(embeds, hidden, ids[0], ad.visual_token_ids, compressor=compressor, layouts=layouts)
         stats.draft_visual_tokens = n_visual + (seq.position_offset if compressor is not None else 0)
         stats.draft_prompt_rows = seq.length
         root = out_tokens[-1]

@@ -14,7 +14,7 @@ What the trainer (:mod:`specvlm_lit.training.distill`) and the decoders call, an
   over ``T`` rows with a KV cache, returning :class:`DrafterOutput` (``hidden`` fed back as the next feature);
 * :meth:`DraftModel.head_logits` / :attr:`DraftModel.draft_vocab` / :meth:`DraftModel.draft_logprobs` - draft
   logits over the drafter's (possibly pruned) vocabulary, and log-probs over the *target* vocabulary;
-* ``new_cache()``, ``compressor``, ``num_visual_tokens(grid)``, :meth:`DraftModel.check_target`,
+* ``new_cache()``, ``compressor``, ``num_visual_tokens(layout)``, :meth:`DraftModel.check_target`,
   :meth:`DraftModel.for_target`, :meth:`DraftModel.load`.
 
 A new drafter type is one module with a ``PreTrainedConfig`` / :class:`DraftModel` pair decorated with
@@ -37,6 +37,7 @@ from transformers.cache_utils import Cache
 from ..config_weights import ShapeFact, check_integer_fields, check_shapes, load_pretrained_checked
 from ..errors import UserError
 from ..target import TargetAdapter, TargetLoadError, _check_safetensors_file, header_shapes, read_model_config
+from ..targets.inputs import VisualLayout
 from ..utils.atomic import atomic_directory, check_replaceable, interrupted_writes
 
 __all__ = [
@@ -181,11 +182,12 @@ class DraftModel(PreTrainedModel):
         full = logprobs.new_full((*logprobs.shape[:-1], int(target.vocab_size)), float("-inf"))
         return full.index_copy_(-1, vocab.to(full.device), logprobs)
 
-    def num_visual_tokens(self, grid: tuple[int, int]) -> int:
-        """Visual rows this drafter sees for a ``rows x cols`` patch grid (all of them without a compressor)."""
+    def num_visual_tokens(self, layout: VisualLayout) -> int:
+        """Visual rows this drafter sees for a visual laid out as ``layout`` (a
+        :class:`~specvlm_lit.targets.VisualLayout`; all its tokens without a compressor)."""
         if getattr(self, "compressor", None) is None:
-            return int(grid[0]) * int(grid[1])
-        return self.compressor.num_output_tokens(grid)
+            return layout.num_tokens
+        return self.compressor.num_output_tokens(layout)
 
     # ---------------------------------------------------------------------------------------------- targets
     def check_target(self, target: TargetAdapter) -> None:

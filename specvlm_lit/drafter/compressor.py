@@ -2,19 +2,26 @@
 
 Every compressor implements the ``VisualCompressor`` protocol of :mod:`specvlm_lit.drafter.sequence`::
 
-    compressor(embeds [N, H], features [N, H], grid (rows, cols), question [Q, H]) -> CompressedVisual
+    compressor(embeds [N, H], features [N, H], layout VisualLayout, question [Q, H]) -> CompressedVisual
 
-A call covers **one image**: for a prompt with several images, ``build_draft_sequence`` calls the compressor once per
-image (its own rows, its own grid; every image sees the same question, the text after the last image), so each gated
-compressor picks a branch per image and every grid-based one works on that image's grid. A text-only sample has no
-visual rows and the compressor is not called at all.
+A call covers **one visual** (an image or a video): for a prompt with several, ``build_draft_sequence`` calls the
+compressor once per visual (its own rows, its own :class:`~specvlm_lit.targets.VisualLayout`; every visual sees the
+same question, the text after the last one), so each gated compressor picks a branch per visual. A text-only sample
+has no visual rows and the compressor is not called at all.
+
+Layouts (the family's, ``adapter.layouts_of``). Grid compressors (pool / conv, and the window-aligned prune of
+weighted) work on each plain patch grid of :meth:`VisualLayout.pieces` on its own, in token order: a plain image's
+one grid; AnyRes's base grid and its unpadded tile grid (never a window across the two, nor across a tile row's
+``image_newline``); Qwen's merged grid; every frame of a video. Tokens in no grid (AnyRes newlines, CLS) are
+dropped by them. Prune and the resampler work on all N tokens of the layout, whatever its shape. The gated
+combinators decide once per layout (one gate call per visual).
 
 ``embeds`` (token side, e_{t+1}) and ``features`` (feature side, f_t) are *aligned*: row j of both belongs to the
 same drafter position. Output row m of both streams must again describe the same thing, so every compressor applies
 the *same* reduction to both streams:
 
 * prune keeps the same row indices in both streams;
-* pool / conv work on the concatenated ``[N, 2H]`` rows laid out on the patch grid; pooling is per channel and the
+* pool / conv work on the concatenated ``[N, 2H]`` rows laid out on each patch grid; pooling is per channel and the
   conv is grouped (``groups=2``: one ``H -> H`` conv per stream), so each output row's embedding half only sees
   embeddings and its feature half only sees features, taken from the *same* grid window;
 * the resampler computes one set of attention weights per query (keys built from both streams) and applies them to
@@ -50,6 +57,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import initialization as hf_init
 
+from ..targets.inputs import GridPiece, VisualLayout
 from .sequence import CompressedVisual
 
 __all__ = [
@@ -99,14 +107,62 @@ def _ceil_div(a: int, b: int) -> int:
 
 
 def _grid_to_map(rows: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
-    """``[N, C]`` row-major grid rows -> ``[1, C, R, W]`` image layout."""
+    """``[K * R * W, C]`` rows of K row-major ``R x W`` grids, one after the other -> ``[K, C, R, W]`` maps.
+
+    One grid keeps the exact view it always had: its strides decide the memory layout of the pooled output and so
+    the float summation order of every later reduction (a plain grid must train bit-identically)."""
     r, c = grid
-    return rows.t().reshape(1, rows.shape[1], r, c)
+    k = rows.shape[0] // (r * c)
+    if k == 1:
+        return rows.t().reshape(1, rows.shape[1], r, c)
+    return rows.t().reshape(rows.shape[1], k, r, c).transpose(0, 1)
 
 
 def _map_to_rows(fmap: torch.Tensor) -> torch.Tensor:
-    """``[1, C, R, W]`` -> ``[R * W, C]`` row-major rows."""
-    return fmap.flatten(2)[0].t()
+    """``[K, C, R, W]`` -> ``[K * R * W, C]`` row-major rows, grid after grid (one grid: the view it always had)."""
+    if fmap.shape[0] == 1:
+        return fmap.flatten(2)[0].t()
+    return fmap.flatten(2).transpose(1, 2).reshape(-1, fmap.shape[1])
+
+
+def _piece_index(piece: GridPiece, device: torch.device) -> torch.Tensor | slice:
+    """Where ``piece``'s rows are in its visual's rows: a slice when they are contiguous (a plain grid, a frame), so
+    no index has to be copied to the device; else the index tensor (AnyRes tiles skip their newline tokens)."""
+    first, n = int(piece.index[0]), piece.index.numel()
+    if int(piece.index[-1]) - first + 1 == n:  # ascending offsets spanning exactly n tokens: contiguous
+        return slice(first, first + n)
+    return piece.index.to(device)
+
+
+def _grid_runs(layout: VisualLayout) -> list[list[GridPiece]]:
+    """The layout's grid pieces in token order, consecutive pieces of the same shape (a video's frames) grouped, so
+    a grid compressor handles each group in one batched call."""
+    runs: list[list[GridPiece]] = []
+    for piece in layout.pieces():
+        if runs and (runs[-1][0].rows, runs[-1][0].cols) == (piece.rows, piece.cols):
+            runs[-1].append(piece)
+        else:
+            runs.append([piece])
+    return runs
+
+
+def _per_grid(rows: torch.Tensor, layout: VisualLayout, reduce_maps) -> torch.Tensor:
+    """``reduce_maps([K, C, R, W]) -> [K, C, R', W']`` over every grid piece of ``layout`` (``rows`` ``[N, C]`` are
+    the visual's rows), the outputs row-major and in token order; tokens in no piece are dropped."""
+    outs = []
+    for run in _grid_runs(layout):
+        picked = [rows[_piece_index(piece, rows.device)] for piece in run]
+        grid_rows = picked[0] if len(picked) == 1 else torch.cat(picked)
+        outs.append(_map_to_rows(reduce_maps(_grid_to_map(grid_rows, (run[0].rows, run[0].cols)))))
+    if not outs:
+        return rows[:0]
+    return outs[0] if len(outs) == 1 else torch.cat(outs)
+
+
+def _windowed_output_tokens(layout: VisualLayout, kernel: tuple[int, int]) -> int:
+    """Rows a ``kernel`` window grid (ceil mode) leaves of the layout: the sum over its grid pieces."""
+    kh, kw = kernel
+    return sum(_ceil_div(p.rows, kh) * _ceil_div(p.cols, kw) for p in layout.pieces())
 
 
 def _split(rows: torch.Tensor, h: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -131,27 +187,31 @@ class Compressor(nn.Module):
         self,
         embeds: torch.Tensor,
         features: torch.Tensor,
-        grid: tuple[int, int],
+        layout: VisualLayout,
         question: torch.Tensor | None = None,
     ) -> CompressedVisual:
-        grid = self._check_inputs(embeds, features, grid, question)
+        self._check_inputs(embeds, features, layout, question)
         if question is None:
             question = features.new_zeros((0, features.shape[-1]))
-        return self._compress(embeds, features, grid, question)
+        return self._compress(embeds, features, layout, question)
 
-    def _check_inputs(self, embeds, features, grid, question) -> tuple[int, int]:
+    def _check_inputs(self, embeds, features, layout, question) -> None:
         if embeds.dim() != 2 or features.dim() != 2 or embeds.shape != features.shape:
             raise ValueError(
                 f"{type(self).__name__}: embeds and features must be aligned [N, H] rows, got "
                 f"{tuple(embeds.shape)} and {tuple(features.shape)}"
             )
-        try:
-            rows, cols = (int(grid[0]), int(grid[1]))
-        except (TypeError, IndexError, ValueError) as e:
-            raise ValueError(f"{type(self).__name__}: grid must be (rows, cols), got {grid!r}") from e
+        if not isinstance(layout, VisualLayout):
+            raise ValueError(
+                f"{type(self).__name__}: layout must be a VisualLayout (the family's, adapter.layouts_of(visual); "
+                f"a plain rows x cols grid is VisualLayout([('grid', rows, cols)])), got {layout!r}"
+            )
         n = embeds.shape[0]
-        if rows < 1 or cols < 1 or rows * cols != n:
-            raise ValueError(f"{type(self).__name__}: grid {rows}x{cols} does not hold the {n} visual rows given")
+        if layout.num_tokens != n:
+            raise ValueError(
+                f"{type(self).__name__}: the layout {layout.segments} (frames={layout.frames}) holds "
+                f"{layout.num_tokens} visual tokens, which does not hold the {n} visual rows given"
+            )
         if self.hidden_size is not None and embeds.shape[1] != self.hidden_size:
             raise ValueError(
                 f"{type(self).__name__} was built for hidden size {self.hidden_size}, "
@@ -161,13 +221,12 @@ class Compressor(nn.Module):
             raise ValueError(
                 f"{type(self).__name__}: question must be [Q, {features.shape[1]}], got {tuple(question.shape)}"
             )
-        return rows, cols
 
-    def _compress(self, embeds, features, grid, question) -> CompressedVisual:  # pragma: no cover - abstract
+    def _compress(self, embeds, features, layout, question) -> CompressedVisual:  # pragma: no cover - abstract
         raise NotImplementedError
 
-    def num_output_tokens(self, grid: tuple[int, int]) -> int:  # pragma: no cover - abstract
-        """How many visual rows the drafter sees for a ``rows x cols`` patch grid."""
+    def num_output_tokens(self, layout: VisualLayout) -> int:  # pragma: no cover - abstract
+        """How many visual rows the drafter sees for a visual laid out as ``layout``."""
         raise NotImplementedError
 
     def config_dict(self) -> dict[str, Any]:  # pragma: no cover - abstract
@@ -193,18 +252,21 @@ class PruneCompressor(Compressor):
         super().__init__()
         self.ratio = _check_ratio(ratio, "prune")
 
-    def num_output_tokens(self, grid: tuple[int, int]) -> int:
-        n = int(grid[0]) * int(grid[1])
+    def num_output_tokens(self, layout: VisualLayout) -> int:
+        return self._kept(layout.num_tokens)
+
+    def _kept(self, n: int) -> int:
+        """How many of ``n`` rows are kept."""
         return min(n, max(1, math.ceil(Fraction(n) / Fraction(str(self.ratio)))))
 
     def keep_indices(self, n: int, device: torch.device | None = None) -> torch.Tensor:
         """Sorted row indices to keep out of ``n`` (random in training, evenly spaced in eval)."""
-        m = self.num_output_tokens((1, n))
+        m = self._kept(n)
         if self.training:
             return torch.randperm(n, device=device)[:m].sort().values
         return (torch.arange(m, device=device) * 2 + 1) * n // (2 * m)
 
-    def _compress(self, embeds, features, grid, question):
+    def _compress(self, embeds, features, layout, question):
         idx = self.keep_indices(embeds.shape[0], embeds.device)
         return CompressedVisual(embeds.index_select(0, idx), features.index_select(0, idx))
 
@@ -213,11 +275,12 @@ class PruneCompressor(Compressor):
 
 
 class PoolCompressor(Compressor):
-    """Average pooling over the 2D patch grid, window = stride = :func:`kernel_for_ratio` (ceil mode).
+    """Average pooling over each 2D patch grid, window = stride = :func:`kernel_for_ratio` (ceil mode).
 
     Pooling is per channel, so pooling the concatenated ``[N, 2H]`` rows is the same as pooling each stream: output
     row m of both streams is the mean of the same grid window. Edge windows of a non-divisible grid average only the
-    patches that exist.
+    patches that exist. Each grid piece of the layout is pooled on its own (a window never spans two pieces);
+    tokens outside the pieces (newlines, CLS) are dropped.
     """
 
     type_name = "pool"
@@ -227,14 +290,14 @@ class PoolCompressor(Compressor):
         self.ratio = _check_ratio(ratio, "pool")
         self.kernel = kernel_for_ratio(self.ratio)
 
-    def num_output_tokens(self, grid: tuple[int, int]) -> int:
-        return _ceil_div(int(grid[0]), self.kernel[0]) * _ceil_div(int(grid[1]), self.kernel[1])
+    def num_output_tokens(self, layout: VisualLayout) -> int:
+        return _windowed_output_tokens(layout, self.kernel)
 
-    def _compress(self, embeds, features, grid, question):
+    def _compress(self, embeds, features, layout, question):
         h = embeds.shape[1]
         rows = torch.cat([embeds, features], dim=1)
-        pooled = F.avg_pool2d(_grid_to_map(rows, grid), self.kernel, self.kernel, ceil_mode=True)
-        e, f = _split(_map_to_rows(pooled), h)
+        pooled = _per_grid(rows, layout, lambda fmap: F.avg_pool2d(fmap, self.kernel, self.kernel, ceil_mode=True))
+        e, f = _split(pooled, h)
         return CompressedVisual(e, f)
 
     def config_dict(self):
@@ -249,7 +312,8 @@ class ConvCompressor(Compressor):
     twice the parameters; the drafter's ``fc`` mixes the streams anyway. The weights are initialised to average
     pooling (``w[o, i] = [o == i] / (kh * kw)``, bias 0): at step 0 the conv equals :class:`PoolCompressor`, a sane
     starting point. Grids that are not a multiple of the kernel are edge-replicate padded (ceil-mode behaviour: no
-    patch is dropped and the same ``M`` as pooling).
+    patch is dropped and the same ``M`` as pooling). Like pooling, each grid piece of the layout is convolved on its
+    own and tokens outside the pieces are dropped.
     """
 
     type_name = "conv"
@@ -274,17 +338,20 @@ class ConvCompressor(Compressor):
         hf_init.copy_(w, init)
         hf_init.zeros_(self.conv.bias)
 
-    def num_output_tokens(self, grid: tuple[int, int]) -> int:
-        return _ceil_div(int(grid[0]), self.kernel[0]) * _ceil_div(int(grid[1]), self.kernel[1])
+    def num_output_tokens(self, layout: VisualLayout) -> int:
+        return _windowed_output_tokens(layout, self.kernel)
 
-    def _compress(self, embeds, features, grid, question):
-        h, dtype = embeds.shape[1], embeds.dtype
-        fmap = _grid_to_map(torch.cat([embeds, features], dim=1), grid).to(self.conv.weight.dtype)
+    def _conv_maps(self, fmap: torch.Tensor) -> torch.Tensor:
         kh, kw = self.kernel
-        pad_h, pad_w = (-grid[0]) % kh, (-grid[1]) % kw
+        pad_h, pad_w = (-fmap.shape[2]) % kh, (-fmap.shape[3]) % kw
         if pad_h or pad_w:
             fmap = F.pad(fmap, (0, pad_w, 0, pad_h), mode="replicate")
-        e, f = _split(_map_to_rows(self.conv(fmap)).to(dtype), h)
+        return self.conv(fmap)
+
+    def _compress(self, embeds, features, layout, question):
+        h, dtype = embeds.shape[1], embeds.dtype
+        rows = torch.cat([embeds, features], dim=1).to(self.conv.weight.dtype)
+        e, f = _split(_per_grid(rows, layout, self._conv_maps).to(dtype), h)
         return CompressedVisual(e, f)
 
     def config_dict(self):
@@ -325,10 +392,10 @@ class ResamplerCompressor(Compressor):
         hf_init.zeros_(self.up.weight)
         hf_init.zeros_(self.up.bias)
 
-    def num_output_tokens(self, grid: tuple[int, int]) -> int:
+    def num_output_tokens(self, layout: VisualLayout) -> int:
         return self.num_queries
 
-    def _compress(self, embeds, features, grid, question):
+    def _compress(self, embeds, features, layout, question):
         dtype = embeds.dtype
         pdtype = self.queries.dtype
         rows = torch.cat([embeds, features], dim=1).to(pdtype)
@@ -349,10 +416,10 @@ class TextOnlyCompressor(Compressor):
 
     type_name = "text_only"
 
-    def num_output_tokens(self, grid: tuple[int, int]) -> int:
+    def num_output_tokens(self, layout: VisualLayout) -> int:
         return 0
 
-    def _compress(self, embeds, features, grid, question):
+    def _compress(self, embeds, features, layout, question):
         return CompressedVisual(embeds[:0], features[:0])
 
     def config_dict(self):
@@ -448,25 +515,26 @@ class SelectCompressor(Compressor):
             return self.branch_names.index(branch)
         return int(branch)
 
-    def branch_output_tokens(self, grid: tuple[int, int]) -> dict[str, int]:
-        return {name: b.num_output_tokens(grid) for name, b in self.branches.items()}
+    def branch_output_tokens(self, layout: VisualLayout) -> dict[str, int]:
+        return {name: b.num_output_tokens(layout) for name, b in self.branches.items()}
 
-    def num_output_tokens(self, grid: tuple[int, int], branch: int | str | None = None) -> int:
-        """Rows produced by ``branch`` (index or name); without one, the maximum over branches (an upper bound)."""
-        counts = list(self.branch_output_tokens(grid).values())
+    def num_output_tokens(self, layout: VisualLayout, branch: int | str | None = None) -> int:
+        """Rows produced by ``branch`` (index or name); without one, the maximum over branches (an upper bound: the
+        gate's choice depends on the question)."""
+        counts = list(self.branch_output_tokens(layout).values())
         return max(counts) if branch is None else counts[self._branch_index(branch)]
 
-    def _compress(self, embeds, features, grid, question):
+    def _compress(self, embeds, features, layout, question):
         logits = self.gate(features, question)
         probs = logits.softmax(-1)
         branches = list(self.branches.values())
         if not self.training:
             k = int(logits.argmax())
-            out = branches[k](embeds, features, grid, question)
+            out = branches[k](embeds, features, layout, question)
             return CompressedVisual(out.embeds, out.features, branch=k, gate_probs=probs)
         y = F.gumbel_softmax(logits, tau=self.tau, hard=True)
         k = int(y.argmax())
-        out = branches[k](embeds, features, grid, question)
+        out = branches[k](embeds, features, layout, question)
         e, f = out.embeds, out.features
         if e.shape[0] > 0:
             w = y[k].to(e.dtype)
@@ -490,7 +558,8 @@ class WeightedCompressor(Compressor):
     The three branches must give the same M *and* row m must describe the same image region, otherwise a per-row
     weighted sum is meaningless. So pool and conv share the window grid of :func:`kernel_for_ratio`, and the prune
     branch here is *window-aligned*: it keeps one patch per pooling window (a random one in training, the window's
-    centre patch in eval), i.e. exactly the pool's M rows. ``gate_probs`` are the fusion weights (order:
+    centre patch in eval), i.e. exactly the pool's M rows, grid piece by grid piece. ``gate_probs`` are the fusion
+    weights (order:
     prune, pool, conv); ``branch`` is None (nothing is selected).
     """
 
@@ -507,12 +576,20 @@ class WeightedCompressor(Compressor):
         self.conv = ConvCompressor(self.ratio, self.hidden_size)
         self.gate = QuestionGate(self.hidden_size, len(self.branch_names), self.gate_hidden)
 
-    def num_output_tokens(self, grid: tuple[int, int]) -> int:
-        return self.pool.num_output_tokens(grid)
+    def num_output_tokens(self, layout: VisualLayout) -> int:
+        return self.pool.num_output_tokens(layout)
 
-    def window_prune_indices(self, grid: tuple[int, int], device: torch.device | None = None) -> torch.Tensor:
-        """One row index per pooling window (row-major over windows)."""
-        rows, cols = int(grid[0]), int(grid[1])
+    def window_prune_indices(self, layout: VisualLayout, device: torch.device | None = None) -> torch.Tensor:
+        """One row index (an offset into the visual's rows) per pooling window: row-major over each grid piece's
+        windows, piece after piece (the pool's output order)."""
+        picks = [
+            piece.index.to(device)[self._piece_window_indices(piece.rows, piece.cols, device)]
+            for piece in layout.pieces()
+        ]
+        return torch.cat(picks) if picks else torch.zeros(0, dtype=torch.long, device=device)
+
+    def _piece_window_indices(self, rows: int, cols: int, device: torch.device | None) -> torch.Tensor:
+        """One row-major index into a ``rows x cols`` grid per pooling window (random in training, centre in eval)."""
         kh, kw = self.kernel
         r0 = torch.arange(_ceil_div(rows, kh), device=device) * kh
         c0 = torch.arange(_ceil_div(cols, kw), device=device) * kw
@@ -525,13 +602,13 @@ class WeightedCompressor(Compressor):
             dc = ((ws - 1) // 2)[None, :].expand(len(r0), len(c0))
         return ((r0[:, None] + dr) * cols + (c0[None, :] + dc)).flatten()
 
-    def _compress(self, embeds, features, grid, question):
+    def _compress(self, embeds, features, layout, question):
         w = self.gate(features, question).softmax(-1)
-        idx = self.window_prune_indices(grid, embeds.device)
+        idx = self.window_prune_indices(layout, embeds.device)
         outs = [
             CompressedVisual(embeds.index_select(0, idx), features.index_select(0, idx)),
-            self.pool(embeds, features, grid, question),
-            self.conv(embeds, features, grid, question),
+            self.pool(embeds, features, layout, question),
+            self.conv(embeds, features, layout, question),
         ]
         wd = w.to(embeds.dtype)
         e = sum(wd[i] * o.embeds for i, o in enumerate(outs))
@@ -552,14 +629,14 @@ class ConcatCompressor(Compressor):
         _validate_branch_names(branches, "concat")
         self.branches = nn.ModuleDict(_sorted_branches(branches))
 
-    def branch_output_tokens(self, grid: tuple[int, int]) -> dict[str, int]:
-        return {name: b.num_output_tokens(grid) for name, b in self.branches.items()}
+    def branch_output_tokens(self, layout: VisualLayout) -> dict[str, int]:
+        return {name: b.num_output_tokens(layout) for name, b in self.branches.items()}
 
-    def num_output_tokens(self, grid: tuple[int, int]) -> int:
-        return sum(self.branch_output_tokens(grid).values())
+    def num_output_tokens(self, layout: VisualLayout) -> int:
+        return sum(self.branch_output_tokens(layout).values())
 
-    def _compress(self, embeds, features, grid, question):
-        outs = [b(embeds, features, grid, question) for b in self.branches.values()]
+    def _compress(self, embeds, features, layout, question):
+        outs = [b(embeds, features, layout, question) for b in self.branches.values()]
         return CompressedVisual(torch.cat([o.embeds for o in outs]), torch.cat([o.features for o in outs]))
 
     def config_dict(self):

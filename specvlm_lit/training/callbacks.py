@@ -56,7 +56,7 @@ class ValidationDecoding(L.Callback):
             out = decoder.generate(
                 ids.to(pl_module.device),
                 image_features=feats,
-                image_grid=[layout.grid for layout in target.layouts_of(pixels)],  # the family's layouts
+                image_layouts=target.layouts_of(pixels),  # the family's layout of each visual
                 max_new_tokens=self.max_new_tokens,
                 eos_token_id=target.text_config.eos_token_id,
             )

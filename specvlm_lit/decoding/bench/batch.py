@@ -79,7 +79,7 @@ def run_spec_batched(decoder, pipe, group: list, max_new_tokens: int) -> tuple[l
         pixel_values=[inp.pixel_values for inp in group],
         max_new_tokens=max_new_tokens,
         eos_token_id=pipe.eos_token_id,
-        image_grids=[inp.grid for inp in group],
+        image_layouts=[inp.layouts for inp in group],
     )
     return [t.tolist() for t in res.tokens], time.perf_counter() - t0, res.stats
 
