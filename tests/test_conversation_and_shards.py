@@ -157,33 +157,78 @@ def test_several_images_or_none_equal_the_chat_template(counts, corpus_tokenizer
         encode_conversation(conv, tok, [*counts, 7])
 
 
-def test_the_llava_prompt_builder_gives_the_legacy_samples_byte_for_byte(small_corpus, tiny_target):
-    """A target directory as data.processor goes through the family prompt builder (targets/llava.py for LLaVA-1.5):
-    its samples equal the tokenizer + image-processor path's (ids, loss mask, pixels), so the embedded target's
-    training data did not change."""
+def test_llava_samples_are_the_vicuna_encoding_of_the_image_as_decoding_sizes_it(small_corpus, tiny_target):
+    """A LLaVA-1.5 target -- its directory, or an in-memory HF processor -- goes through its family's prompt builder
+    (targets/llava.py): a sample is the Vicuna encoding with the placeholder expanded to the image's token count and
+    the image processor's pixels of the image at the size decoding hands it (downscaled to the tower's native size
+    only when the target's config is known), so the embedded target's training data did not change."""
+    import io
+
     import torch
     import webdataset as wds
-    from transformers import AutoProcessor
+    from PIL import Image
+    from transformers import AutoConfig, AutoProcessor
 
-    from specvlm_lit.data.shards import SampleEncoder, target_image_resizer
-    from specvlm_lit.target import visual_token_counter
-    from specvlm_lit.targets import load_prompt_builder
+    from specvlm_lit.data.shards import SampleEncoder
+    from specvlm_lit.target import resize_for_target, visual_token_counter
+    from specvlm_lit.targets import as_prompt_builder
 
     processor = AutoProcessor.from_pretrained(tiny_target)
-    legacy = SampleEncoder(
-        processor.tokenizer,
-        processor.image_processor,
-        visual_token_counter(processor),
-        512,
-        target_image_resizer(tiny_target, processor.image_processor),
-    )
-    prompts = load_prompt_builder(tiny_target)
-    new = SampleEncoder(prompts.tokenizer, prompts.image_processor, None, 512, prompts=prompts)
+    vision = AutoConfig.from_pretrained(tiny_target).vision_config
+    count = visual_token_counter(processor)
     raws = list(wds.WebDataset(str(small_corpus / "val-000000.tar"), shardshuffle=False))[:6]
-    for raw in raws:
-        a, b = legacy(raw), new(raw)
-        assert torch.equal(a["input_ids"], b["input_ids"]) and torch.equal(a["loss_mask"], b["loss_mask"])
-        assert len(a["pixel_values"]) == len(b["pixel_values"]) == 1
-        assert torch.equal(a["pixel_values"][0], b["pixel_values"][0])
-        n_image = int((b["input_ids"] == prompts.tokenizer.convert_tokens_to_ids("<image>")).sum())
-        assert [lay.num_tokens for lay in b["layouts"]] == [n_image]
+    for source, knows_config in ((str(tiny_target), True), (processor, False)):
+        encoder = SampleEncoder(as_prompt_builder(source), 512)
+        for raw in raws:
+            got = encoder(raw)
+            image = Image.open(io.BytesIO(raw["png"])).convert("RGB")
+            if knows_config:
+                image = resize_for_target(image, processor.image_processor, vision)
+            pixels = processor.image_processor(images=image, return_tensors="pt")["pixel_values"][0]
+            conversation = json.loads(raw["json"])["conversations"]
+            n_image = count(*pixels.shape[-2:])
+            expected = encode_conversation(conversation, processor.tokenizer, [n_image], max_length=512)
+            assert torch.equal(got["input_ids"], expected.input_ids) and torch.equal(
+                got["loss_mask"], expected.loss_mask
+            )
+            assert len(got["pixel_values"]) == 1 and torch.equal(got["pixel_values"][0], pixels)
+            assert [lay.num_tokens for lay in got["layouts"]] == [n_image]
+
+
+@pytest.mark.parametrize("family, grid_field", [("qwen2_5_vl", "image_grid_thw"), ("llava_next", "image_sizes")])
+def test_family_shards_batch_with_their_processor_outputs_and_layouts(family, grid_field, tmp_path):
+    """A chat-template family's directory as data.processor: a batch carries the family's processor outputs (Qwen's
+    patch grids, AnyRes image sizes) for every image, each row's visual tokens are exactly its layouts' count, and
+    each row is the checkpoint's own chat format (its render_conversation: ChatML, [INST])."""
+    import io
+
+    from specvlm_lit.data.shards import sample_images
+    from specvlm_lit.targets import VisualInputs, load_prompt_builder
+    from specvlm_lit.targets.processor import as_chat
+    from tests.families.build import build_family
+    from tests.families.reference import image
+
+    target = build_family(family, tmp_path / family)
+    images = {f"s{k}": image(w, h, seed=k) for k, (w, h) in enumerate(((50, 40), (50, 40), (40, 90)))}
+    samples = []
+    for key, picture in images.items():  # two of one size batch together, one apart
+        buf = io.BytesIO()
+        picture.save(buf, format="PNG")
+        samples.append((key, {"json": json.dumps({"conversations": CONV}).encode(), "png": buf.getvalue()}))
+    shard = write_shard(tmp_path / "train-000000.tar", samples)
+    dm = ShardDataModule(str(shard), str(shard), str(target), batch_size=2, shuffle_buffer=0, num_workers=0)
+    builder = load_prompt_builder(target)
+    batches = list(dm.val_dataloader())
+    assert sorted(b["input_ids"].shape[0] for b in batches) == [1, 2]
+    for batch in batches:
+        visual = batch["pixel_values"]
+        assert isinstance(visual, VisualInputs) and getattr(visual, grid_field).shape[0] == len(batch["keys"])
+        for i, (key, layouts) in enumerate(zip(batch["keys"], batch["layouts"])):
+            n = int(batch["attention_mask"][i].sum())
+            assert (
+                batch["input_ids"][i, :n].tolist()
+                == builder.render_conversation(as_chat(CONV), [images[key]]).input_ids[0].tolist()
+            )
+            n_visual = int((batch["input_ids"][i] == builder.image_token_id).sum())
+            assert n_visual == sum(layout.num_tokens for layout in layouts) > 0
+            assert builder.adapter_cls.image_layouts(builder.config, sample_images(batch, i)) == layouts

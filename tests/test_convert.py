@@ -537,7 +537,7 @@ def test_mixed_batches_of_text_only_one_and_several_images_train_and_decode(tmp_
         out = decoder.generate(
             ids,
             image_features=feats,
-            image_grid=[target.visual_grid(*p.shape[-2:]) for p in images],
+            image_layouts=batch["layouts"][i],
             max_new_tokens=12,
             eos_token_id=eos,
         )
@@ -552,3 +552,56 @@ def test_mixed_batches_of_text_only_one_and_several_images_train_and_decode(tmp_
             **kwargs,
         )[0, ids.shape[1] :]
         assert out.tokens.tolist() == ref.tolist()
+
+
+@pytest.mark.parametrize("family", ["qwen2_5_vl", "llava_next"])
+def test_a_family_target_filters_by_its_own_encoding(family, tmp_path):
+    """--target with a chat-template family: conversion rejects by the family's own token counts (its chat
+    template, its processor's visual tokens), and the shards load as exactly the family's render_conversation."""
+    import torch
+
+    from specvlm_lit.targets import VisualInputs, load_prompt_builder
+    from specvlm_lit.targets.processor import as_chat
+    from tests.families.build import build_family
+
+    target = build_family(family, tmp_path / family)
+    builder = load_prompt_builder(target)
+    root = tmp_path / "images"
+    rel = write_images(root)
+    records = llava_records(rel)
+    (tmp_path / "data.json").write_text(json.dumps(records))
+
+    def rendered(record):
+        images = [Image.open(root / record["image"]).convert("RGB")] if "image" in record else []
+        return builder.render_conversation(as_chat(record["conversations"]), images)
+
+    lengths = {r["id"]: rendered(r).input_ids.shape[1] for r in records}
+    max_length = sorted(lengths.values())[len(lengths) // 2]  # some samples fit, some do not
+    assert min(lengths.values()) <= max_length < max(lengths.values())
+    out = tmp_path / "out"
+    manifest = convert(
+        [str(tmp_path / "data.json")],
+        str(out),
+        image_root=str(root),
+        workers=1,
+        target=str(target),
+        max_length=max_length,
+        log=quiet,
+    )
+    too_long = {sid for sid, n in lengths.items() if n > max_length}
+    assert rejects(out) == {sid: "too_long" for sid in too_long}
+    assert manifest["counts"]["written"] == len(records) - len(too_long)
+
+    dm = ShardDataModule(shard_files(out), shard_files(out), str(target), batch_size=1, num_workers=0)
+    seen = []
+    for batch in dm.val_dataloader():
+        record = next(r for r in records if r["id"] == batch["records"][0]["id"])
+        ref = rendered(record)
+        assert batch["input_ids"][0].tolist() == ref.input_ids[0].tolist()
+        assert batch["loss_mask"][0].tolist() == ref.loss_mask[0].tolist()
+        if ref.visual is not None:
+            assert isinstance(batch["pixel_values"], VisualInputs)
+            for name, value in ref.visual.hf_kwargs().items():
+                assert torch.equal(getattr(batch["pixel_values"], name), value)
+        seen.append(record["id"])
+    assert sorted(seen) == sorted(set(lengths) - too_long)

@@ -70,7 +70,7 @@ def _raw(shard):
 
 
 def _batch(path, shard):
-    encoder = SampleEncoder(None, None, None, 512, prompts=load_prompt_builder(path))
+    encoder = SampleEncoder(load_prompt_builder(path), 512)
     samples = [encoder(raw) for raw in _raw(shard)]
     assert all(s is not None for s in samples), encoder.skipped
     return samples, collate(samples, pad_id=0)
@@ -127,3 +127,21 @@ def test_datamodule_reads_family_shards_from_the_target_dir(family_data):
     dm = ShardDataModule(str(shard), str(shard), str(dirs["qwen2_5_vl"]), batch_size=1, shuffle_buffer=0, num_workers=0)
     batches = list(dm.val_dataloader())
     assert len(batches) == 2 and all(isinstance(b["pixel_values"], VisualInputs) for b in batches)
+
+
+@pytest.mark.parametrize("family", ["llava_next", "qwen2_5_vl"])
+def test_draft_vocabulary_counts_the_familys_answer_tokens_end_of_turn_included(family, family_data):
+    """The pruned draft vocabulary counts what training learns: the answer tokens of the family's own template (the
+    image-free count equals the count over the rendered training samples), its end-of-turn token among them."""
+    from specvlm_lit.drafter.vocab import answer_token_counts
+
+    dirs, shard = family_data
+    prompts = load_prompt_builder(dirs[family])
+    vocab = len(prompts.tokenizer) + 8
+    counts = answer_token_counts([str(shard)], prompts, vocab)
+    samples, _ = _batch(dirs[family], shard)
+    learnt = torch.cat([s["input_ids"][s["loss_mask"].bool()] for s in samples])
+    assert torch.equal(counts, torch.bincount(learnt, minlength=vocab))
+    end_of_turn = prompts.tokenizer.eos_token_id  # <|im_end|> (Qwen), </s> (LLaVA-NeXT Mistral)
+    n_answers = sum(m["from"] == "gpt" for conv, _ in RECORDS for m in conv)
+    assert int(counts[end_of_turn]) == n_answers

@@ -32,6 +32,11 @@ def quiet(*_):
     pass
 
 
+def turns_of(*pairs):
+    """LLaVA turns of (question, answer) pairs."""
+    return [m for q, a in pairs for m in ({"from": "human", "value": q}, {"from": "gpt", "value": a})]
+
+
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory) -> Path:
     """Converted shards of a tiny corpus: one image, multi-turn, text only, two images (own text, drawn images)."""
@@ -285,3 +290,188 @@ def test_bad_inputs_are_rejected_by_reason_or_refused(corpus, tmp_path):
         and proc.stderr.startswith("error: --max-new-tokens")
         and len(proc.stderr.splitlines()) == 1
     )
+
+
+# ------------------------------------------------------------------------------------- a chat-template family target
+QWEN_RECORDS = [
+    {"id": "q-one", "conversations": turns_of(("<image>\nWhat is shown in the image?", "A red square."))},
+    {
+        "id": "q-multi",
+        "conversations": turns_of(("<image>\nDescribe the picture.", "Two cats."), ("And the colour?", "Grey.")),
+    },
+    {"id": "q-two", "conversations": turns_of(("<image>\n<image>\nCompare both images.", "The left one."))},
+    {"id": "q-text", "conversations": turns_of(("How many objects are there?", "Two."))},
+]
+QWEN_IMAGES = {"q-one": [(50, 40)], "q-multi": [(40, 90)], "q-two": [(50, 40), (64, 64)], "q-text": []}
+
+
+def qwen_reference(path: Path, record: dict, images: list, max_new: int) -> list[list[int]] | str:
+    """Hugging Face's own path, turn by turn: the chat template (generation prompt included) rendered as text, HF's
+    Qwen2.5-VL processor on it and the images, ``model.generate()`` (greedy); the reject reason the sample must get
+    when an answer does not end or holds a visual placeholder."""
+    from transformers import AutoModelForImageTextToText
+
+    from specvlm_lit.targets import load_prompt_builder
+    from specvlm_lit.targets.processor import as_chat
+    from tests.families.reference import hf_processor
+
+    builder = load_prompt_builder(path)
+    tok, template = builder.tokenizer, (path / "chat_template.jinja").read_text()
+    hf = hf_processor("qwen2_5_vl", path, tok, builder.image_processor)
+    model = AutoModelForImageTextToText.from_pretrained(path).eval()
+    questions = [m["value"] for m in record["conversations"] if m["from"] == "human"]
+    context, answers = [], []
+    for q in questions:
+        conv = [*context, {"from": "human", "value": q}]
+        text = tok.apply_chat_template(
+            as_chat(conv), chat_template=template, tokenize=False, add_generation_prompt=True
+        )
+        assert text.endswith("<|im_start|>assistant\n")  # ChatML, with the generation prompt
+        shown = images[: sum(m["value"].count("<image>") for m in conv if m["from"] == "human")]
+        inputs = hf(text=[text], images=[shown] if shown else None, return_tensors="pt")
+        out = model.generate(**inputs, max_new_tokens=max_new, do_sample=False, eos_token_id=tok.eos_token_id)
+        out = out[0, inputs["input_ids"].shape[1] :].tolist()
+        if tok.eos_token_id not in out:
+            return "answer_unfinished"
+        answers.append(out[: out.index(tok.eos_token_id)])
+        if {builder.image_token_id, builder.video_token_id} & set(answers[-1]):
+            return "image_token_in_answer"
+        context = [*conv, {"from": "gpt", "value": tok.decode(answers[-1])}]
+    return answers
+
+
+def end_answers_early(path: Path, prompts: list) -> None:
+    """Random tiny weights never pick EOS: swap the lm_head rows of EOS and of the token the greedy answers to
+    ``prompts`` (rendered first-turn prompts) hold most, never first, so answers end where that token came."""
+    from collections import Counter
+
+    from transformers import AutoModelForImageTextToText
+
+    from specvlm_lit.targets import load_prompt_builder
+
+    builder = load_prompt_builder(path)
+    model = AutoModelForImageTextToText.from_pretrained(path).eval()
+    special = set(builder.tokenizer.all_special_ids) | {builder.image_token_id, builder.video_token_id}
+    outputs = []
+    for p in prompts:
+        kwargs = p.visual.hf_kwargs() if p.visual is not None else {}
+        out = model.generate(
+            input_ids=p.input_ids, max_new_tokens=MAX_NEW, do_sample=False, eos_token_id=None, **kwargs
+        )
+        outputs.append(out[0, p.input_ids.shape[1] :].tolist())
+    first = {o[0] for o in outputs}
+    common = Counter(t for o in outputs for t in set(o[1:]) if t not in special | first)
+    token, eos = common.most_common(1)[0][0], builder.tokenizer.eos_token_id
+    with torch.no_grad():
+        rows = model.lm_head.weight
+        rows[[token, eos]] = rows[[eos, token]].clone()
+    model.save_pretrained(path)
+
+
+@pytest.fixture(scope="module")
+def qwen_regenerated(tmp_path_factory):
+    """A tiny Qwen2.5-VL target, LLaVA-format shards of QWEN_RECORDS, and their regeneration with it."""
+    from specvlm_lit.targets import load_prompt_builder
+    from specvlm_lit.targets.processor import as_chat
+    from tests.families.build import build_family
+    from tests.families.reference import image
+
+    d = tmp_path_factory.mktemp("regen_qwen")
+    target = build_family("qwen2_5_vl", d / "qwen")
+    images = {sid: [image(w, h, seed=k) for k, (w, h) in enumerate(sizes)] for sid, sizes in QWEN_IMAGES.items()}
+    builder = load_prompt_builder(target)
+    first_turns = [
+        builder.render(
+            as_chat(r["conversations"][:1]), images[r["id"]][: r["conversations"][0]["value"].count("<image>")]
+        )
+        for r in QWEN_RECORDS
+    ]
+    end_answers_early(target, first_turns)
+    samples = []
+    for r in QWEN_RECORDS:
+        members = {
+            "json": json.dumps(r | {"images": [f"{r['id']}.{k}.png" for k in range(len(images[r["id"]]))]}).encode()
+        }
+        for k, img in enumerate(images[r["id"]]):
+            members[f"{k}.png"] = png_bytes(img)
+        samples.append((r["id"], members))
+    shard = write_shard(d / "train-000000.tar", samples)
+    out = d / "out"
+    manifest = regenerate(
+        [str(shard)], str(out), target=str(target), decoding=Decoding(max_new_tokens=MAX_NEW, batch_size=2), log=quiet
+    )
+    return target, images, out, manifest
+
+
+def png_bytes(img) -> bytes:
+    import io
+
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def test_a_qwen_target_regenerates_with_its_chat_template(qwen_regenerated):
+    """Prompts are the family's ChatML with the generation prompt (the reference is HF's processor on the chat
+    template's text), answers are stored so the loader learns the target's tokens and ChatML's end of turn."""
+    from specvlm_lit.targets import VisualInputs, load_prompt_builder
+
+    target, images, out, manifest = qwen_regenerated
+    tok = load_prompt_builder(target).tokenizer
+    expected = {r["id"]: qwen_reference(target, r, images[r["id"]], MAX_NEW) for r in QWEN_RECORDS}
+    kept = {sid: a for sid, a in expected.items() if not isinstance(a, str)}
+    assert kept, "the tiny target must end some answers for this test"
+    rejected = {e["id"]: e["reason"] for e in map(json.loads, (out / "rejects.jsonl").read_text().splitlines())}
+    assert rejected == {sid: a for sid, a in expected.items() if isinstance(a, str)}
+    dm = ShardDataModule(shards_of(out), shards_of(out), str(target), batch_size=1, num_workers=0)
+    end_of_turn = tok("<|im_end|>\n", add_special_tokens=False)["input_ids"]
+
+    def encode(answer: list[int]) -> list[int]:
+        return tok(tok.decode(answer), add_special_tokens=False)["input_ids"]
+
+    seen = []
+    for batch in dm.val_dataloader():
+        record = batch["records"][0]
+        answers = kept[record["id"]]
+        assert [m["value"] for m in record["conversations"] if m["from"] == "gpt"] == [tok.decode(a) for a in answers]
+        # each answer as ChatML renders it (no space of the format's own before it), then "<|im_end|>\n"; the target's
+        # very tokens where its answer text encodes back to them (random tiny weights pick non-canonical merges)
+        learned = batch["input_ids"][0][batch["loss_mask"][0]].tolist()
+        encoded = [encode(a) for a in answers]
+        assert learned == [t for e in encoded for t in (*e, *end_of_turn)]
+        if images[record["id"]]:  # the family's processor outputs, Qwen's patch grids included
+            assert isinstance(batch["pixel_values"], VisualInputs) and batch["pixel_values"].image_grid_thw is not None
+        else:
+            assert not batch["pixel_values"]
+        seen.append(record["id"])
+    assert sorted(seen) == sorted(kept)
+    retokenized = sum(
+        any(tok(tok.decode(a), add_special_tokens=False)["input_ids"] != a for a in answers)
+        for answers in kept.values()
+    )
+    assert manifest["counts"]["notes"] == {"answers_retokenized_differently": retokenized}
+
+
+def test_a_qwen_target_regenerates_the_same_shards_with_the_speculative_decoder(qwen_regenerated, tmp_path):
+    """The speculative decoder on the family's rendered prompts (processor outputs + their layouts for the drafter's
+    compressor) is lossless: greedy, the shards equal the generate() path's byte for byte."""
+    from specvlm_lit.drafter.base import drafter_class, save_atomically
+
+    target, _, reference, _ = qwen_regenerated
+    torch.manual_seed(0)
+    drafter = tmp_path / "drafter"
+    save_atomically(drafter_class("eagle_vlm").for_target(TargetAdapter.from_pretrained(target)), drafter)
+    out = tmp_path / "spec"
+    manifest = regenerate(
+        [str(p) for p in sorted(reference.parent.glob("train-*.tar"))],
+        str(out),
+        target=str(target),
+        drafter=str(drafter),
+        decoding=Decoding(max_new_tokens=MAX_NEW, batch_size=2),
+        log=quiet,
+    )
+    assert manifest["job"]["decoding"]["method"] == "speculative"
+    got, want = _tree(out), _tree(reference)
+    assert {k: v for k, v in got.items() if k != "manifest.json"} == {
+        k: v for k, v in want.items() if k != "manifest.json"
+    }

@@ -128,18 +128,16 @@ def _check_args(samples_per_shard: int, workers: int, max_length: int, split: st
 
 
 def _check_target(target: Path) -> None:
-    """Load the target's processor once here: a bad --target is one error now, not one per worker."""
+    """Load the target's prompt builder once here: a bad --target is one error now, not one per worker."""
+    from ..targets import load_prompt_builder
+
     try:
-        from transformers import AutoProcessor
-
-        from ..target import visual_token_counter
-
-        visual_token_counter(AutoProcessor.from_pretrained(target))
+        load_prompt_builder(target)
     except UserError:
         raise
     except Exception as e:  # transformers raises OSError/ValueError/KeyError for what is not a processor dir
         raise UserError(
-            f"--target {target}: cannot load its processor ({one_line(e)}); give a target directory"
+            f"--target {target}: cannot load its tokenizer and processor ({one_line(e)}); give a target directory"
         ) from None
 
 

@@ -39,7 +39,7 @@ REASONS = {
     "remote_image_unsupported": "the image is an http(s) or other remote URL (download the images first)",
     "missing_image": "the image file does not exist or the reference is not a path, URL or bytes",
     "corrupt_image": "the image cannot be decoded",
-    "image_too_small": "an image is smaller than one patch of the target (--target)",
+    "image_too_small": "an image is too small for the target's image processor (--target)",
     "too_long": "the encoded conversation is longer than --max-length tokens, images expanded (--target)",
 }
 #: ``--image-format``: keep loader-readable bytes, or re-encode every image.
@@ -283,25 +283,17 @@ def image_member(data: bytes, image_format: str) -> tuple[str, bytes]:
 
 # ---------------------------------------------------------------------------------------------------- target
 class TargetCheck:
-    """Encode a finished sample exactly as training will (``shards.SampleEncoder`` with the target's processor)
+    """Encode a finished sample exactly as training will (``shards.SampleEncoder`` with the target's prompt builder:
+    its chat template, image processing and visual-token layouts; tokenizer and processor files only, no weights)
     and reject what the loader would skip or what is longer than ``max_length``."""
 
     def __init__(self, target: str, max_length: int):
-        from transformers import AutoProcessor
+        from ..targets import load_prompt_builder
+        from .shards import SampleEncoder
 
-        from ..target import visual_token_counter
-        from .shards import SampleEncoder, target_image_resizer
-
-        processor = AutoProcessor.from_pretrained(target)
         # The loader's first-skip warnings would repeat what rejects.jsonl records for every sample.
         logging.getLogger("specvlm_lit.data.shards").setLevel(logging.ERROR)
-        self.encoder = SampleEncoder(
-            processor.tokenizer,
-            processor.image_processor,
-            visual_token_counter(processor),
-            max_length=None,
-            resize=target_image_resizer(target, processor.image_processor),
-        )
+        self.encoder = SampleEncoder(load_prompt_builder(target), max_length=None)
         self.max_length = max_length
 
     def __call__(self, key: str, members: tuple[tuple[str, bytes], ...]) -> None:
@@ -313,7 +305,7 @@ class TargetCheck:
             )
         n = len(out["input_ids"])
         if n > self.max_length:
-            raise Reject("too_long", f"{n} tokens with the image, more than --max-length {self.max_length}")
+            raise Reject("too_long", f"{n} tokens, visual tokens included, more than --max-length {self.max_length}")
 
 
 # ---------------------------------------------------------------------------------------------------- worker

@@ -6,7 +6,6 @@ import functools
 import itertools
 import logging
 import math
-import os
 import random
 
 import lightning as L
@@ -14,7 +13,7 @@ import webdataset as wds
 from torch.utils.data import DataLoader
 
 from ..errors import UserError
-from ..target import visual_token_counter
+from ..targets import as_prompt_builder
 from .shards import (
     SampleEncoder,
     batched_by_size,
@@ -100,8 +99,10 @@ class ShardDataModule(L.LightningDataModule):
       ``reload_dataloaders_every_n_epochs=1`` so each epoch's loader is built for that epoch; a resumed
       run skips the batches its checkpoint had already consumed (exact data position).
 
-    ``processor`` is the target's processor or its directory (tokenizer + image processor; the target module
-    says how many visual tokens an image becomes). With ``corpus_dir`` and ``generate_if_missing``, the
+    ``processor`` is the target's directory (its family's prompt builder is loaded from it:
+    ``targets.load_prompt_builder``), a prompt builder, or an in-memory HF LLaVA-1.5 processor
+    (``targets.as_prompt_builder``); every family fact -- chat format, image processing, visual-token layouts -- is
+    the prompt builder's. With ``corpus_dir`` and ``generate_if_missing``, the
     synthetic corpus is generated there by :meth:`prepare_data` (rank 0 only, before any loader starts).
     Unusable samples are skipped and counted; more than ``max_bad_fraction`` of them stops the run.
     """
@@ -143,17 +144,9 @@ class ShardDataModule(L.LightningDataModule):
         self.train_urls, self.val_urls = train_urls, val_urls
         self._train_shards = check_shards(train_urls, "data.train_urls", pending=self._pending_corpus)
         self._val_shards = check_shards(val_urls, "data.val_urls", pending=self._pending_corpus)
-        if isinstance(processor, (str, os.PathLike)):
-            from ..targets import load_prompt_builder
-
-            # The target family's own prompt builder: its chat format, processor outputs and visual-token layouts,
-            # with images sized as decoding sizes them (so the drafter trains on what it will draft with).
-            prompts = load_prompt_builder(processor)
-            self.encoder = SampleEncoder(prompts.tokenizer, prompts.image_processor, None, max_length, prompts=prompts)
-        else:  # an HF LLaVA processor object: its tokenizer and image processor
-            self.encoder = SampleEncoder(
-                processor.tokenizer, processor.image_processor, visual_token_counter(processor), max_length
-            )
+        # The target family's own prompt builder: its chat format, processor outputs and visual-token layouts, with
+        # images sized as decoding sizes them (so the drafter trains on what it will draft with).
+        self.encoder = SampleEncoder(as_prompt_builder(processor), max_length)
         tok = self.encoder.tokenizer
         pad_id = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
         self.collate = functools.partial(collate, pad_id=pad_id)

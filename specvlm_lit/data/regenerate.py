@@ -15,6 +15,10 @@ sample is a conversation the target could have had (what the drafter sees when i
 keeping the dataset's earlier answers would train on contexts the target never produces. Every user turn is answered,
 a trailing unanswered one too.
 
+Prompts are the target's own (``adapter.render_prompt``: the checkpoint's chat template with its generation prompt,
+its image processing, the visual-token layouts the speculative decoder's compressor needs), so any supported family's
+checkpoint directory works as ``--target``; nothing here knows a family.
+
 Decoding: without ``--drafter``, the target's own Hugging Face ``generate()`` on batches of ``--batch-size`` samples
 (left-padded; ``--batch-size 1`` is exactly ``generate()`` per prompt). With ``--drafter``, this project's lossless
 speculative decoder (batch size 1): token-identical to ``generate()`` when greedy, distributed like it when sampling.
@@ -38,12 +42,12 @@ from pathlib import Path
 
 from ..errors import UserError
 from ..utils.atomic import check_replaceable
-from .conversation import IMAGE_PLACEHOLDER, ConversationError, encode_conversation, normalise
+from .conversation import IMAGE_PLACEHOLDER, ConversationError, normalise
 from .convert import Progress
 from .convert_inputs import sha256_file
 from .convert_output import KIND, ShardOutput, run_cli
 from .convert_samples import sample_key
-from .shards import SampleSkip, image_members
+from .shards import SampleSkip, batch_visuals, image_members, rendering_skips, sample_visual
 from .sources import check_shards, is_remote, local_path
 
 #: Why a sample was not regenerated (rejects.jsonl). The names shared with ``skips.SKIP_REASONS`` and
@@ -84,10 +88,8 @@ class Sample:
     record: dict | None = None
     turns: list[tuple[str, str]] = field(default_factory=list)  # user turns with the answers regenerated so far
     questions: list[str] = field(default_factory=list)
-    images: list[tuple[str, bytes]] = field(default_factory=list)
-    pixels: list = field(default_factory=list)
-    n_visual: list[int] = field(default_factory=list)
-    grids: list = field(default_factory=list)
+    images: list[tuple[str, bytes]] = field(default_factory=list)  # the members, written out as they are
+    pictures: list = field(default_factory=list)  # the same images decoded (PIL), for the prompt builder
     reject: tuple[str, str] | None = None
     retokenized: bool = False
 
@@ -152,14 +154,17 @@ class Decoding:
 
 
 class Regenerator:
-    """Answers batches of samples turn by turn with the target (HF ``generate()``) or the speculative decoder."""
+    """Answers batches of samples turn by turn with the target (HF ``generate()``) or the speculative decoder.
+
+    Prompts are the target's own (``adapter.render_prompt``: its chat template with the generation prompt, its image
+    processing and visual-token layouts), and each answer is stored as the text whose training encoding
+    (``render_conversation``, what the loader reads) gives back the target's tokens."""
 
     def __init__(self, target: str, drafter: str | None, decoding: Decoding, *, dtype: str, device: str):
         import torch
 
         from ..decoding.pipeline import SpecVLMPipeline, check_sampling, hf_sampling_kwargs
-        from ..target import visual_token_counter
-        from .shards import SampleEncoder, target_image_resizer
+        from .shards import SampleEncoder
 
         self.torch = torch
         self.decoding = decoding
@@ -167,17 +172,10 @@ class Regenerator:
         self.hf_kwargs = hf_sampling_kwargs(decoding.temperature, decoding.top_p, decoding.top_k)
         self.pipe = SpecVLMPipeline(target, drafter, dtype=dtype, device=device)
         self.adapter, self.tokenizer = self.pipe.adapter, self.pipe.tokenizer
-        self.image_token_id = self.adapter.image_token_id
+        self.visual_token_ids = set(self.adapter.visual_token_ids)
         self.method = "speculative" if drafter else "generate"
         self.generated_tokens = 0
-        image_processor = self.pipe.processor.image_processor
-        self.encoder = SampleEncoder(  # the training loader's reading of a sample, images resized as it does
-            self.tokenizer,
-            image_processor,
-            visual_token_counter(self.pipe.processor),
-            None,
-            target_image_resizer(target, image_processor),
-        )
+        self.encoder = SampleEncoder(self.pipe.processor, None)  # the training loader's reading of a sample
 
     # ------------------------------------------------------------------------------------------ samples
     def parse(self, sample: Sample) -> None:
@@ -198,7 +196,7 @@ class Regenerator:
         try:
             turns = normalise(record.get("conversations"))
             sample.images = image_members(raw, record)
-            sample.pixels = self.encoder.images(raw, record)
+            sample.pictures = self.encoder.open_images(raw, record)
         except SampleSkip as e:
             sample.reject = (e.reason, str(e.detail))
             return
@@ -209,24 +207,26 @@ class Regenerator:
         if any(IMAGE_PLACEHOLDER in text for role, text in turns if role == "assistant"):
             sample.reject = ("bad_conversation", f"an assistant turn holds an {IMAGE_PLACEHOLDER} placeholder")
             return
-        if sum(q.count(IMAGE_PLACEHOLDER) for q in sample.questions) != len(sample.pixels):
+        if sum(q.count(IMAGE_PLACEHOLDER) for q in sample.questions) != len(sample.pictures):
             sample.reject = (
                 "bad_conversation",
-                f"{len(sample.pixels)} image(s) but a different number of placeholders",
+                f"{len(sample.pictures)} image(s) but a different number of placeholders",
             )
-            return
-        sample.n_visual = [self.encoder.num_visual_tokens(*p.shape[-2:]) for p in sample.pixels]
-        sample.grids = [self.adapter.visual_grid(*p.shape[-2:]) for p in sample.pixels]
+
+    @staticmethod
+    def _messages(turns: list[tuple[str, str]]) -> list[dict]:
+        """Turns as chat messages; their ``<image>`` placeholders are the prompt builder's to place."""
+        return [{"role": role, "content": text} for role, text in turns]
+
+    def _images_of(self, sample: Sample, turns: list[tuple[str, str]]) -> list:
+        """The sample's images shown by ``turns`` (placeholders take the images in order)."""
+        return sample.pictures[: sum(text.count(IMAGE_PLACEHOLDER) for role, text in turns if role == "user")]
 
     def _prompt(self, sample: Sample, question: str):
-        """Ids of the conversation so far + ``question`` + " ASSISTANT:", and how many images it shows."""
+        """The target's generation prompt for the conversation so far + ``question``: a ``PromptInputs``."""
         turns = [*sample.turns, ("user", question)]
-        n_images = sum(text.count(IMAGE_PLACEHOLDER) for role, text in turns if role == "user")
-        conversation = [{"from": "human" if r == "user" else "gpt", "value": t} for r, t in turns]
-        ids = encode_conversation(
-            conversation, self.tokenizer, sample.n_visual[:n_images], add_generation_prompt=True
-        ).input_ids
-        return ids, n_images
+        with rendering_skips():
+            return self.adapter.render_prompt(self._messages(turns), self._images_of(sample, turns))
 
     # ------------------------------------------------------------------------------------------ answers
     def answer_batch(self, samples: list[Sample], chunk_start: int) -> None:
@@ -238,38 +238,46 @@ class Regenerator:
                 return
             prompts = []
             for s in active:
-                ids, n_images = self._prompt(s, s.questions[turn])
-                if len(ids) + self.decoding.max_new_tokens > self.adapter.context_length:
+                try:
+                    prompt = self._prompt(s, s.questions[turn])
+                except SampleSkip as e:
+                    s.reject = (e.reason, f"turn {turn}: {e.detail}")
+                    continue
+                except ConversationError as e:
+                    s.reject = (e.reason, f"turn {turn}: {e}")
+                    continue
+                n = prompt.input_ids.shape[1]
+                if n + self.decoding.max_new_tokens > self.adapter.context_length:
                     s.reject = (
                         "too_long",
-                        f"turn {turn}: {len(ids)} prompt tokens + --max-new-tokens {self.decoding.max_new_tokens} > "
+                        f"turn {turn}: {n} prompt tokens + --max-new-tokens {self.decoding.max_new_tokens} > "
                         f"the target's context {self.adapter.context_length}",
                     )
                     continue
-                prompts.append((s, ids, n_images))
+                prompts.append((s, prompt))
             seed = hash_seed(self.decoding.seed, chunk_start, turn)
             if self.method == "generate":
-                outputs = self._generate_batch(prompts, seed)
+                outputs = self._generate_batch([p for _, p in prompts], seed)
             else:
-                outputs = [self._speculative(s, ids, n, hash_seed(seed, s.ordinal)) for s, ids, n in prompts]
-            for (s, _, _), tokens in zip(prompts, outputs):
+                outputs = [self._speculative(p, hash_seed(seed, s.ordinal)) for s, p in prompts]
+            for (s, _), tokens in zip(prompts, outputs):
                 self._take_answer(s, turn, tokens)
             turn += 1
 
-    def _generate_batch(self, prompts, seed: int) -> list[list[int]]:
+    def _generate_batch(self, prompts: list, seed: int) -> list[list[int]]:
         torch = self.torch
         if not prompts:
             return []
         ad, pad = self.adapter, self.pipe.pad_token_id
-        width = max(len(ids) for _, ids, _ in prompts)
+        width = max(p.input_ids.shape[1] for p in prompts)
         input_ids = torch.full((len(prompts), width), pad, dtype=torch.long)
         attention = torch.zeros((len(prompts), width), dtype=torch.long)
-        for row, (_, ids, _) in enumerate(prompts):  # left padding: every prompt ends where generation starts
-            input_ids[row, width - len(ids) :], attention[row, width - len(ids) :] = ids, 1
-        pixels = [p for s, _, n in prompts for p in s.pixels[:n]]  # placeholder order, row by row
+        for row, p in enumerate(prompts):  # left padding: every prompt ends where generation starts
+            n = p.input_ids.shape[1]
+            input_ids[row, width - n :], attention[row, width - n :] = p.input_ids[0], 1
+        visual = batch_visuals([sample_visual(p.visual) for p in prompts])  # placeholder order, row by row
         kwargs = dict(self.hf_kwargs)
-        if pixels:
-            kwargs["mm_encoder_outputs"] = ad.as_mm_encoder_outputs(ad.encode_images(pixels))
+        kwargs.update(ad.hf_generate_inputs(input_ids, visual or None))  # the family's image inputs ([]: none)
         if kwargs.get("do_sample"):
             torch.manual_seed(seed)
         with torch.no_grad():
@@ -283,18 +291,18 @@ class Regenerator:
             )
         return [row[width:].tolist() for row in out.cpu()]
 
-    def _speculative(self, sample: Sample, ids, n_images: int, seed: int) -> list[int]:
+    def _speculative(self, prompt, seed: int) -> list[int]:
         torch = self.torch
         generator = None
         if not self.warp.greedy:
             generator = torch.Generator(device=self.adapter.device).manual_seed(seed)
         res = self.pipe.decoder(self.warp).generate(
-            ids[None],
-            pixel_values=sample.pixels[:n_images] or None,
+            prompt.input_ids,
+            pixel_values=prompt.visual,
             max_new_tokens=self.decoding.max_new_tokens,
             eos_token_id=self.pipe.eos_token_id,
             generator=generator,
-            image_grid=sample.grids[:n_images],
+            image_layouts=prompt.layouts,
         )
         return res.tokens.tolist()
 
@@ -308,19 +316,53 @@ class Regenerator:
         if not answer:
             sample.reject = ("empty_answer", f"turn {turn}: the target answered EOS first")
             return
-        if self.image_token_id in answer:
-            sample.reject = ("image_token_in_answer", f"turn {turn}: the answer holds the image token")
+        if self.visual_token_ids.intersection(answer):
+            sample.reject = ("image_token_in_answer", f"turn {turn}: the answer holds a visual placeholder token")
             return
         text = self.tokenizer.decode(answer, skip_special_tokens=False)
-        # The loader encodes an answer as " " + value (conversation.encode_conversation): store it without that
-        # space, so encoding it again gives the target's tokens (checked; the rare exception is counted).
-        value = text[1:] if text.startswith(" ") else text
-        if not value.strip():
+        if not text.strip():
             sample.reject = ("empty_answer", f"turn {turn}: the target answered only whitespace")
             return
-        if self.tokenizer(" " + value, add_special_tokens=False)["input_ids"] != answer:
-            sample.retokenized = True
+        value, exact = self._stored_answer(sample, sample.questions[turn], text, answer + [eos])
+        sample.retokenized |= not exact
         sample.turns += [("user", sample.questions[turn]), ("assistant", value)]
+
+    def _stored_answer(self, sample: Sample, question: str, text: str, tokens: list[int]) -> tuple[str, bool]:
+        """The answer text to store and whether its training encoding (``render_conversation``, as the loader reads
+        the sample) learns exactly ``tokens`` (the answer, then EOS) in this turn.
+
+        A format may put its own space before an answer (LLaVA-1.5: ``" ASSISTANT:" + " " + answer``), so the
+        target's first token carries that space: the text without it is tried first, then the text as it is. When
+        neither gives the tokens back (a tokenizer that encodes the text differently), the one whose encoding still
+        reads as the target's text is kept."""
+        candidates = ([text[1:]] if text.startswith(" ") else []) + [text]
+        expected = self.tokenizer.decode(tokens, skip_special_tokens=False)
+        same_text = None
+        for value in candidates:
+            turns = [*sample.turns, ("user", question), ("assistant", value)]
+            try:
+                with rendering_skips():
+                    enc = self.adapter.render_conversation(self._messages(turns), self._images_of(sample, turns))
+            except (SampleSkip, ConversationError):
+                break
+            # the format's own end-of-turn text may follow the EOS in the turn (ChatML: a newline)
+            learned = last_learned_turn(enc.input_ids[0], enc.loss_mask[0])
+            if learned[: len(tokens)] == tokens:
+                return value, True
+            if same_text is None and self.tokenizer.decode(learned, skip_special_tokens=False).startswith(expected):
+                same_text = value
+        return (candidates[-1] if same_text is None else same_text), False
+
+
+def last_learned_turn(input_ids, loss_mask) -> list[int]:
+    """The tokens of the last run of learned positions: a conversation's final assistant turn."""
+    learned = loss_mask.nonzero().flatten().tolist()
+    if not learned:
+        return []
+    end = start = learned[-1] + 1
+    while start > 0 and bool(loss_mask[start - 1]):
+        start -= 1
+    return input_ids[start:end].tolist()
 
 
 def hash_seed(*parts: int) -> int:

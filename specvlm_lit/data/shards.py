@@ -11,13 +11,12 @@ DataLoader workers, and sees them even when no batch can form.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import io
 import json
 import logging
 from collections import Counter
-from collections.abc import Callable
-from pathlib import Path
 
 import torch
 import webdataset as wds
@@ -25,7 +24,7 @@ from PIL import Image, UnidentifiedImageError
 
 from ..target import image_list
 from ..targets.inputs import VisualInputs
-from .conversation import ConversationError, EncodedConversation, encode_conversation, normalise
+from .conversation import ConversationError, normalise
 from .skips import SEEN, TRUNCATED, TooManyBadSamples  # noqa: F401  (TooManyBadSamples: its old home)
 
 IMAGE_KEYS = ("png", "jpg", "jpeg", "webp")
@@ -44,22 +43,6 @@ class SampleSkip(Exception):
     def __init__(self, reason: str, detail: object):
         super().__init__(f"{reason}: {detail}")
         self.reason, self.detail = reason, detail
-
-
-def target_image_resizer(target_dir, image_processor) -> Callable | None:
-    """``resize(image)`` to the size decoding hands the target's image processor (``target.resize_for_target``: an
-    image larger than the vision tower's native size is downscaled, unless the processor resizes by itself), so a
-    drafter trains on the visual tokens it will draft with; ``None`` when ``target_dir`` holds no model config."""
-    from types import SimpleNamespace
-
-    from ..target import resize_for_target
-
-    try:
-        vision = json.loads((Path(target_dir) / "config.json").read_text(encoding="utf-8")).get("vision_config")
-        vision = SimpleNamespace(image_size=int(vision["image_size"]), patch_size=int(vision["patch_size"]))
-    except (OSError, ValueError, TypeError, KeyError, AttributeError):
-        return None
-    return functools.partial(resize_for_target, image_processor=image_processor, vision_config=vision)
 
 
 def image_members(sample: dict, record: dict) -> list[tuple[str, bytes]]:
@@ -91,28 +74,27 @@ def image_members(sample: dict, record: dict) -> list[tuple[str, bytes]]:
 class SampleEncoder:
     """Raw tar sample -> model inputs, or ``None`` (counted by reason) when the sample is unusable.
 
+    ``prompts`` is the target family's prompt builder (``targets.load_prompt_builder`` / ``targets.as_prompt_builder``):
+    every family fact -- the chat format, the assistant-only loss mask, how images are sized and processed, the
+    visual-token layouts -- is its ``render_conversation``'s; this class only reads shards and counts skips.
+
     Never raises on what a sample holds: every malformed shape is a skip. The first skip of each reason in a
     process is logged with the sample's key, so the cause can be found."""
 
-    def __init__(
-        self,
-        tokenizer,
-        image_processor,
-        num_visual_tokens: Callable[[int, int], int],
-        max_length: int,
-        resize: Callable | None = None,
-        prompts=None,
-    ):
-        # prompts: the target family's prompt builder (``targets.load_prompt_builder``): its own chat format,
-        # processor outputs and visual-token layouts. None = the LLaVA-1.5 tokenizer + image-processor path above.
+    def __init__(self, prompts, max_length: int | None):
+        if not callable(getattr(prompts, "render_conversation", None)):
+            raise TypeError(
+                f"SampleEncoder needs the target's prompt builder (specvlm_lit.targets.as_prompt_builder(<target dir "
+                f"or processor>)), got {type(prompts).__name__}"
+            )
         self.prompts = prompts
-        self.tokenizer = tokenizer
-        self.resize = resize  # PIL image -> the size the target sees at decoding time (target_image_resizer)
-        self.image_processor = image_processor
-        self.num_visual_tokens = num_visual_tokens
         self.max_length = max_length
         self.skipped: Counter = Counter()  # since the counts were last sent on (this worker)
         self._logged: set[str] = set()
+
+    @property
+    def tokenizer(self):
+        return self.prompts.tokenizer
 
     def skip(self, reason: str, where: str, detail: object) -> None:
         self.skipped[reason] += 1
@@ -125,28 +107,6 @@ class SampleEncoder:
         out = dict(self.skipped) | {SEEN: sum(self.skipped.values())}
         self.skipped = Counter()
         return out
-
-    def images(self, sample: dict, record: dict) -> list[torch.Tensor]:
-        """Pixel values of the sample's images, in placeholder order; :class:`SampleSkip` when one is unusable.
-
-        Raises ``SampleSkip("image_too_small")`` for an image smaller than one patch."""
-        pixel_values = []
-        for ext, data in image_members(sample, record):
-            try:
-                image = Image.open(io.BytesIO(data))
-                image.load()
-                image = image.convert("RGB")
-                if self.resize is not None:
-                    image = self.resize(image)
-                pixels = self.image_processor(images=image, return_tensors="pt")["pixel_values"][0]
-            except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as e:
-                raise SampleSkip("corrupt_image", f"{ext}: {e}") from None
-            try:
-                self.num_visual_tokens(*pixels.shape[-2:])
-            except ValueError as e:  # smaller than one patch
-                raise SampleSkip("image_too_small", f"{ext}: {e}") from None
-            pixel_values.append(pixels)
-        return pixel_values
 
     def open_images(self, sample: dict, record: dict) -> list:
         """The sample's images as RGB PIL images, in placeholder order; :class:`SampleSkip` when one is unusable."""
@@ -163,19 +123,10 @@ class SampleEncoder:
     def render(self, sample: dict, record: dict):
         """The sample through the family's prompt builder: ids, assistant-only loss mask, processor outputs and
         layouts (``PromptInputs``)."""
-        from ..errors import UserError
-        from ..targets import ImageTooSmallError
-
         images = self.open_images(sample, record)
         messages = [{"role": role, "content": text} for role, text in normalise(record["conversations"])]
-        try:
+        with rendering_skips():
             return self.prompts.render_conversation(messages, images, max_length=self.max_length)
-        except ConversationError:
-            raise
-        except ImageTooSmallError as e:
-            raise SampleSkip("image_too_small", e) from None
-        except UserError as e:
-            raise SampleSkip(getattr(e, "reason", "bad_conversation"), e) from None
 
     def __call__(self, sample: dict) -> dict | None:
         key = sample.get("__key__", "?")
@@ -190,40 +141,53 @@ class SampleEncoder:
             return self.skip("bad_json", where, f"the .json holds a {type(record).__name__}, not an object")
         if "conversations" not in record:
             return self.skip("bad_conversation", where, "the record has no 'conversations' field")
-        layouts = None
         try:
-            if self.prompts is not None:
-                rendered = self.render(sample, record)
-                enc = EncodedConversation(rendered.input_ids[0], rendered.loss_mask[0], rendered.truncated)
-                layouts = rendered.layouts
-                # LLaVA-1.5 pixels stay one [3, h, w] tensor per image; other families' processor outputs are one
-                # VisualInputs per sample (AnyRes tiles, Qwen patches are not images).
-                pixel_values = rendered.visual if isinstance(rendered.visual, VisualInputs) else []
-                if rendered.visual is not None and not isinstance(rendered.visual, VisualInputs):
-                    pixel_values = image_list(rendered.visual)
-            else:
-                pixel_values = self.images(sample, record)
-                n_visual = [self.num_visual_tokens(*p.shape[-2:]) for p in pixel_values]
-                enc = encode_conversation(record["conversations"], self.tokenizer, n_visual, max_length=self.max_length)
+            rendered = self.render(sample, record)
         except SampleSkip as e:
             return self.skip(e.reason, where, e.detail)
         except ConversationError as e:
             return self.skip(e.reason, where, e)
-        if not enc.loss_mask.any():  # truncation removed every answer token
+        input_ids, loss_mask = rendered.input_ids[0], rendered.loss_mask[0]
+        if not loss_mask.any():  # truncation removed every answer token
             return self.skip("truncated_away", where, f"max_length={self.max_length} cuts off every answer token")
         stats = self.take_skipped()
         stats[SEEN] += 1
-        stats[TRUNCATED] = int(enc.truncated)
+        stats[TRUNCATED] = int(rendered.truncated)
         return {
             "__key__": key,
-            "input_ids": enc.input_ids,
-            "loss_mask": enc.loss_mask,
-            "pixel_values": pixel_values,  # one [3, h, w] tensor per image, in placeholder order ([] = text only),
-            # or the family's processor outputs for all the sample's images (VisualInputs)
-            "layouts": layouts,  # VisualLayout per image (prompt-builder path), else None
+            "input_ids": input_ids,
+            "loss_mask": loss_mask,
+            "pixel_values": sample_visual(rendered.visual),
+            "layouts": rendered.layouts,  # VisualLayout per image, in placeholder order
             "record": record,
             "stats": stats,
         }
+
+
+@contextlib.contextmanager
+def rendering_skips():
+    """Turn what a prompt builder refuses about a sample into :class:`SampleSkip` (its ``reason`` when it has one:
+    ``image_too_small``, ``corrupt_image``, ``no_answer``, ...); :class:`ConversationError` passes as it is."""
+    from ..errors import UserError
+    from ..targets import ImageTooSmallError
+
+    try:
+        yield
+    except ConversationError:
+        raise
+    except ImageTooSmallError as e:
+        raise SampleSkip("image_too_small", e) from None
+    except UserError as e:
+        raise SampleSkip(getattr(e, "reason", "bad_conversation"), e) from None
+
+
+def sample_visual(visual) -> VisualInputs | list[torch.Tensor]:
+    """A rendered sample's images as a sample carries them: the family's processor outputs for all its images (one
+    :class:`VisualInputs`: AnyRes tiles and Qwen patches are not images), or one ``[3, h, w]`` tensor per image
+    (pixels; ``[]`` = text only)."""
+    if visual is None:
+        return []
+    return visual if isinstance(visual, VisualInputs) else image_list(visual)
 
 
 def _complete(sample: dict) -> bool:
@@ -425,12 +389,18 @@ def _num_images(pixel_values) -> int:
 
 
 def _collate_images(samples: list[dict]):
-    """One flat list of ``[3, h, w]`` tensors, or the samples' processor outputs as one batch
-    (``VisualInputs.concat``, laid out as the HF processor lays out a batch; ``None`` when no sample has images)."""
-    if any(isinstance(s["pixel_values"], VisualInputs) for s in samples):
-        parts = [s["pixel_values"] for s in samples if isinstance(s["pixel_values"], VisualInputs)]
-        return VisualInputs.concat(parts)
-    return [p for s in samples for p in s["pixel_values"]]
+    """The batch's images in sample order: :func:`batch_visuals` of the samples' ``pixel_values``."""
+    return batch_visuals([s["pixel_values"] for s in samples])
+
+
+def batch_visuals(visuals: list):
+    """Several prompts' images as one batch, prompt by prompt in placeholder order: one flat list of ``[3, h, w]``
+    tensors (pixels; a prompt's are a list or ``[k, 3, h, w]``), or the prompts' processor outputs as one
+    ``VisualInputs`` (``VisualInputs.concat``, laid out as the HF processor lays out a batch; ``None`` when no prompt
+    has images)."""
+    if any(isinstance(v, VisualInputs) for v in visuals):
+        return VisualInputs.concat([v for v in visuals if isinstance(v, VisualInputs)])
+    return [p for v in visuals if v is not None and len(v) for p in image_list(v)]
 
 
 def sample_images(batch: dict, i: int) -> list:

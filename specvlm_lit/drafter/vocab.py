@@ -38,14 +38,17 @@ def d2t_t2d(token_ids: torch.Tensor, vocab_size: int) -> tuple[torch.Tensor, tor
 
 
 def answer_token_counts(
-    shards: Iterable[str], tokenizer, vocab_size: int, *, max_samples: int | None = None, max_length: int | None = None
+    shards: Iterable[str], prompts, vocab_size: int, *, max_samples: int | None = None, max_length: int | None = None
 ) -> torch.Tensor:
     """How often each token id occurs in the assistant answers (the loss positions) of the LLaVA-format webdataset
-    ``shards``: ``[vocab_size]`` int64. Reads only the ``.json`` members (no image is decoded); the image placeholder
-    expands to one token, which is not an answer token, so the count is independent of image sizes."""
+    ``shards``: ``[vocab_size]`` int64. ``prompts`` is the target family's prompt builder (``SampleEncoder.prompts``):
+    answers are rendered with the family's own chat template, so its end-of-turn token (Vicuna's ``</s>``, ChatML's
+    ``<|im_end|>``, ...) is counted like any answer token. Reads only the ``.json`` members: image placeholders are
+    dropped from the user turns (the loss positions do not depend on the images), so no image is decoded."""
     import webdataset as wds
 
-    from ..data.conversation import IMAGE_PLACEHOLDER, ConversationError, encode_conversation, normalise
+    from ..data.conversation import IMAGE_PLACEHOLDER, ConversationError, normalise
+    from ..targets import PromptError
 
     counts = torch.zeros(vocab_size, dtype=torch.long)
     seen = 0
@@ -55,11 +58,14 @@ def answer_token_counts(
                 continue
             try:
                 record = json.loads(sample["json"])
-                n_images = sum(text.count(IMAGE_PLACEHOLDER) for _, text in normalise(record["conversations"]))
-                enc = encode_conversation(record["conversations"], tokenizer, [1] * n_images, max_length=max_length)
-            except (ValueError, KeyError, TypeError, AttributeError, ConversationError):
+                messages = [
+                    {"role": role, "content": text.replace(IMAGE_PLACEHOLDER, "").strip()}
+                    for role, text in normalise(record["conversations"])
+                ]
+                enc = prompts.render_conversation(messages, None, max_length=max_length)
+            except (ValueError, KeyError, TypeError, AttributeError, ConversationError, PromptError):
                 continue  # the data pipeline skips (and counts) such samples too
-            ids = enc.input_ids[enc.loss_mask.bool()]
+            ids = enc.input_ids[0][enc.loss_mask[0].bool()]
             counts += torch.bincount(ids.clamp(0, vocab_size - 1), minlength=vocab_size)[:vocab_size]
             seen += 1
             if max_samples is not None and seen >= max_samples:

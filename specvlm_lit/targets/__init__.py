@@ -8,7 +8,7 @@ from . import llava, llava_next, llava_onevision, qwen_vl  # noqa: F401 - regist
 from .family import FamilyAdapter, ImageTooSmallError
 from .inputs import EncodedImages, GridPiece, PromptInputs, VisualInputs, VisualLayout
 from .llava import LlavaPromptProcessor
-from .processor import FamilyProcessor, PromptError, VideoUnsupportedError, load_prompt_builder
+from .processor import FamilyProcessor, PromptError, VideoUnsupportedError, as_prompt_builder, load_prompt_builder
 
 __all__ = [
     "EncodedImages",
@@ -22,5 +22,6 @@ __all__ = [
     "VideoUnsupportedError",
     "VisualInputs",
     "VisualLayout",
+    "as_prompt_builder",
     "load_prompt_builder",
 ]

@@ -15,6 +15,7 @@ the base :class:`~specvlm_lit.target.TargetAdapter` (which *is* the LLaVA-1.5 ad
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -268,6 +269,23 @@ class LlavaPromptProcessor:
                 f"LlavaProcessor next to it"
             )
         return cls(config, tok, ip, processor)
+
+    @classmethod
+    def from_hf_processor(cls, processor) -> LlavaPromptProcessor:
+        """From an in-memory HF ``LlavaProcessor`` alone, without the checkpoint (so without its model config): the
+        patch size and feature-select strategy are the processor's own (what
+        :func:`~specvlm_lit.target.visual_token_counter` reads), and images reach its image processor at their own
+        size (the downscale of :func:`~specvlm_lit.target.resize_for_target` needs the vision tower's native size,
+        a model fact; load the target directory instead to get it)."""
+        from types import SimpleNamespace
+
+        from ..target import visual_token_counter
+
+        visual_token_counter(processor)  # the one-line TargetLoadError of a processor without a patch size
+        strategy = getattr(processor, "vision_feature_select_strategy", None) or "default"
+        # image_size: no native size known, so no image is ever longer than it (never downscaled)
+        vision = SimpleNamespace(patch_size=int(processor.patch_size), image_size=sys.maxsize)
+        return cls.wrap(processor, SimpleNamespace(vision_config=vision, vision_feature_select_strategy=strategy))
 
     def process_images(self, images: Sequence) -> tuple[object, list[tuple[int, int]], list[tuple[int, int]]]:
         """Pixels of ``images`` (PIL), the ``(width, height)`` each was handed to the image processor at and the

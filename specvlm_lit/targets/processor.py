@@ -30,7 +30,7 @@ import torch
 from ..errors import UserError
 from .inputs import PromptInputs, VisualInputs
 
-__all__ = ["FamilyProcessor", "PromptError", "VideoUnsupportedError"]
+__all__ = ["FamilyProcessor", "PromptError", "VideoUnsupportedError", "as_prompt_builder", "load_prompt_builder"]
 
 
 class PromptError(UserError):
@@ -420,3 +420,16 @@ def load_prompt_builder(path):
     if hasattr(adapter_cls, "image_layouts"):
         return FamilyProcessor.load(path, adapter_cls)
     return LlavaPromptProcessor.load(path, AutoConfig.from_pretrained(path, local_files_only=True))
+
+
+def as_prompt_builder(processor):
+    """The prompt builder for what a caller holds as "the target's processor": a target checkpoint directory
+    (:func:`load_prompt_builder`), a prompt builder (returned as it is), or an in-memory Hugging Face LLaVA-1.5
+    processor (:meth:`~.llava.LlavaPromptProcessor.from_hf_processor`)."""
+    if isinstance(processor, (str, os.PathLike)):
+        return load_prompt_builder(processor)
+    if callable(getattr(processor, "render_conversation", None)):
+        return processor
+    from .llava import LlavaPromptProcessor
+
+    return LlavaPromptProcessor.from_hf_processor(processor)
