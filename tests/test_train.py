@@ -309,6 +309,8 @@ def test_throughput_tool_measures_both_loops(tiny_target, small_corpus):
         [
             f"target.path={tiny_target}",
             f"data.train_urls='{small_corpus}/train-{{000000..000002}}.tar'",
+            f"data.val_urls='{small_corpus}/val-000000.tar'",
+            f"data.corpus_dir={small_corpus}",
             "data.generate_if_missing=false",
             "data.batch_size=4",
             "data.num_workers=0",

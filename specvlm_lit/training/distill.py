@@ -20,7 +20,8 @@ its own step-(j-1) prediction, attending to the true-feature rows <= t and its o
 exactly the view a depth-(j+1) tree node has at decoding time.
 
 The target is kept OUT of the module tree (a plain attribute holder): DDP wraps and synchronises only
-the drafter + compressor, and Lightning checkpoints hold only them.
+the drafter + compressor, and Lightning checkpoints hold only them. Under ``trainer=fsdp`` its decoder layers are
+sharded over the ranks instead of moved whole to each device (training/sharding.py).
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ from ..drafter.sequence import build_draft_sequence
 from ..errors import UserError
 from ..target import TargetAdapter
 from .random_stream import TrainingRandomStream
+from .sharding import place_target
 
 
 class ConfigMismatchError(UserError):
@@ -180,7 +182,7 @@ class OnlineDistillation(L.LightningModule):
         return self._frozen.adapter
 
     def setup(self, stage: str) -> None:
-        self.target.model.to(self.device)
+        place_target(self.target, self.trainer.strategy, self.device)
         if stage == "fit":
             self._build_draft_vocab()
 
@@ -200,7 +202,7 @@ class OnlineDistillation(L.LightningModule):
             )
         counts = answer_token_counts(
             expand_shards(dm.train_urls),
-            dm.encoder.tokenizer,
+            dm.encoder.prompts,
             self.target.vocab_size,
             max_samples=self.settings["vocab_samples"],
             max_length=dm.encoder.max_length,
@@ -210,7 +212,7 @@ class OnlineDistillation(L.LightningModule):
         self._draft_vocab_ready = True
 
     def on_fit_start(self) -> None:
-        self.target.model.to(self.device)
+        place_target(self.target, self.trainer.strategy, self.device)
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["specvlm"] = {
@@ -262,18 +264,18 @@ class OnlineDistillation(L.LightningModule):
         lengths = batch["attention_mask"].sum(1).tolist()
         seqs, rows = [], []
         for i, n in enumerate(lengths):
-            # A sample holds any number of images (none: text only); one grid per image, compressed per image.
-            layouts = self.target.layouts_of(sample_images(batch, i))  # the family's layout of each image
-            grid = [layout.grid for layout in layouts]
+            # A sample holds any number of images / videos (none: text only); each visual is compressed on its own,
+            # with the family's layout of it (AnyRes tiles, Qwen merged patches, video frames).
+            layouts = self.target.layouts_of(sample_images(batch, i))
             n_vis = sum(layout.num_tokens for layout in layouts)  # from the layout: no device count (host sync)
             answer_pos = loss_mask[i].nonzero()
             seq = build_draft_sequence(
                 embeds[i],
                 rows_f[i],
                 ids[i],
-                self.target.image_token_id,
+                self.target.visual_token_ids,
                 compressor=self.drafter.compressor,
-                grid=grid,
+                layouts=layouts,
                 length=n,
                 question_end=int(answer_pos[0]) if answer_pos.numel() else n,
             )
