@@ -110,3 +110,19 @@ def test_decode_cli_on_a_qwen_target_with_a_drafter(exported, tmp_path):
     res = subprocess.run(args, capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)
     assert res.returncode == 0, res.stderr[-2000:]
     assert "method: eaglevlm" in res.stdout and f"drafter: {drafter} (eaglevlm)" in res.stdout, res.stdout
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_bench_hf_batched_row_equals_each_prompt_alone(exported, family):
+    """The benchmark's HF-batched baseline hands HF the family's own inputs (Qwen: processor outputs and
+    mm_token_type_ids for mRoPE), so each left-padded row equals that prompt's plain greedy decode."""
+    from specvlm_lit.decoding.bench.batch import run_hf_batched
+
+    target, _, images = exported[family]
+    pipe = SpecVLMPipeline(target)
+    pipe.eos_token_id = None
+    n = 8
+    group = [pipe.prepare(path, QUESTION) for path in images]
+    assert group[0].prompt_len != group[1].prompt_len  # the shorter prompt is really left-padded
+    rows, _ = run_hf_batched(pipe, group, n)
+    assert rows == [pipe.generate_ar(path, QUESTION, max_new_tokens=n).tokens for path in images]

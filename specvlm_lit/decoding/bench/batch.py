@@ -4,8 +4,8 @@ For each batch size ``B`` the prompts are cut into consecutive groups of ``B`` (
 out). Per group and repeat, two methods decode the *same* group right after each other, in an order that rotates
 like the per-prompt rounds (:mod:`.schedule`):
 
-* ``hf_batched``: Hugging Face ``generate()`` on the left-padded group (one ``attention_mask``, the images encoded
-  by the adapter and passed as ``mm_encoder_outputs``), each row cut after its first EOS;
+* ``hf_batched``: Hugging Face ``generate()`` on the left-padded group (one ``attention_mask``, the images as the
+  target family hands them to HF: ``TargetAdapter.hf_generate_inputs``), each row cut after its first EOS;
 * ``spec_batched``: :class:`~specvlm_lit.decoding.batched.BatchedSpeculativeDecoder` with the SpecVLM drafter
   (EagleVLM when only that one ran) and the static tree.
 
@@ -40,6 +40,8 @@ def run_hf_batched(pipe, group: list, max_new_tokens: int) -> tuple[list[list[in
     """HF ``generate()`` on a left-padded group of prepared prompts -> (tokens per row, wall seconds)."""
     import torch
 
+    from ...data.shards import batch_visuals
+
     ad = pipe.adapter
     for inp in group:
         pipe.check_fits(inp, max_new_tokens)
@@ -53,11 +55,12 @@ def run_hf_batched(pipe, group: list, max_new_tokens: int) -> tuple[list[list[in
     ids, mask = ids.to(ad.device), mask.to(ad.device)
     with torch.inference_mode():
         t0 = time.perf_counter()
-        feats = [f for inp in group for f in ad.encode_images(inp.pixel_values)]
+        # The family owns what HF generate() needs (Qwen-VL: processor outputs + mm_token_type_ids for mRoPE).
+        visual = batch_visuals([inp.pixel_values for inp in group])
         out = ad.model.generate(
             input_ids=ids,
             attention_mask=mask,
-            mm_encoder_outputs=ad.as_mm_encoder_outputs(feats),
+            **ad.hf_generate_inputs(ids, visual),
             max_new_tokens=max_new_tokens,
             do_sample=False,
             eos_token_id=pipe.eos_token_id,
