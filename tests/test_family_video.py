@@ -212,6 +212,56 @@ def test_speculative_greedy_with_video_equals_hf_generate(adapter, noise):
     assert len(answers) == len(cases), answers  # the answer follows the clip's content (same-shape clips differ)
 
 
+def test_training_steps_on_a_video_batch_reduce_the_loss(adapter, dirs):
+    """Online distillation on a batch of video conversations (one clip-only, one clip + image): the teacher runs on
+    the processor's video inputs, the compressor sees each clip's layout, and a few steps reduce the loss."""
+    import functools
+
+    from specvlm_lit.data.shards import collate
+    from specvlm_lit.training.distill import OnlineDistillation
+
+    ad = adapter
+    answer = {"role": "assistant", "content": [{"type": "text", "text": "There are two cats and one dog."}]}
+    cases = [(video_only(), [], clip(ad, seed=11)), (*video_then_image(), clip(ad, seed=12))]
+    samples = []
+    for k, (messages, images, video) in enumerate(cases):
+        rendered = ad.render_conversation([*messages, answer], images, videos=video)
+        samples.append(
+            {
+                "__key__": f"v{k}",
+                "input_ids": rendered.input_ids[0],
+                "loss_mask": rendered.loss_mask[0],
+                "pixel_values": rendered.visual,
+                "layouts": rendered.layouts,
+                "record": {},
+                "stats": {},
+            }
+        )
+    batch = collate(samples, pad_id=0)
+    assert batch["image_counts"] == [1, 2] and batch["pixel_values"].count("video") == 2
+    torch.manual_seed(0)
+    path = dirs[ad.config.model_type]
+    module = OnlineDistillation(
+        str(path),
+        functools.partial(torch.optim.AdamW, lr=3e-3, betas=(0.9, 0.95)),
+        compressor={"type": "pool", "ratio": 4},
+    )
+    pool = module.drafter.compressor
+    expected_rows = [sum(pool.num_output_tokens(layout) for layout in s["layouts"]) for s in samples]
+    opt = module.configure_optimizers()
+    losses = []
+    for _ in range(6):
+        db = module.draft_batch(batch)
+        assert db.valid.any() and list(db.visual_rows) == expected_rows  # each clip pooled frame by frame
+        loss, _ = module._losses(db, "train")
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(float(loss.detach()))
+    assert all(torch.isfinite(torch.tensor(losses)))
+    assert losses[-1] < 0.9 * losses[0], losses
+
+
 # ------------------------------------------------------------------------------------------------ bad input
 def test_video_to_an_image_only_family_is_clear(dirs):
     proc = FamilyProcessor.load(dirs["llava_next"])
