@@ -53,6 +53,15 @@ def test_fsdp_config_builds_the_sharded_target_strategy():
     assert cfg.trainer.num_nodes == 2  # a plain override: the key is in the config
 
 
+def test_startup_refuses_validation_decoding_with_a_sharded_target_before_loading_it():
+    from specvlm_lit.training.startup import StartupError, check_sharded_target
+
+    with pytest.raises(StartupError, match="callbacks.validation_decoding=null"):
+        check_sharded_target(compose_fsdp())
+    check_sharded_target(compose_fsdp("callbacks.validation_decoding=null"))
+    check_sharded_target(compose_fsdp("callbacks.validation_decoding.samples=0"))
+
+
 def test_shard_units_are_the_targets_text_decoder_layers_not_the_drafter_or_vision():
     cfg = compose_fsdp()
     module = hydra.utils.instantiate(cfg.model, _convert_="all")  # the embedded target + its drafter

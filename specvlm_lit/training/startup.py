@@ -33,6 +33,7 @@ def check_config(cfg: DictConfig) -> None:
     check_ranges(cfg)
     check_compressor(cfg)
     check_ckpt_path(cfg.get("ckpt_path"))
+    check_sharded_target(cfg)
 
 
 # --------------------------------------------------------------------------------------------------- devices
@@ -101,6 +102,22 @@ def check_devices(trainer_cfg: DictConfig) -> None:
     if isinstance(devices, list) and max(devices) >= have:
         raise StartupError(
             f"trainer.devices={raw} names GPU {max(devices)} but {have} are visible (ids 0..{have - 1}); {fix}"
+        )
+
+
+def check_sharded_target(cfg: DictConfig) -> None:
+    """``trainer=fsdp`` with validation decoding on: refused here, before a 72B target is loaded, rather than by the
+    strategy once it is (``sharding.check_collective_safe`` says why the two cannot run together)."""
+    strategy = cfg.trainer.get("strategy")
+    target = str(strategy.get("_target_", "")) if OmegaConf.is_dict(strategy) else ""
+    if not target.endswith("ShardedTargetStrategy"):
+        return
+    vd = (cfg.get("callbacks") or {}).get("validation_decoding")
+    if vd is not None and int(vd.get("samples", 0) or 0) > 0:
+        raise StartupError(
+            "trainer=fsdp shards the target, so every target forward is a collective, and "
+            "callbacks.validation_decoding runs a different number of them on each rank (it would hang): add "
+            "callbacks.validation_decoding=null and measure sigma with decode.py after training"
         )
 
 
