@@ -10,12 +10,14 @@ paths (multi-token accepts, deep trees) are exercised, not only rejections.
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
+from omegaconf import OmegaConf
 
 from specvlm_lit.decoding.acceptance import WarpConfig, warp_logits
-from specvlm_lit.decoding.speculative import SpeculativeDecoder, TreeConfig
+from specvlm_lit.decoding.speculative import SpeculativeDecoder, TreeConfig, square_layouts
 from specvlm_lit.decoding.tree import build_tree_from_fn
 from specvlm_lit.drafter.base import (
     DrafterLoadError,
@@ -28,8 +30,11 @@ from specvlm_lit.drafter.eagle import EagleVLMDrafter
 from specvlm_lit.drafter.eagle3 import Eagle3VLMDrafter, default_hidden_layers
 from specvlm_lit.drafter.sequence import build_draft_sequence
 from specvlm_lit.drafter.vocab import d2t_t2d, most_frequent
+from specvlm_lit.target import TargetAdapter
+from specvlm_lit.training.distill import drafter_settings
 from tests.helpers import chi2_pvalue_of_cells, pooled_cells
 from tests.test_speculative import BookkeepingChecker, _inputs, get_target, hf_greedy
+from tests.test_target_adapter import build_tiny_llava
 
 torch.set_num_threads(1)
 
@@ -47,7 +52,7 @@ def _fit(drafter, adapter, ids, feats, steps: int = 150):
     for _ in range(steps):
         rows_f = drafter.project_features(out)[0]
         rows_e = drafter.token_embeds(adapter, full, out.inputs_embeds)[0]
-        seq = build_draft_sequence(rows_e, rows_f, full[0], -1)
+        seq = build_draft_sequence(rows_e, rows_f, full[0], adapter.visual_token_ids)
         h = drafter(seq.embeds[None], seq.features[None]).hidden[0]
         logp = drafter.draft_logprobs(h, adapter)
         loss = torch.nn.functional.nll_loss(logp.clamp(min=-1e4), target_next)
@@ -91,9 +96,15 @@ def _accepted_rows(adapter, drafter, prompt, feats, seq):
     T0 = prompt.shape[1]
     out = adapter.forward(seq[None], image_features=feats, hidden_layers=drafter.hidden_layers)
     rows_f = drafter.project_features(out)[0]
-    img_id = adapter.image_token_id if drafter.compressor is not None else -1
     e_prompt = drafter.token_embeds(adapter, prompt, adapter.embed(prompt, feats))[0]
-    ds = build_draft_sequence(e_prompt, rows_f[:T0], prompt[0], img_id, compressor=drafter.compressor)
+    ds = build_draft_sequence(
+        e_prompt,
+        rows_f[:T0],
+        prompt[0],
+        adapter.visual_token_ids,
+        compressor=drafter.compressor,
+        layouts=square_layouts(feats),
+    )
     embeds = torch.cat([ds.embeds, adapter.embed_tokens(seq[T0:])])
     features = torch.cat([ds.features, rows_f[T0 - 1 : len(seq) - 1]])
     return embeds, features
@@ -243,6 +254,53 @@ def test_vocab_mapping():
     assert (torch.arange(3) + d2t).tolist() == [1, 2, 4] and t2d.tolist() == [False, True, True, False, True, False]
     with pytest.raises(ValueError):
         most_frequent(torch.ones(4), 5)
+
+
+def _target_with_distinct_final_norm() -> tuple[TargetAdapter, torch.Tensor]:
+    """A tiny target and its final-norm weight, set away from all ones so a copied norm is told from a fresh one."""
+    model = build_tiny_llava(1)
+    norm_weight = model.model.language_model.norm.weight
+    with torch.no_grad():
+        norm_weight.uniform_(0.5, 1.5)
+    return TargetAdapter(model), norm_weight
+
+
+@pytest.mark.parametrize("draft_vocab_size", [None, 12])
+def test_head_and_norm_start_as_the_targets_rows(draft_vocab_size):
+    adapter, target_norm = _target_with_distinct_final_norm()
+    target_head = adapter.lm_head.weight
+    drafter = _eagle3(adapter, draft_vocab_size=draft_vocab_size)
+    if draft_vocab_size is not None:
+        # scattered ids, so a copy that ignored d2t (the first 12 rows) would differ
+        token_ids = torch.tensor([3, 7, 8, 15, 21, 22, 30, 41, 47, 50, 58, 63])
+        drafter.set_draft_vocab(token_ids, target=adapter)
+        assert torch.equal(drafter.draft_vocab, token_ids)
+        expected = target_head[token_ids]
+    else:
+        expected = target_head
+    assert torch.equal(drafter.lm_head.weight, expected)
+    assert torch.equal(drafter.norm.weight, target_norm)
+    # off: neither construction nor set_draft_vocab(target=...) touches the fresh head and norm
+    fresh = _eagle3(adapter, draft_vocab_size=draft_vocab_size, init_head_from_target=False)
+    if draft_vocab_size is not None:
+        fresh.set_draft_vocab(token_ids, target=adapter)
+    assert fresh.lm_head.weight.shape == expected.shape and not torch.allclose(fresh.lm_head.weight, expected)
+    assert torch.equal(fresh.norm.weight, torch.ones_like(target_norm))
+
+
+def test_init_head_option_round_trips_through_training_config_and_export(tmp_path):
+    shipped = OmegaConf.to_container(OmegaConf.load(Path(__file__).parents[1] / "conf/drafter/eagle3.yaml"))
+    assert shipped["init_head_from_target"] is True
+    settings = drafter_settings({**shipped, "init_head_from_target": False})
+    assert settings["config"]["init_head_from_target"] is False
+    adapter = get_target("a")
+    drafter = _eagle3(adapter, **settings["config"])
+    path = save_atomically(drafter, tmp_path / "d3")
+    assert json.loads((path / "config.json").read_text())["init_head_from_target"] is False
+    loaded = load_drafter(path, target=adapter)
+    assert loaded.config.init_head_from_target is False
+    # loading keeps the trained weights: the option only chooses how a fresh drafter starts
+    assert torch.equal(loaded.lm_head.weight, drafter.lm_head.weight)
 
 
 def test_save_load_dispatch_and_errors(tmp_path):

@@ -59,7 +59,9 @@ class Eagle3VLMConfig(EagleVLMConfig):
     ``hidden_layers``: target layer ids whose inputs are fused (``None`` = :func:`default_hidden_layers` of
     ``target_num_layers``). ``draft_vocab_size``: rows of the drafter's own head (``None`` = the target vocabulary).
     ``image_rows``: ``"visual"`` or ``"placeholder"`` (module docstring). ``num_hidden_layers``: draft decoder
-    layers. ``final_norm`` is always on (the head reads ``norm(hidden)``).
+    layers. ``final_norm`` is always on (the head reads ``norm(hidden)``). ``init_head_from_target``: start the
+    head and final norm as the target's (its LM-head rows of the draft vocabulary and its final-norm weight, see
+    :meth:`Eagle3VLMDrafter.for_target`); ``False`` keeps them at the random / unit initialisation.
     """
 
     model_type = "eagle3_vlm"
@@ -70,6 +72,7 @@ class Eagle3VLMConfig(EagleVLMConfig):
     image_rows: str = "visual"
     num_hidden_layers: int = 1
     norm_before_residual: bool = False
+    init_head_from_target: bool = True
 
     def __post_init__(self, **kwargs):
         super().__post_init__(**kwargs)
@@ -153,7 +156,14 @@ class Eagle3VLMDrafter(DraftModel):
     config_class = Eagle3VLMConfig
     config: Eagle3VLMConfig
     feature_regression = False
-    config_keys = ("hidden_layers", "draft_vocab_size", "image_rows", "num_hidden_layers", "intermediate_size")
+    config_keys = (
+        "hidden_layers",
+        "draft_vocab_size",
+        "image_rows",
+        "num_hidden_layers",
+        "intermediate_size",
+        "init_head_from_target",
+    )
     supports_gradient_checkpointing = False
     _no_split_modules = ["LlamaDecoderLayer", "Eagle3FirstLayer"]
     _supports_sdpa = True
@@ -212,8 +222,9 @@ class Eagle3VLMDrafter(DraftModel):
 
     @torch.no_grad()
     def set_draft_vocab(self, token_ids: Sequence[int] | torch.Tensor, target: TargetAdapter | None = None) -> None:
-        """Use the ascending target ids ``token_ids`` as the draft vocabulary; with ``target``, re-initialise the
-        head from the target LM head's rows of those tokens (the natural start: the target's own predictions)."""
+        """Use the ascending target ids ``token_ids`` as the draft vocabulary; with ``target`` (and
+        ``config.init_head_from_target``), re-initialise the head from the target LM head's rows of those tokens (the
+        natural start: the target's own predictions)."""
         if self.d2t is None:
             raise ValueError("this drafter has the full target vocabulary (draft_vocab_size unset)")
         ids = torch.as_tensor(token_ids, dtype=torch.long).cpu()
@@ -222,7 +233,7 @@ class Eagle3VLMDrafter(DraftModel):
         d2t, t2d = d2t_t2d(ids, int(self.config.vocab_size))
         self.d2t.copy_(d2t)
         self.t2d.copy_(t2d)
-        if target is not None:
+        if target is not None and self.config.init_head_from_target:
             self._init_head_from_target(target)
 
     @torch.no_grad()
@@ -240,9 +251,11 @@ class Eagle3VLMDrafter(DraftModel):
     @classmethod
     def for_target(cls, target: TargetAdapter, **config_overrides) -> Eagle3VLMDrafter:
         """A fresh drafter for ``target``; its head and final norm start as the target's (rows of the draft
-        vocabulary), so the untrained drafter already predicts with the target's own head."""
+        vocabulary), so the untrained drafter already predicts with the target's own head (unless
+        ``init_head_from_target=False``)."""
         model = cls(cls.config_class.from_target(target, **config_overrides))
-        model._init_head_from_target(target)
+        if model.config.init_head_from_target:
+            model._init_head_from_target(target)
         return model
 
     # ------------------------------------------------------------------------------------------------ forward
