@@ -34,6 +34,7 @@ from specvlm_lit.decoding import acceptance
 from specvlm_lit.decoding.acceptance import WarpConfig, accept_sampling, accept_sampling_probs, warp_logits
 from specvlm_lit.decoding.speculative import SpeculativeDecoder, TreeConfig
 from specvlm_lit.decoding.tree import DraftTree, build_tree_from_fn
+from specvlm_lit.target import TargetAdapter
 from tests.helpers import chi2_pvalue_of_cells, pooled_cells
 from tests.sampling_mutants import MUTANTS, make_mutant, mutated_walk
 
@@ -440,6 +441,8 @@ class TableTargetAdapter:
     vocab_size = V
     hidden_size = V
     image_token_id = V + 10  # never in a prompt
+    visual_token_ids = (image_token_id,)
+    visual_token_mask = TargetAdapter.visual_token_mask  # the real rule, so the stub cannot drift from it
 
     def new_cache(self):
         from transformers import DynamicCache
