@@ -2,7 +2,8 @@
 
 Each sample is ``<key>.json`` with a ``conversations`` list and its images: ``<key>.{png,jpg,jpeg,webp}`` (the
 synthetic corpus, one image), or the members the json's ``images`` list names (converted data: ``<key>.png``,
-``<key>.0.png``, ``<key>.1.jpg``, ... or none for a text-only sample; :func:`image_members`). Bad samples never
+``<key>.0.png``, ``<key>.1.jpg``, ... or none for a text-only sample; :func:`image_members`) and the videos its
+``videos`` list names (video files, frame lists or processed clips; :mod:`.members`). Bad samples never
 stop the stream: they are skipped and *counted* by reason (``skips.SKIP_REASONS``). The counts travel with the data
 -- inside batches (``stats``) and, when many skips come without a usable sample, as stats-only items
 (``{"stats_only": True, "stats": ...}``) -- so the training process sees exact totals even when decoding runs in
@@ -13,21 +14,19 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import io
 import json
 import logging
 from collections import Counter
 
 import torch
 import webdataset as wds
-from PIL import Image, UnidentifiedImageError
 
 from ..target import image_list
 from ..targets.inputs import VisualInputs
 from .conversation import ConversationError, normalise
+from .members import IMAGE_KEYS, SampleSkip, image_members, open_image, open_videos, video_members  # noqa: F401
 from .skips import SEEN, TRUNCATED, TooManyBadSamples  # noqa: F401  (TooManyBadSamples: its old home)
 
-IMAGE_KEYS = ("png", "jpg", "jpeg", "webp")
 #: Skips a worker may collect before it sends their counts on without waiting for a usable sample.
 FLUSH_EVERY = 16
 log = logging.getLogger(__name__)
@@ -35,40 +34,6 @@ log = logging.getLogger(__name__)
 
 def stats_item(stats: dict) -> dict:
     return {"stats_only": True, "stats": dict(stats)}
-
-
-class SampleSkip(Exception):
-    """A sample the loader cannot use; ``reason`` is its skip-count key (``skips.SKIP_REASONS``)."""
-
-    def __init__(self, reason: str, detail: object):
-        super().__init__(f"{reason}: {detail}")
-        self.reason, self.detail = reason, detail
-
-
-def image_members(sample: dict, record: dict) -> list[tuple[str, bytes]]:
-    """``(extension, bytes)`` of the sample's images, in placeholder order.
-
-    A json with an ``images`` list names its members (``<key>.png`` for one image, ``<key>.0.png``, ``<key>.1.jpg``
-    ... for several, as the converter writes them; ``[]`` = a text-only sample). A json without one is the original
-    one-image layout: the first of ``<key>.png|jpg|jpeg|webp``. Raises :class:`SampleSkip` (``missing_image``,
-    ``bad_conversation``) when a named member is absent or the list is malformed."""
-    names = record.get("images")
-    if names is None:
-        ext = next((k for k in IMAGE_KEYS if k in sample), None)
-        if ext is None:
-            raise SampleSkip("missing_image", f"no {'/'.join(IMAGE_KEYS)} member and no 'images' list in the json")
-        return [(ext, sample[ext])]
-    if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
-        raise SampleSkip("bad_conversation", f"'images' must be a list of member names, got {names!r:.80}")
-    key = sample.get("__key__", "")
-    out = []
-    for name in names:
-        # webdataset splits a member name at its first dot: "<key>.0.png" is the key's "0.png" entry.
-        ext = name[len(key) + 1 :] if name.startswith(f"{key}.") else name.partition(".")[2]
-        if ext not in sample:
-            raise SampleSkip("missing_image", f"the json names {name!r} but the sample has no such member")
-        out.append((ext, sample[ext]))
-    return out
 
 
 class SampleEncoder:
@@ -110,23 +75,20 @@ class SampleEncoder:
 
     def open_images(self, sample: dict, record: dict) -> list:
         """The sample's images as RGB PIL images, in placeholder order; :class:`SampleSkip` when one is unusable."""
-        images = []
-        for ext, data in image_members(sample, record):
-            try:
-                image = Image.open(io.BytesIO(data))
-                image.load()
-                images.append(image.convert("RGB"))
-            except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as e:
-                raise SampleSkip("corrupt_image", f"{ext}: {e}") from None
-        return images
+        return [open_image(ext, data) for ext, data in image_members(sample, record)]
 
     def render(self, sample: dict, record: dict):
         """The sample through the family's prompt builder: ids, assistant-only loss mask, processor outputs and
         layouts (``PromptInputs``)."""
         images = self.open_images(sample, record)
+        videos = video_members(sample, record)
         messages = [{"role": role, "content": text} for role, text in normalise(record["conversations"])]
         with rendering_skips():
-            return self.prompts.render_conversation(messages, images, max_length=self.max_length)
+            if not videos:
+                return self.prompts.render_conversation(messages, images, max_length=self.max_length)
+            self.prompts.check_video()  # an image-only target skips the sample before its videos are decoded
+            with open_videos(videos) as opened:
+                return self.prompts.render_conversation(messages, images, max_length=self.max_length, videos=opened)
 
     def __call__(self, sample: dict) -> dict | None:
         key = sample.get("__key__", "?")
@@ -169,11 +131,11 @@ def rendering_skips():
     """Turn what a prompt builder refuses about a sample into :class:`SampleSkip` (its ``reason`` when it has one:
     ``image_too_small``, ``corrupt_image``, ``no_answer``, ...); :class:`ConversationError` passes as it is."""
     from ..errors import UserError
-    from ..targets import ImageTooSmallError
+    from ..targets import ImageTooSmallError, VideoProcessorUnavailable
 
     try:
         yield
-    except ConversationError:
+    except (ConversationError, VideoProcessorUnavailable):  # the latter is the install's fault: every video would skip
         raise
     except ImageTooSmallError as e:
         raise SampleSkip("image_too_small", e) from None
@@ -191,12 +153,15 @@ def sample_visual(visual) -> VisualInputs | list[torch.Tensor]:
 
 
 def _complete(sample: dict) -> bool:
-    """Whether a sample read up to a break in its shard has every member its json names (json first, then images)."""
+    """Whether a sample read up to a break in its shard has every member its json names (json first, then images
+    and videos)."""
     if "json" not in sample:
         return False
     try:
         record = json.loads(sample["json"])
-        image_members(sample, record if isinstance(record, dict) else {})
+        record = record if isinstance(record, dict) else {}
+        image_members(sample, record)
+        video_members(sample, record)
     except (ValueError, SampleSkip):
         return False
     return True

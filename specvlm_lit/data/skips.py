@@ -31,6 +31,9 @@ SKIP_REASONS = (
     "corrupt_image",
     "image_too_small",
     "image_exceeds_max_length",
+    "missing_video",
+    "corrupt_video",
+    "video_unsupported",
     "truncated_away",
 )
 #: Count keys that are not skips: everything read (skips included), and samples kept but truncated.

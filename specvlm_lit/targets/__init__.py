@@ -8,7 +8,14 @@ from . import llava, llava_next, llava_onevision, qwen_vl  # noqa: F401 - regist
 from .family import FamilyAdapter, ImageTooSmallError
 from .inputs import EncodedImages, GridPiece, PromptInputs, VisualInputs, VisualLayout
 from .llava import LlavaPromptProcessor
-from .processor import FamilyProcessor, PromptError, VideoUnsupportedError, as_prompt_builder, load_prompt_builder
+from .processor import (
+    FamilyProcessor,
+    PromptError,
+    VideoProcessorUnavailable,
+    VideoUnsupportedError,
+    as_prompt_builder,
+    load_prompt_builder,
+)
 
 __all__ = [
     "EncodedImages",
@@ -19,6 +26,7 @@ __all__ = [
     "LlavaPromptProcessor",
     "PromptError",
     "PromptInputs",
+    "VideoProcessorUnavailable",
     "VideoUnsupportedError",
     "VisualInputs",
     "VisualLayout",

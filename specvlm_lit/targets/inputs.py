@@ -34,9 +34,10 @@ class VisualInputs:
     video_grid_thw: torch.Tensor | None = None  # [V, 3] (temporal patches, h, w) before merging, Qwen-VL families
     second_per_grid_ts: torch.Tensor | None = None  # [V] seconds per temporal patch, Qwen2.5-VL (mRoPE spacing)
     # Not model inputs: the kind ("image" / "video") of every visual in prompt order (None: images, then videos), and
-    # Qwen3-VL's frame times in seconds, one per temporal patch of each video (its prompt text, see qwen_vl.py).
+    # Qwen3-VL's frame times in seconds, one per temporal patch of each video (its prompt text, see qwen_vl.py; a
+    # None entry: that video has none, the family's default applies).
     order: tuple[str, ...] | None = None
-    video_timestamps: list[list[float]] | None = None
+    video_timestamps: list[list[float] | None] | None = None
 
     _FIELDS = ("pixel_values", "image_sizes", "image_grid_thw", "batch_num_images")
     _VIDEO_FIELDS = ("pixel_values_videos", "video_grid_thw", "second_per_grid_ts")
@@ -97,10 +98,10 @@ class VisualInputs:
         if any(item.order is not None for item in items):
             merged["order"] = tuple(kind for item in items for kind in item.kinds)
         with_videos = [item for item in items if item.count("video")]
-        if any(item.video_timestamps is not None for item in with_videos):
-            if any(item.video_timestamps is None for item in with_videos):
-                raise ValueError("VisualInputs.concat: video_timestamps is set on some samples only")
-            merged["video_timestamps"] = [ts for item in with_videos for ts in item.video_timestamps]
+        if any(item.video_timestamps is not None for item in with_videos):  # a batch may mix timed and untimed clips
+            merged["video_timestamps"] = [
+                ts for item in with_videos for ts in (item.video_timestamps or [None] * item.count("video"))
+            ]
         return cls(**merged)
 
     def hf_kwargs(self) -> dict[str, torch.Tensor]:

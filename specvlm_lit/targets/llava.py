@@ -337,6 +337,15 @@ class LlavaPromptProcessor:
     def render_conversation(self, messages, images=None, max_length=None) -> PromptInputs:
         return self.render(messages, images, add_generation_prompt=False, max_length=max_length)
 
+    def check_video(self) -> None:
+        """LLaVA-1.5 takes images only: the clear error a video gets (the data pipeline counts it as a skip)."""
+        from .processor import VideoUnsupportedError, video_model_types
+
+        raise VideoUnsupportedError(
+            "llava targets (LLaVA-1.5) take images only; remove the video or use a video family "
+            f"({', '.join(video_model_types())})."
+        )
+
 
 def default_processor_dir(adapter) -> Path:
     """The directory a target adapter's model was loaded from (its processor files are there)."""

@@ -21,6 +21,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import re
 from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
@@ -39,6 +40,20 @@ class PromptError(UserError):
 
 class VideoUnsupportedError(PromptError):
     """Video was given to a target (or an install) that cannot take it."""
+
+    reason = "video_unsupported"  # the data pipeline's skip-count key (a video sample for an image-only target)
+
+
+class VideoProcessorUnavailable(VideoUnsupportedError):
+    """Raw video cannot be processed by this install (no torchvision) or processor (no checkpoint directory): a
+    fact of the machine, not of one sample, so the data pipeline stops on it instead of skipping every video."""
+
+
+def video_model_types() -> list[str]:
+    """The registered families whose checkpoints take video."""
+    from ..target import _ADAPTERS
+
+    return sorted(name for name, cls in _ADAPTERS.items() if getattr(cls, "supports_video", False))
 
 
 def _torchvision_available() -> bool:
@@ -65,24 +80,30 @@ def _visual_items(messages: Sequence[dict]) -> tuple[list, list, bool]:
 
 
 _ROLES = {"human": "user", "gpt": "assistant"}
-_PLACEHOLDER = "<image>"  # LLaVA-format data marks each image's place in the text with it
+#: LLaVA-format data marks each image's (video's) place in the text with these (LLaVA-Video uses ``<video>``).
+_PLACEHOLDERS = {"<image>": "image", "<video>": "video"}
+_PLACEHOLDER_SPLIT = re.compile("(" + "|".join(map(re.escape, _PLACEHOLDERS)) + ")")
 
 
 def as_chat(messages: Sequence[dict]) -> list[dict]:
     """Messages in the chat-template form: LLaVA-format records (``{"from": "human", "value": "<image>\\nQ"}``) become
-    ``{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Q"}]}`` (the newline LLaVA puts after
-    an image is its own formatting, dropped); a string content becomes one text item; item lists stay as they are."""
+    ``{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Q"}]}`` (``<video>`` likewise
+    becomes a ``{"type": "video"}`` item; the newline LLaVA puts after one is its own formatting, dropped); a string
+    content becomes one text item; item lists stay as they are."""
     out = []
     for message in messages:
         role = message.get("role", message.get("from"))
         role = _ROLES.get(role, role)
         content = message.get("content", message.get("value"))
         if isinstance(content, str):  # as items: several real templates (LLaVA-NeXT's) iterate the content
-            pieces = content.split(_PLACEHOLDER)
-            items = [{"type": "text", "text": pieces[0]}] if pieces[0] else []
-            for piece in pieces[1:]:
-                items.append({"type": "image"})
-                piece = piece[1:] if piece.startswith("\n") else piece
+            items, after_visual = [], False
+            for piece in _PLACEHOLDER_SPLIT.split(content):
+                if piece in _PLACEHOLDERS:
+                    items.append({"type": _PLACEHOLDERS[piece]})
+                    after_visual = True
+                    continue
+                piece = piece[1:] if after_visual and piece.startswith("\n") else piece
+                after_visual = False
                 if piece:
                     items.append({"type": "text", "text": piece})
             content = items
@@ -205,7 +226,7 @@ class FamilyProcessor:
         if not getattr(self.adapter_cls, "supports_video", False):
             raise VideoUnsupportedError(
                 f"{self.config.model_type} targets take images only; remove the video or use a video family "
-                f"(llava_onevision, qwen2_vl, qwen2_5_vl, qwen3_vl)."
+                f"({', '.join(video_model_types())})."
             )
 
     def process_videos(self, videos: Sequence) -> VisualInputs | None:
@@ -221,25 +242,32 @@ class FamilyProcessor:
         return VisualInputs.concat(parts) if parts else None
 
     def _process_raw_video(self, video) -> VisualInputs:
-        """The HF video processor on one raw video. Untested here: it needs torchvision, which the CPU test install
-        cannot import."""
+        """The HF video processor on one raw video (frames, or a file's path). The processor itself needs torchvision,
+        which the CPU test install cannot import: the tests check this path with a stand-in processor."""
+        family = self.config.model_type
         if self._video_processor is None:
-            family = self.config.model_type
             if not _torchvision_available():
-                raise VideoUnsupportedError(
+                raise VideoProcessorUnavailable(
                     f"Video input for {family} needs torchvision (Hugging Face's video processors require it) and it "
                     f"is not installed. Install a torchvision build matching your torch (a CPU build on CPU "
                     f"machines), or pass already-processed video inputs (VisualInputs with pixel_values_videos)."
                 )
             if self.path is None:
-                raise VideoUnsupportedError(
+                raise VideoProcessorUnavailable(
                     f"This {family} processor was built without its checkpoint directory, so its video processor "
                     f"cannot be loaded: use FamilyProcessor.load(<checkpoint dir>) or pass processed video inputs."
                 )
             from transformers import AutoVideoProcessor
 
             self._video_processor = AutoVideoProcessor.from_pretrained(self.path, local_files_only=True)
-        out = self._video_processor(videos=[video], return_tensors="pt", return_metadata=True)
+        try:
+            out = self._video_processor(videos=[video], return_tensors="pt", return_metadata=True)
+        except ImportError as e:  # a missing decoder (PyAV, decord, torchcodec) is the install's fault, not the clip's
+            raise VideoProcessorUnavailable(f"The {family} video processor cannot decode video here: {e}") from None
+        except Exception as e:  # decoders raise many types for a broken file: name it, the data pipeline counts it
+            error = PromptError(f"The video cannot be decoded or processed: {type(e).__name__}: {e}")
+            error.reason = "corrupt_video"
+            raise error from None
         visual = VisualInputs.from_processor(out)
         metadata = out.get("video_metadata")
         extra = self.adapter_cls.video_metadata_fields(metadata[0], self._video_processor) if metadata else {}

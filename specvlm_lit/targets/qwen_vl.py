@@ -348,7 +348,7 @@ def frame_timestamps(visual: VisualInputs, index: int, steps: int, temporal_patc
     """Seconds of each temporal patch of video ``index`` (Qwen3-VL's prompt text): ``visual.video_timestamps`` when
     given, else HF's default for frames without metadata (frames ``0 .. temporal_patch * steps - 1`` at 24 fps, each
     patch at the mean time of its frames)."""
-    if visual.video_timestamps is not None:
+    if visual.video_timestamps is not None and visual.video_timestamps[index] is not None:
         times = list(visual.video_timestamps[index])
         if len(times) != steps:
             raise ValueError(
