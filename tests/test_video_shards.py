@@ -226,3 +226,66 @@ def test_raw_video_without_torchvision_stops_the_pipeline_with_the_fix(dirs, tmp
     shard = write_shard(tmp_path / "raw-000000.tar", [_sample("m", VIDEO_QUESTION, ["m.mp4"], {"mp4": b"x"})])
     with pytest.raises(VideoProcessorUnavailable, match="needs torchvision.*already-processed"):
         _encode(encoder, shard)
+
+
+# ------------------------------------------------------------------------------------------------ converter
+MP4 = b"\x00\x00\x00\x18ftypmp42\x00\x00\x00\x00mp42isom" + bytes(range(64))
+
+
+def test_llava_video_records_convert_to_video_members(dirs, tmp_path):
+    """python -m specvlm_lit.data.convert on LLaVA-Video records: each ``video`` file is copied byte for byte into a
+    member the json's ``videos`` names, and the loader reads the sample back as the family renders it."""
+    from specvlm_lit.data.convert import convert
+
+    root = tmp_path / "media"
+    (root / "clips").mkdir(parents=True)
+    (root / "clips" / "a.mp4").write_bytes(MP4)
+    (root / "clips" / "junk.mp4").write_bytes(b"<html>404 not found</html>")
+    (root / "clips" / "notes.txt").write_bytes(b"hello")
+    image(40, 90, 7).save(root / "still.png")
+    records = [
+        {"id": "clip", "video": "clips/a.mp4", "conversations": VIDEO_QUESTION},
+        {"id": "both", "video": ["clips/a.mp4"], "image": "still.png", "conversations": VIDEO_AND_IMAGE},
+        {"id": "missing", "video": "clips/gone.mp4", "conversations": VIDEO_QUESTION},
+        {"id": "junk", "video": "clips/junk.mp4", "conversations": VIDEO_QUESTION},
+        {"id": "text-file", "video": "clips/notes.txt", "conversations": VIDEO_QUESTION},
+        {"id": "remote", "video": "https://example.com/a.mp4", "conversations": VIDEO_QUESTION},
+        {
+            "id": "no-placeholder",
+            "video": "clips/a.mp4",
+            "conversations": [{"from": "human", "value": "Q?"}, VIDEO_QUESTION[1]],
+        },
+    ]
+    (tmp_path / "videos.json").write_text(json.dumps(records))
+    chat = {
+        "id": "chat",
+        "video": "clips/a.mp4",
+        "messages": [{"role": "user", "content": "Q?"}, {"role": "assistant", "content": "A."}],
+    }
+    (tmp_path / "chat.jsonl").write_text(json.dumps(chat) + "\n")
+    out = tmp_path / "out"
+    inputs = [str(tmp_path / "videos.json"), str(tmp_path / "chat.jsonl")]
+    manifest = convert(inputs, str(out), image_root=str(root), workers=1, log=lambda *_: None)
+    lines = (out / "rejects.jsonl").read_text().splitlines()
+    assert {e["id"]: e["reason"] for e in map(json.loads, lines)} == {
+        "missing": "missing_video",
+        "junk": "corrupt_video",
+        "text-file": "corrupt_video",
+        "remote": "missing_video",
+        "no-placeholder": "bad_conversation",
+        "chat": "bad_conversation",
+    }
+    assert manifest["counts"]["written"] == 2
+
+    path = dirs["qwen2_5_vl"]
+    ad = TargetAdapter.from_pretrained(path)
+    video = clip(ad, seed=10)
+    encoder = SampleEncoder(load_prompt_builder(path), 1024)
+    encoder.prompts._video_processor = stand_in = StandInVideoProcessor(video)
+    raws = [raw for shard in sorted(out.glob("train-*.tar")) for raw in wds.WebDataset(str(shard), shardshuffle=False)]
+    by_id = {json.loads(raw["json"])["id"]: raw for raw in raws}
+    assert json.loads(by_id["clip"]["json"])["videos"] == [f"{by_id['clip']['__key__']}.v0.mp4"]
+    assert by_id["clip"]["v0.mp4"] == MP4 and by_id["both"]["v0.mp4"] == MP4
+    _same_as_reference(ad, encoder(by_id["clip"]), VIDEO_QUESTION, [], video)
+    _same_as_reference(ad, encoder(by_id["both"]), VIDEO_AND_IMAGE, [image(40, 90, 7).convert("RGB")], video)
+    assert [call[:2] for call in stand_in.seen] == [("file", ".mp4")] * 2

@@ -6,7 +6,10 @@ image references, each a path (relative to ``--image-root``), a ``file://`` URL,
 or embedded bytes. The sample written is ``<key>.json`` (``{"id", "images", "conversations"}``) + its image members
 (``<key>.<ext>`` for one image, ``<key>.0.<ext>``, ``<key>.1.<ext>``, ... for several, none for a text-only record;
 ``images`` names them in placeholder order), each image's bytes kept as they are when the loader reads the format
-(PNG, JPEG, WebP) and re-encoded as PNG otherwise (or always, as ``--image-format`` says). Every way a record can
+(PNG, JPEG, WebP) and re-encoded as PNG otherwise (or always, as ``--image-format`` says). A LLaVA record's
+``video`` (one path or a list, LLaVA-Video's field, relative to ``--image-root`` too) becomes ``<key>.v0.<ext>``,
+``<key>.v1.<ext>``, ... members named by the json's ``videos`` list, in ``<video>`` placeholder order: the file's bytes
+as they are (its frames are sampled at training time by the target's video processor). Every way a record can
 fail is a :class:`Rejected` with a reason (:data:`REASONS`), never an exception: one odd record must not stop a
 conversion.
 """
@@ -26,6 +29,9 @@ from PIL import Image
 
 from .conversation import IMAGE_PLACEHOLDER, ROLE_ALIASES
 from .convert_inputs import Malformed
+from .members import VIDEO_KEYS
+
+VIDEO_PLACEHOLDER = "<video>"  # LLaVA-Video's mark of a clip's place in a user turn
 
 #: Why a record was not converted. The names shared with ``skips.SKIP_REASONS`` mean what they mean there.
 REASONS = {
@@ -39,6 +45,9 @@ REASONS = {
     "remote_image_unsupported": "the image is an http(s) or other remote URL (download the images first)",
     "missing_image": "the image file does not exist or the reference is not a path, URL or bytes",
     "corrupt_image": "the image cannot be decoded",
+    "missing_video": "the video file does not exist or the reference is not a path",
+    "corrupt_video": "the video file is empty, not a container the loader reads (mp4, webm, mkv, mov, avi), or its "
+    "bytes are not that container's",
     "image_too_small": "an image is too small for the target's image processor (--target)",
     "too_long": "the encoded conversation is longer than --max-length tokens, images expanded (--target)",
 }
@@ -141,6 +150,14 @@ def _conversation_field(record: dict, field: str) -> list:
     return value
 
 
+def record_videos(record: dict) -> list:
+    """A LLaVA record's videos: LLaVA-Video's ``video`` (one path or a list) or a ``videos`` list."""
+    value = record.get("videos", record.get("video"))
+    if value is None:
+        return []
+    return list(value) if isinstance(value, (list, tuple)) else [value]
+
+
 def llava_turns(record: dict) -> tuple[list[tuple[str, str]], list]:
     conversations = _conversation_field(record, "conversations")
     turns = []
@@ -208,7 +225,9 @@ def messages_turns(record: dict) -> tuple[list[tuple[str, str]], list]:
     return turns, images
 
 
-def check_turns(turns: list[tuple[str, str]], n_images: int, drop_system: bool) -> list[tuple[str, str]]:
+def check_turns(
+    turns: list[tuple[str, str]], n_images: int, drop_system: bool, n_videos: int = 0
+) -> list[tuple[str, str]]:
     """The turns the loader can train on (system turns dropped when asked), or :class:`Reject`."""
     if any(role == "system" for role, _ in turns):
         if not drop_system:
@@ -223,23 +242,25 @@ def check_turns(turns: list[tuple[str, str]], n_images: int, drop_system: bool) 
     if any(not a.strip() for a in answers):
         raise Reject("empty_answer", f"assistant turn {[a.strip() for a in answers].index('')} is empty")
     # The loader expands placeholders in user turns only (conversation.encode_conversation).
-    if any(IMAGE_PLACEHOLDER in text for role, text in turns if role == "assistant"):
-        raise Reject("bad_conversation", f"an assistant turn holds an {IMAGE_PLACEHOLDER} placeholder")
-    n_placeholders = sum(text.count(IMAGE_PLACEHOLDER) for _, text in turns)
-    if n_placeholders != n_images:
-        raise Reject("bad_conversation", f"{n_images} image(s) but {n_placeholders} {IMAGE_PLACEHOLDER} placeholder(s)")
+    for placeholder, n, what in ((IMAGE_PLACEHOLDER, n_images, "image"), (VIDEO_PLACEHOLDER, n_videos, "video")):
+        if any(placeholder in text for role, text in turns if role == "assistant"):
+            raise Reject("bad_conversation", f"an assistant turn holds an {placeholder} placeholder")
+        n_placeholders = sum(text.count(placeholder) for _, text in turns)
+        if n_placeholders != n:
+            raise Reject("bad_conversation", f"{n} {what}(s) but {n_placeholders} {placeholder} placeholder(s)")
     return turns
 
 
 # ---------------------------------------------------------------------------------------------------- images
-def image_bytes(ref: object, image_root: str) -> bytes:
-    """The bytes ``ref`` names: embedded bytes, a ``{"bytes", "path"}`` table cell, a data URI or a local path."""
+def image_bytes(ref: object, image_root: str, missing: str = "missing_image") -> bytes:
+    """The bytes ``ref`` names: embedded bytes, a ``{"bytes", "path"}`` table cell, a data URI or a local path
+    (``missing``: the reject reason of an absent file or a reference of no such kind)."""
     if isinstance(ref, dict):  # datasets' Image feature cell
         ref = ref.get("bytes") if ref.get("bytes") is not None else ref.get("path")
     if isinstance(ref, (bytes, bytearray, memoryview)):
         return bytes(ref)
     if not isinstance(ref, str) or not ref:
-        raise Reject("missing_image", f"the image reference is {type(ref).__name__}, not a path, URL or bytes")
+        raise Reject(missing, f"the reference is {type(ref).__name__}, not a path, URL or bytes")
     if ref.startswith("data:"):
         header, _, payload = ref.partition(",")
         if not header.endswith(";base64"):
@@ -256,7 +277,7 @@ def image_bytes(ref: object, image_root: str) -> bytes:
     try:
         return path.read_bytes()
     except OSError as e:
-        raise Reject("missing_image", f"{path}: {e.strerror or e}") from None
+        raise Reject(missing, f"{path}: {e.strerror or e}") from None
 
 
 def image_member(data: bytes, image_format: str) -> tuple[str, bytes]:
@@ -279,6 +300,33 @@ def image_member(data: bytes, image_format: str) -> tuple[str, bytes]:
         return "jpg", out.getvalue()
     rgb.save(out, format="PNG", optimize=False)
     return "png", out.getvalue()
+
+
+#: The first bytes each container the loader reads starts with (ISO-BMFF boxes for mp4 / mov; EBML for webm / mkv).
+_ISO_BOXES = (b"ftyp", b"moov", b"mdat", b"wide", b"free", b"skip")
+
+
+def _container_matches(ext: str, data: bytes) -> bool:
+    if ext in ("mp4", "mov"):
+        return data[4:8] in _ISO_BOXES
+    if ext in ("webm", "mkv"):
+        return data.startswith(b"\x1a\x45\xdf\xa3")
+    return data.startswith(b"RIFF") and data[8:12] == b"AVI "
+
+
+def video_member(ref: object, image_root: str) -> tuple[str, bytes]:
+    """``(container extension, bytes)`` of a video file. Its frames are not decoded here (that needs the target's
+    video processor and torchvision): an empty file, an unknown container or bytes of another format are caught,
+    a truncated file is counted as ``corrupt_video`` by the loader."""
+    if not isinstance(ref, str) or ref.startswith(("data:", *_REMOTE_SCHEMES)):
+        raise Reject("missing_video", f"a video reference must be a local path, got {ref!r:.80}")
+    ext = Path(ref).suffix.lower().lstrip(".")
+    if ext not in VIDEO_KEYS:
+        raise Reject("corrupt_video", f"{ref}: .{ext} is not a container the loader reads ({', '.join(VIDEO_KEYS)})")
+    data = image_bytes(ref, image_root, missing="missing_video")
+    if not _container_matches(ext, data):
+        raise Reject("corrupt_video", f"{ref}: {len(data)} bytes that are not a {ext} file")
+    return ext, data
 
 
 # ---------------------------------------------------------------------------------------------------- target
@@ -330,9 +378,14 @@ def convert_record(task: Task) -> Converted | Rejected:
         if not isinstance(record, dict):
             raise Reject("bad_json", f"the record is a {type(record).__name__}, not a JSON object")
         turns, images = messages_turns(record) if task.schema == "messages" else llava_turns(record)
-        turns = check_turns(turns, len(images), _options.drop_system)
+        videos = record_videos(record)
+        if videos and task.schema == "messages":  # dropping them would silently train on text that names a clip
+            raise Reject("bad_conversation", "videos are read from LLaVA-format records (<video> in a turn) only")
+        turns = check_turns(turns, len(images), _options.drop_system, len(videos))
         key = sample_key(task.ordinal)
         encoded = [image_member(image_bytes(ref, _options.image_root), _options.image_format) for ref in images]
+        clips = [video_member(ref, _options.image_root) for ref in videos]
+        video_exts = [f"v{i}.{ext}" for i, (ext, _) in enumerate(clips)]
         # One image keeps the plain <key>.<ext> layout; several are numbered in placeholder order; none: text only.
         exts = (
             [ext for ext, _ in encoded] if len(encoded) == 1 else [f"{i}.{ext}" for i, (ext, _) in enumerate(encoded)]
@@ -340,10 +393,11 @@ def convert_record(task: Task) -> Converted | Rejected:
         sample = {
             "id": record_id(record, task),
             "images": [f"{key}.{ext}" for ext in exts],
+            **({"videos": [f"{key}.{ext}" for ext in video_exts]} if clips else {}),
             "conversations": [{"from": "human" if r == "user" else "gpt", "value": t} for r, t in turns],
         }
         json_member = ("json", json.dumps(sample, ensure_ascii=False).encode("utf-8"))
-        members = (json_member, *((ext, data) for ext, (_, data) in zip(exts, encoded)))
+        members = (json_member, *((ext, data) for ext, (_, data) in zip(exts + video_exts, encoded + clips)))
         if _target_check is not None:
             _target_check(key, members)
         return Converted(task.ordinal, key, members)
