@@ -126,3 +126,83 @@ def test_bench_hf_batched_row_equals_each_prompt_alone(exported, family):
     assert group[0].prompt_len != group[1].prompt_len  # the shorter prompt is really left-padded
     rows, _ = run_hf_batched(pipe, group, n)
     assert rows == [pipe.generate_ar(path, QUESTION, max_new_tokens=n).tokens for path in images]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_bench_spec_batched_row_equals_each_prompt_alone(exported, family):
+    """BatchedSpeculativeDecoder over left-padded prompts of different image sizes (Qwen: per-row mRoPE positions
+    of each row's own images; LLaVA-NeXT: AnyRes tiles of different counts): each row equals HF ``generate()`` of
+    that prompt alone."""
+    from specvlm_lit.decoding.batched import BatchedSpeculativeDecoder
+    from specvlm_lit.decoding.bench.batch import run_spec_batched
+    from specvlm_lit.decoding.configs import TreeConfig
+
+    target, drafter, images = exported[family]
+    pipe = SpecVLMPipeline(target, drafter, tree=TREE)
+    pipe.eos_token_id = None
+    n = 8
+    group = [pipe.prepare(path, QUESTION) for path in images]
+    decoder = BatchedSpeculativeDecoder(pipe.adapter, pipe.drafter, TreeConfig(**TREE))
+    rows, _, _ = run_spec_batched(decoder, pipe, group, n)
+    assert rows == [hf_reference(pipe, family, target, path, n) for path in images]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_batched_accept_paths_equal_each_prompt_alone(exported, family):
+    """The same batch with a drafter that accepts often (tests/test_batched.py's oracle: the target's own
+    continuation per request, with injected mistakes), so multi-token accepts, per-row compaction of different
+    accept lengths and rows finishing at different rounds all run on the family's layout and positions."""
+    from specvlm_lit.decoding.batched import BatchedSpeculativeDecoder
+    from specvlm_lit.decoding.configs import TreeConfig
+    from tests.test_batched import BatchOracle
+
+    target, _, images = exported[family]
+    pipe = SpecVLMPipeline(target, None, tree=TREE)
+    ad = pipe.adapter
+    n = 24
+    group = [pipe.prepare(path, QUESTION) for path in images]
+    requests = [(inp.input_ids, ad.encode_images(inp.pixel_values)) for inp in group]
+    decoder = BatchedSpeculativeDecoder(ad, BatchOracle(ad, requests, noise=0.2), TreeConfig(**TREE))
+    res = decoder.generate(
+        [inp.input_ids for inp in group],
+        pixel_values=[inp.pixel_values for inp in group],
+        max_new_tokens=n,
+        image_layouts=[inp.layouts for inp in group],
+    )
+    assert [t.tolist() for t in res.tokens] == [hf_reference(pipe, family, target, path, n) for path in images]
+    assert min(res.stats.sigma) > 2, res.stats.sigma
+
+
+def test_mrope_deltas_follow_the_cache_rows(exported):
+    """Qwen's per-row mRoPE deltas live on the KV cache: dropping a finished row keeps the others' deltas (the bug
+    the accept-often batch test found: a 2-row delta broadcast a 1-row forward to 2 rows), and a plain cache whose
+    rows were selected without them is refused with the reason instead of broadcasting."""
+    from transformers import DynamicCache
+
+    from specvlm_lit.targets.inputs import EncodedImages
+    from specvlm_lit.targets.qwen_vl import MRopeCache, rope_deltas
+
+    target, _, images = exported["qwen2_5_vl"]
+    pipe = SpecVLMPipeline(target, None, tree=TREE)
+    ad = pipe.adapter
+    group = [pipe.prepare(path, QUESTION) for path in images]
+    assert isinstance(ad.new_cache(), MRopeCache)
+    width = max(inp.prompt_len for inp in group)
+    ids = torch.zeros(2, width, dtype=torch.long)
+    pos = torch.zeros(2, width, dtype=torch.long)
+    for b, inp in enumerate(group):
+        ids[b, width - inp.prompt_len :] = inp.input_ids[0]
+        pos[b, width - inp.prompt_len :] = torch.arange(inp.prompt_len)
+    feats = EncodedImages.join([ad.encode_images(inp.pixel_values) for inp in group])
+    for cache in (ad.new_cache(), DynamicCache()):
+        ad.forward(ids, image_features=feats, position_ids=pos, past_key_values=cache, use_cache=True)
+        both = rope_deltas(cache).clone()
+        assert both[0] != both[1]  # the two images' grids give the rows different deltas
+        cache.batch_select_indices(torch.tensor([1]))
+        nxt = torch.tensor([[5]])
+        if isinstance(cache, MRopeCache):
+            assert torch.equal(rope_deltas(cache), both[1:])
+            assert ad.forward(nxt, past_key_values=cache, use_cache=True).logits.shape[0] == 1
+        else:
+            with pytest.raises(ValueError, match="mRoPE deltas of 2 rows"):
+                ad.forward(nxt, past_key_values=cache, use_cache=True)

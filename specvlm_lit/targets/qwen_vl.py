@@ -11,7 +11,8 @@ Facts (transformers 5.23):
   per token; an image at text position ``s`` spans ``(s, s + row, s + col)`` and the text after it resumes at
   ``s + max(h, w) / m``. Every token after the prompt therefore sits at ``sequence index + rope_delta`` in all three
   sections (``rope_delta = max position + 1 - prompt length``, <= 0). The adapter stores the delta on the KV cache
-  at prefill, so ``tree_forward`` (and cached forwards) take the same 1-D ``prefix_len + depth`` positions as every
+  at prefill (an :class:`MRopeCache`, so a batched decoder that drops finished rows keeps every other row's
+  delta), so ``tree_forward`` (and cached forwards) take the same 1-D ``prefix_len + depth`` positions as every
   other family and translate them here;
 * the model computes those positions only when ``mm_token_type_ids`` (made by the processor: 1 on image tokens,
   2 on video tokens) is passed: without it transformers 5.23 silently falls back to 1-D positions and the output
@@ -34,6 +35,7 @@ from typing import ClassVar
 
 import torch
 from transformers import (
+    DynamicCache,
     Qwen2_5_VLForConditionalGeneration,
     Qwen2VLForConditionalGeneration,
     Qwen3VLForConditionalGeneration,
@@ -42,7 +44,7 @@ from transformers import (
 from .family import FamilyAdapter, ImageTooSmallError
 from .inputs import EncodedImages, VisualInputs, VisualLayout
 
-__all__ = ["Qwen2VLAdapter", "Qwen2_5_VLAdapter", "Qwen3VLAdapter", "QwenVLAdapter", "rope_deltas"]
+__all__ = ["MRopeCache", "Qwen2VLAdapter", "Qwen2_5_VLAdapter", "Qwen3VLAdapter", "QwenVLAdapter", "rope_deltas"]
 
 # Attribute of the KV cache holding the prompt's mRoPE delta ([B, 1]); set at prefill, read by later forwards.
 _ROPE_DELTAS = "_specvlm_rope_deltas"
@@ -51,6 +53,24 @@ _ROPE_DELTAS = "_specvlm_rope_deltas"
 def rope_deltas(cache) -> torch.Tensor | None:
     """The mRoPE delta a Qwen-VL prefill stored on ``cache`` (``None`` if none was stored)."""
     return getattr(cache, _ROPE_DELTAS, None)
+
+
+class MRopeCache(DynamicCache):
+    """A ``DynamicCache`` whose per-row mRoPE deltas follow its rows: when a batched decoder drops finished rows
+    (``batch_select_indices``) or a caller repeats rows, the deltas are selected / repeated with the keys and values,
+    so every remaining row keeps its own positions."""
+
+    def batch_select_indices(self, indices: torch.Tensor):
+        super().batch_select_indices(indices)
+        delta = rope_deltas(self)
+        if delta is not None:
+            setattr(self, _ROPE_DELTAS, delta[indices.to(delta.device)])
+
+    def batch_repeat_interleave(self, repeats: int):
+        super().batch_repeat_interleave(repeats)
+        delta = rope_deltas(self)
+        if delta is not None:
+            setattr(self, _ROPE_DELTAS, delta.repeat_interleave(repeats, dim=0))
 
 
 def _real_tokens(position_ids: torch.Tensor) -> torch.Tensor:
@@ -182,8 +202,18 @@ class QwenVLAdapter(FamilyAdapter):
             position_ids = torch.arange(past, past + n, device=self.device)[None].expand(batch, -1)
         delta = rope_deltas(cache) if cache is not None else None
         if delta is not None:
+            if delta.shape[0] not in (1, position_ids.shape[0]):
+                raise ValueError(
+                    f"the KV cache holds mRoPE deltas of {delta.shape[0]} rows but this forward has "
+                    f"{position_ids.shape[0]}: its rows were selected without their deltas; make the cache with "
+                    f"adapter.new_cache() (an MRopeCache), whose batch_select_indices keeps them in step"
+                )
             position_ids = position_ids + delta.to(position_ids.device)
         return position_ids[None].expand(3, *position_ids.shape)
+
+    def new_cache(self) -> MRopeCache:
+        """An empty cache that keeps each row's mRoPE delta with the row (:class:`MRopeCache`)."""
+        return MRopeCache(config=self.text_config)
 
     @torch.no_grad()
     def forward(
