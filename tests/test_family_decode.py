@@ -206,3 +206,16 @@ def test_mrope_deltas_follow_the_cache_rows(exported):
         else:
             with pytest.raises(ValueError, match="mRoPE deltas of 2 rows"):
                 ad.forward(nxt, past_key_values=cache, use_cache=True)
+
+
+def test_drafter_of_an_mrope_target_has_a_1d_rotary(exported):
+    """The drafter's positions are 1-D (docs/training.md): its exported rotary config keeps the target's theta and
+    leaves out Qwen's multimodal sections, which its Llama rotary would not read."""
+    import json
+
+    target, drafter, _ = exported["qwen2_5_vl"]
+    target_rope = json.loads((target / "config.json").read_text())["text_config"]["rope_parameters"]
+    assert "mrope_section" in target_rope
+    rope = json.loads((drafter / "config.json").read_text())["rope_parameters"]
+    assert not [k for k in rope if k.startswith("mrope")]
+    assert rope["rope_theta"] == target_rope["rope_theta"]

@@ -206,13 +206,19 @@ class EagleVLMConfig(PreTrainedConfig):
 
 
 def _global_rope_parameters(rope: dict | None) -> dict | None:
-    """The target's RoPE parameters for full-attention layers (flat dict), or None."""
+    """The target's RoPE parameters for full-attention layers (flat dict), or None. Multimodal-RoPE keys (Qwen-VL's
+    ``mrope_section`` / ``mrope_interleaved``) are dropped: the drafter's rotary is 1-D (docs/training.md, "Drafter
+    positions"), and a Llama rotary warns about keys it does not know."""
     if not rope:
         return None
     if "rope_type" in rope or "rope_theta" in rope:
-        return copy.deepcopy(dict(rope))
-    nested = rope.get("full_attention") or next((v for v in rope.values() if isinstance(v, dict)), None)
-    return copy.deepcopy(dict(nested)) if nested else None
+        flat = dict(rope)
+    else:
+        nested = rope.get("full_attention") or next((v for v in rope.values() if isinstance(v, dict)), None)
+        if not nested:
+            return None
+        flat = dict(nested)
+    return copy.deepcopy({k: v for k, v in flat.items() if not k.startswith("mrope")})
 
 
 @register_drafter
