@@ -133,14 +133,15 @@ def test_prompt_and_processor_outputs_equal_hf_processor(fam):
             torch.testing.assert_close(value, ref[name], atol=0, rtol=0, msg=name)
         if "mm_token_type_ids" in ref:
             assert torch.equal(ad.mm_token_type_ids(prompt.input_ids), ref["mm_token_type_ids"].to(torch.int32))
-        n_image_tokens = int((prompt.input_ids == ad.image_token_id).sum())
-        assert sum(layout.num_tokens for layout in prompt.layouts) == n_image_tokens
+        n_visual_tokens = int(ad.visual_token_mask(prompt.input_ids).sum())  # the runs the layouts describe
+        assert sum(layout.num_tokens for layout in prompt.layouts) == n_visual_tokens
         if len(images) == 1:  # counts from the pixel size alone agree with the processor's expansion
             width, height = images[0].size
             assert ad.num_visual_tokens(height, width) == prompt.layouts[0].num_tokens
-    # The rendered text is the checkpoint's own format.
+    # The rendered text is the checkpoint's own format ([INST] templates have no generation prompt).
     text = ad.render_prompt(*single(50, 40)).text
-    assert ("<|im_start|>assistant\n" in text) if fam.name != "llava_next" else text.endswith("[/INST]")
+    inst = ("llava_next", "mistral3")
+    assert ("<|im_start|>assistant\n" in text) if fam.name not in inst else text.endswith("[/INST]")
 
 
 def test_layouts(fam):
@@ -150,10 +151,20 @@ def test_layouts(fam):
     if fam.name in QWEN:  # one merged grid, as wide as the image is
         kind, rows, cols = layout.segments[0]
         assert kind == "merged" and cols > rows and layout.grid == (rows, cols)
+    elif fam.name == "mistral3":  # the [IMG] grid, each row ended by [IMG_BREAK] (the last by [IMG_END])
+        ((kind, rows, cols),) = layout.segments
+        assert kind == "tiles" and cols > rows and layout.grid is None
+        run = prompt.input_ids[0][ad.visual_token_mask(prompt.input_ids)[0]]
+        assert bool((run[torch.cat([p.index for p in layout.pieces()])] == ad.image_token_id).all())
+        breaks = ad.processor.tokenizer.convert_ids_to_tokens(run[layout.extra_indices()].tolist())
+        assert breaks == ["[IMG_BREAK]"] * (rows - 1) + ["[IMG_END]"]
     else:  # base tile grid + unpadded tiles with a newline per row: not a plain grid
         assert [s[0] for s in layout.segments] == ["grid", "tiles"] and layout.grid is None
         _, rows, cols = layout.segments[1]
         assert cols > rows
+    # encode_images gives one feature row per token of each visual's run, in the layout's order
+    both = ad.render_prompt(*two_images())
+    assert [f.shape[0] for f in ad.encode_images(both.visual)] == [lay.num_tokens for lay in both.layouts]
 
 
 def test_conversation_loss_mask_is_assistant_only(fam):
@@ -416,8 +427,9 @@ def _video_messages(video=None):
 
 
 def test_video_errors(family_dirs):
-    with pytest.raises(VideoUnsupportedError, match="llava_next targets take images only"):
-        FamilyProcessor.load(family_dirs["llava_next"]).render(_video_messages())
+    for image_only in ("llava_next", "mistral3"):
+        with pytest.raises(VideoUnsupportedError, match=f"{image_only} targets take images only"):
+            FamilyProcessor.load(family_dirs[image_only]).render(_video_messages())
     qwen = FamilyProcessor.load(family_dirs["qwen2_5_vl"])
     with pytest.raises(PromptError, match="1 video placeholder.*0 video"):
         qwen.render(_video_messages())
@@ -428,7 +440,9 @@ def test_video_errors(family_dirs):
         qwen.render(_video_messages(raw))
 
 
-@pytest.mark.parametrize("family,size", [("qwen2_5_vl", (10, 40)), ("llava_next", (4, 60)), ("qwen3_vl", (2000, 9))])
+@pytest.mark.parametrize(
+    "family,size", [("qwen2_5_vl", (10, 40)), ("llava_next", (4, 60)), ("qwen3_vl", (2000, 9)), ("mistral3", (2000, 9))]
+)
 def test_image_too_small_for_processor(family, size, family_dirs):
     proc = FamilyProcessor.load(family_dirs[family])
     with pytest.raises(ImageTooSmallError, match="too small"):

@@ -1,4 +1,5 @@
-"""decode.py's pipeline end to end on tiny checkpoints of the new families (Qwen2.5-VL: mRoPE; LLaVA-NeXT: AnyRes).
+"""decode.py's pipeline end to end on tiny checkpoints of the new families (Qwen2.5-VL: mRoPE; LLaVA-NeXT: AnyRes;
+Mistral 3: rows of image tokens with break tokens).
 
 The reference is Hugging Face's own path: the family's processor class on the rendered prompt text and the image,
 then ``model.generate()``. The drafter is an EAGLE-2 drafter built with the registry's ``for_target`` and exported
@@ -22,7 +23,7 @@ from tests.families.build import build_family
 from tests.families.reference import hf_processor, image
 
 ROOT = Path(__file__).resolve().parents[1]
-FAMILIES = ("qwen2_5_vl", "llava_next")
+FAMILIES = ("qwen2_5_vl", "llava_next", "mistral3")
 TREE = {"top_k": 4, "depth": 3, "total_tokens": 10}
 QUESTION = "What is shown in the image?"
 
@@ -39,7 +40,7 @@ def exported(tmp_path_factory):
         drafter = root / f"{family}_drafter"
         save_atomically(drafter_class("eagle_vlm").for_target(adapter), drafter)
         images = []
-        for j, (w, h) in enumerate(((50, 40), (40, 90))):
+        for j, (w, h) in enumerate(((50, 40), (120, 36))):
             path = root / f"{family}_{w}x{h}.png"
             image(w, h, seed=10 + j).save(path)
             images.append(path)

@@ -91,7 +91,7 @@ def test_samples_are_the_familys_own_conversation_with_its_processor_outputs(fam
         assert isinstance(s["pixel_values"], VisualInputs)
         for name, value in ref.visual.hf_kwargs().items():
             torch.testing.assert_close(getattr(s["pixel_values"], name), value, atol=0, rtol=0)
-        assert [lay.num_tokens for lay in s["layouts"]] == [int((s["input_ids"] == adapter.image_token_id).sum())]
+        assert [lay.num_tokens for lay in s["layouts"]] == [int(adapter.visual_token_mask(s["input_ids"]).sum())]
     # the batch: one VisualInputs laid out as HF lays out a batch; each sample's share gives its own layouts back
     assert isinstance(batch["pixel_values"], VisualInputs) and batch["image_counts"] == [1, 1]
     for i, s in enumerate(samples):

@@ -4,7 +4,7 @@
 imports this package at its end so every family is registered whenever the base is.
 """
 
-from . import llava, llava_next, llava_onevision, qwen_vl  # noqa: F401 - registers the adapters
+from . import llava, llava_next, llava_onevision, mistral3, qwen_vl  # noqa: F401 - registers the adapters
 from .family import FamilyAdapter, ImageTooSmallError
 from .inputs import EncodedImages, GridPiece, PromptInputs, VisualInputs, VisualLayout
 from .llava import LlavaPromptProcessor

@@ -111,6 +111,28 @@ class FamilyAdapter(TargetAdapter):
         raise NotImplementedError
 
     @classmethod
+    def image_token_ids(cls, config, tokenizer, visual: VisualInputs, index: int) -> list[int]:
+        """The tokens image ``index`` of ``visual`` expands its placeholder into (the HF processor's
+        ``replace_image_token``): by default as many image tokens as its layout holds (Mistral 3: rows of image
+        tokens separated by row-break tokens)."""
+        n = cls.image_layouts(config, visual)[index].num_tokens
+        return [cls.config_image_token_id(config)] * n
+
+    @classmethod
+    def run_token_ids(cls, config, tokenizer) -> tuple[int, ...]:
+        """Every token id inside a run of visual tokens in a rendered prompt: the image token, and the video token of
+        the video families (Mistral 3 adds its row-break / image-end tokens). A run is what the layouts describe."""
+        video = cls.config_video_token_id(config)
+        image = cls.config_image_token_id(config)
+        return (image,) if video is None else (image, video)
+
+    @classmethod
+    def image_processor_kwargs(cls, config, image_processor) -> dict:
+        """Keyword arguments the family's HF processor adds when it calls its image processor (default none;
+        Mistral 3: the merged patch size the images are resized to multiples of)."""
+        return {}
+
+    @classmethod
     def video_token_ids(cls, config, tokenizer, visual: VisualInputs, index: int) -> list[int]:
         """The tokens video ``index`` of ``visual`` expands its placeholder into (the HF processor's
         ``replace_video_token``): by default its video tokens, all runs back to back."""

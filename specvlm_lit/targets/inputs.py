@@ -23,11 +23,11 @@ __all__ = ["EncodedImages", "GridPiece", "PromptInputs", "VisualInputs", "Visual
 class VisualInputs:
     """A prompt's image and video inputs as the family's processors produced them (``None`` = the family has no such
     field, or the prompt no such input). ``pixel_values``: LLaVA-NeXT / OneVision ``[N, tiles, 3, h, w]``; Qwen-VL
-    ``[patches, C*t*p*p]``. ``pixel_values_videos``: Qwen-VL flattened patches like images; OneVision
-    ``[V, frames, 3, S, S]``."""
+    ``[patches, C*t*p*p]``; Mistral 3 ``[N, 3, h, w]`` (zero-padded to the largest image). ``pixel_values_videos``:
+    Qwen-VL flattened patches like images; OneVision ``[V, frames, 3, S, S]``."""
 
     pixel_values: torch.Tensor | None = None
-    image_sizes: torch.Tensor | None = None  # [N, 2] original (height, width), AnyRes families
+    image_sizes: torch.Tensor | None = None  # [N, 2] (height, width): original (AnyRes), as resized (Mistral 3)
     image_grid_thw: torch.Tensor | None = None  # [N, 3] patch grid (t, h, w) before merging, Qwen-VL families
     batch_num_images: torch.Tensor | None = None  # [B] images per sample, LLaVA-OneVision
     pixel_values_videos: torch.Tensor | None = None
@@ -74,14 +74,19 @@ class VisualInputs:
     @classmethod
     def concat(cls, items: list[VisualInputs]) -> VisualInputs:
         """One batch's visual inputs from its samples' (in sample order), laid out as the HF processor lays out a
-        batch: per-image / per-video fields concatenated; AnyRes ``pixel_values`` ``[N, tiles, 3, h, w]`` zero-padded
-        to the largest tile count (the model slices each image's own tiles back out by its ``image_sizes``)."""
+        batch: per-image / per-video fields concatenated; image ``pixel_values`` zero-padded at the end of every
+        dimension to the batch's largest: AnyRes ``[N, tiles, 3, h, w]`` to the largest tile count, Pixtral
+        ``[N, 3, h, w]`` to the largest height and width (the model slices each image back out by its
+        ``image_sizes``). Flattened patches (Qwen, 2-D) are only concatenated."""
         if not items:
             raise ValueError("VisualInputs.concat needs at least one item")
         pixels = [item.pixel_values for item in items if item.pixel_values is not None]
-        if pixels and pixels[0].dim() == 5:
-            most = max(p.shape[1] for p in pixels)
-            pixels = [torch.nn.functional.pad(p, (0, 0, 0, 0, 0, 0, 0, most - p.shape[1])) for p in pixels]
+        if pixels and pixels[0].dim() > 2:
+            most = [max(p.shape[d] for p in pixels) for d in range(pixels[0].dim())]
+            pixels = [
+                torch.nn.functional.pad(p, [x for d in reversed(range(1, p.dim())) for x in (0, most[d] - p.shape[d])])
+                for p in pixels
+            ]
         merged = {"pixel_values": torch.cat(pixels, 0) if pixels else None}
         for group, present in ((cls._FIELDS[1:], "pixel_values"), (cls._VIDEO_FIELDS, "pixel_values_videos")):
             holders = [item for item in items if getattr(item, present) is not None]

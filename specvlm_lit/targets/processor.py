@@ -218,7 +218,8 @@ class FamilyProcessor:
         images = [image.convert("RGB") for image in images]
         # One nested list = one sample's images (LLaVA-OneVision does not tile when a sample has several);
         # channels_last stated explicitly: a 3-pixel-tall image would otherwise be read as channels-first.
-        out = self.image_processor(images=[images], return_tensors="pt", input_data_format="channels_last")
+        extra = self.adapter_cls.image_processor_kwargs(self.config, self.image_processor)
+        out = self.image_processor(images=[images], return_tensors="pt", input_data_format="channels_last", **extra)
         return VisualInputs.from_processor(out)
 
     def check_video(self) -> None:
@@ -349,7 +350,8 @@ class FamilyProcessor:
 
     @property
     def _placeholder_ids(self) -> list[int]:
-        return [self.image_token_id] + ([] if self.video_token_id is None else [self.video_token_id])
+        """Every id of a run of visual tokens (image / video tokens, and the family's in-run text tokens)."""
+        return list(self.adapter_cls.run_token_ids(self.config, self.tokenizer))
 
     def _encode(self, messages, images, videos, *, add_generation_prompt: bool, with_loss_mask: bool) -> PromptInputs:
         messages = as_chat(messages)
@@ -386,7 +388,8 @@ class FamilyProcessor:
         for tok, lm in zip(ids, learn):
             if tok == self.image_token_id:
                 layouts.append(next(image_layouts))
-                expanded = [tok] * layouts[-1].num_tokens
+                k = order.count("image")
+                expanded = self.adapter_cls.image_token_ids(self.config, self.tokenizer, image_inputs, k)
             elif tok == self.video_token_id:
                 k = len(order) - order.count("image")
                 layouts += video_layouts[k]

@@ -5,8 +5,9 @@ Each checkpoint is what a user's download looks like, shrunk: ``config.json`` + 
 (``chat_template.jinja``), the image processor's ``preprocessor_config.json`` and, for families whose real repos ship
 one, ``video_preprocessor_config.json`` / ``processor_config.json``. Everything is built offline in seconds.
 
-Weights are re-initialised at ``INIT_STD`` (HF's 0.02 makes tiny models repeat one token whatever the input, which
-would let identity tests pass trivially); tests check that greedy answers really depend on the image.
+Weights are re-initialised at ``INIT_STD`` (``FAMILY_INIT_STD`` where set; HF's 0.02 makes tiny models repeat one
+token whatever the input, which would let identity tests pass trivially); tests check that greedy answers really
+depend on the image.
 """
 
 from __future__ import annotations
@@ -20,8 +21,12 @@ from transformers import PreTrainedTokenizerFast
 
 from . import templates
 
-FAMILIES = ("llava_next", "llava_onevision", "qwen2_vl", "qwen2_5_vl", "qwen3_vl")
+FAMILIES = ("llava_next", "llava_onevision", "qwen2_vl", "qwen2_5_vl", "qwen3_vl", "mistral3")
 INIT_STD = 0.35
+# Mistral 3's prompts are several times longer (its template's default system prompt): at 0.35 HF's own cached vs
+# full forward already differ by 1.1e-4 (float32) on the tiny model's layer-1 residual stream (values ~60), over
+# the tests' 1e-4; 0.3 keeps that noise at ~5e-5 and the answers image-dependent.
+FAMILY_INIT_STD = {"mistral3": 0.3}
 
 # Text the tiny BPE is trained on: the words the tests' prompts use plus some filler.
 _CORPUS = [
@@ -41,9 +46,32 @@ _QWEN_SPECIALS = (
     "<|video_pad|>",
 )
 _LLAVA_SPECIALS = ("<unk>", "<s>", "</s>", "<image>", "<video>", "<|im_start|>", "<|im_end|>")
+# The first control tokens of the Mistral 3 (tekken) tokenizer, in its order: [IMG] = 10, [IMG_BREAK] = 12,
+# [IMG_END] = 13 as in the real one.
+_MISTRAL3_SPECIALS = (
+    "<unk>",
+    "<s>",
+    "</s>",
+    "[INST]",
+    "[/INST]",
+    "[AVAILABLE_TOOLS]",
+    "[/AVAILABLE_TOOLS]",
+    "[TOOL_RESULTS]",
+    "[/TOOL_RESULTS]",
+    "[TOOL_CALLS]",
+    "[IMG]",
+    "<pad>",
+    "[IMG_BREAK]",
+    "[IMG_END]",
+    "[PREFIX]",
+    "[MIDDLE]",
+    "[SUFFIX]",
+    "[SYSTEM_PROMPT]",
+    "[/SYSTEM_PROMPT]",
+)
 
 
-def _bpe(specials: tuple[str, ...], vocab_size: int = 320) -> Tokenizer:
+def _bpe(specials: tuple[str, ...], vocab_size: int = 320, corpus: tuple[str, ...] = ()) -> Tokenizer:
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
@@ -53,7 +81,7 @@ def _bpe(specials: tuple[str, ...], vocab_size: int = 320) -> Tokenizer:
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    tok.train_from_iterator(_CORPUS * 4, trainer=trainer)
+    tok.train_from_iterator((_CORPUS + list(corpus)) * 4, trainer=trainer)
     return tok
 
 
@@ -65,6 +93,17 @@ def build_tokenizer(family: str) -> PreTrainedTokenizerFast:
             tokenizer_object=_bpe(_QWEN_SPECIALS), eos_token="<|im_end|>", pad_token="<|endoftext|>"
         )
         fast.chat_template = templates.QWEN3_VL if family == "qwen3_vl" else templates.QWEN2_VL
+    elif family == "mistral3":
+        # No image_token attribute (the processor's "[IMG]" default applies). The template's long default system
+        # prompt is in the BPE corpus, so it is ~150 tokens (about one per word), not ~600 single bytes.
+        fast = PreTrainedTokenizerFast(
+            tokenizer_object=_bpe(_MISTRAL3_SPECIALS, MISTRAL3_VOCAB, (templates.MISTRAL3_SYSTEM,)),
+            bos_token="<s>",
+            eos_token="</s>",
+            unk_token="<unk>",
+            pad_token="<pad>",
+        )
+        fast.chat_template = templates.MISTRAL3
     else:
         onevision = family == "llava_onevision"
         fast = PreTrainedTokenizerFast(
@@ -95,6 +134,9 @@ def _text(vocab: int, **extra) -> dict:
 PINPOINTS = [[32, 64], [64, 32], [64, 64], [32, 96], [96, 32]]
 QWEN_PATCH, QWEN_MERGE = 8, 2
 QWEN_MIN_PIXELS, QWEN_MAX_PIXELS = 32 * 32, 96 * 96
+# Mistral 3: Pixtral patch and longest edge (real: 14 px, 1540 px), patch merger 2x2 (real: 2).
+MISTRAL3_PATCH, MISTRAL3_MERGE, MISTRAL3_LONGEST_EDGE = 4, 2, 64
+MISTRAL3_VOCAB = 640  # room for the default system prompt's words (see build_tokenizer)
 
 
 def _config(family: str, tok: PreTrainedTokenizerFast):
@@ -102,7 +144,9 @@ def _config(family: str, tok: PreTrainedTokenizerFast):
         CLIPVisionConfig,
         LlavaNextConfig,
         LlavaOnevisionConfig,
+        Mistral3Config,
         MistralConfig,
+        PixtralVisionConfig,
         Qwen2_5_VLConfig,
         Qwen2Config,
         Qwen2VLConfig,
@@ -132,6 +176,22 @@ def _config(family: str, tok: PreTrainedTokenizerFast):
             vision_feature_layer=-1,
             vision_feature_select_strategy="full",
             vision_aspect_ratio="anyres_max_9",
+        )
+    if family == "mistral3":
+        return Mistral3Config(
+            vision_config=PixtralVisionConfig(image_size=MISTRAL3_LONGEST_EDGE, patch_size=MISTRAL3_PATCH, **vision),
+            text_config=MistralConfig(
+                **_text(vocab, sliding_window=None, head_dim=16),
+                bos_token_id=ids("<s>"),
+                eos_token_id=ids("</s>"),
+                pad_token_id=ids("<pad>"),
+            ),
+            image_token_index=ids("[IMG]"),
+            spatial_merge_size=MISTRAL3_MERGE,
+            vision_feature_layer=-1,
+            projector_hidden_act="gelu",
+            multimodal_projector_bias=False,
+            tie_word_embeddings=False,
         )
     special = dict(
         image_token_id=ids("<|image_pad|>"),
@@ -187,6 +247,7 @@ _MODEL_CLASSES = {
     "qwen2_vl": "Qwen2VLForConditionalGeneration",
     "qwen2_5_vl": "Qwen2_5_VLForConditionalGeneration",
     "qwen3_vl": "Qwen3VLForConditionalGeneration",
+    "mistral3": "Mistral3ForConditionalGeneration",
 }
 
 
@@ -194,6 +255,11 @@ def build_image_processor(family: str):
     """The family's PIL image processor (no torchvision needed), at the tiny model's sizes."""
     import transformers
 
+    if family == "mistral3":
+        # patch_size is the tower's (as the real repo saves it): the processor asks for patch x merge multiples.
+        return transformers.PixtralImageProcessorPil(
+            patch_size=MISTRAL3_PATCH, size={"longest_edge": MISTRAL3_LONGEST_EDGE}
+        )
     if family.startswith("qwen"):
         return transformers.Qwen2VLImageProcessorPil(
             patch_size=QWEN_PATCH,
@@ -230,6 +296,15 @@ def _processor_config(family: str) -> dict | None:
             "vision_aspect_ratio": "anyres_max_9",
             "image_token": "<image>",
             "video_token": "<video>",
+        }
+    if family == "mistral3":
+        return {
+            "processor_class": "PixtralProcessor",
+            "patch_size": MISTRAL3_PATCH,
+            "spatial_merge_size": MISTRAL3_MERGE,
+            "image_token": "[IMG]",
+            "image_break_token": "[IMG_BREAK]",
+            "image_end_token": "[IMG_END]",
         }
     return None
 
@@ -269,14 +344,14 @@ def build_family(family: str, out: Path, seed: int = 0) -> Path:
     config = _config(family, tok)
     torch.manual_seed(seed)
     model = getattr(transformers, _MODEL_CLASSES[family])(config).eval()
-    _raise_init(model, INIT_STD, seed)
+    _raise_init(model, FAMILY_INIT_STD.get(family, INIT_STD), seed)
     model.generation_config.eos_token_id = tok.eos_token_id
     model.generation_config.pad_token_id = tok.pad_token_id
     model.save_pretrained(out)
     template = tok.chat_template
     tok.chat_template = None  # real repos ship it as its own file, not inside tokenizer_config.json
     tok.save_pretrained(out)
-    if family == "qwen2_vl":  # the older repos' format
+    if family in ("qwen2_vl", "mistral3"):  # the older repos' format
         (out / "chat_template.json").write_text(json.dumps({"chat_template": template}), encoding="utf-8")
     else:
         (out / "chat_template.jinja").write_text(template, encoding="utf-8")

@@ -2,14 +2,20 @@
 
 The HF Qwen-VL / OneVision processors refuse to be constructed without a video processor (which needs
 torchvision); for *images* they never touch it, so the reference is built with that one class check relaxed for a
-``None`` video processor. Everything else (placeholder expansion, ``mm_token_type_ids``, ``image_sizes``, ...) is
-HF's own code, which is what the adapters' outputs are compared with.
+``None`` video processor. ``PixtralProcessor`` (Mistral 3) cannot even be imported without torchvision: its module
+imports the torchvision image processor for one helper (``get_resize_output_image_size``, used only to count tokens
+without processing), so the PIL module's helper of the same name stands in for that import. Everything else
+(placeholder expansion, ``mm_token_type_ids``, ``image_sizes``, ...) is HF's own code, which is what the adapters'
+outputs are compared with.
 """
 
 from __future__ import annotations
 
 import contextlib
+import importlib
 import json
+import sys
+import types
 from pathlib import Path
 
 import numpy as np
@@ -22,7 +28,10 @@ _PROCESSOR_CLASSES = {
     "qwen2_vl": "Qwen2VLProcessor",
     "qwen2_5_vl": "Qwen2_5_VLProcessor",
     "qwen3_vl": "Qwen3VLProcessor",
+    "mistral3": "PixtralProcessor",
 }
+# The processors that take a video processor (the others have no such argument).
+_WITH_VIDEO = ("llava_onevision", "qwen2_vl", "qwen2_5_vl", "qwen3_vl")
 
 # Width x height of the test images: different sizes and aspect ratios (wide, tall, square, panorama).
 IMAGE_SIZES = ((50, 40), (40, 90), (64, 64), (120, 36))
@@ -48,6 +57,32 @@ def _video_processor_optional():
         transformers.ProcessorMixin.check_argument_for_proper_class = orig
 
 
+def _processor_class(name: str):
+    """HF's processor class ``name``; ``PixtralProcessor`` imported with its one torchvision-only import stood in for
+    by the PIL module's identical helper when torchvision is missing."""
+    if name != "PixtralProcessor":
+        return getattr(transformers, name)
+    module = "transformers.models.pixtral.processing_pixtral"
+    try:
+        return importlib.import_module(module).PixtralProcessor
+    except ImportError:
+        pass
+    from transformers.models.pixtral import image_processing_pil_pixtral as pil
+
+    fast = "transformers.models.pixtral.image_processing_pixtral"
+    stand_in = types.ModuleType(fast)
+    stand_in.get_resize_output_image_size = pil.get_resize_output_image_size
+    saved = sys.modules.get(fast)
+    sys.modules[fast] = stand_in
+    try:
+        return importlib.import_module(module).PixtralProcessor
+    finally:
+        if saved is None:
+            sys.modules.pop(fast, None)
+        else:
+            sys.modules[fast] = saved
+
+
 def hf_processor(family: str, path: Path, tokenizer, image_processor):
     """HF's processor class of ``family`` over the checkpoint's tokenizer + image processor (images only)."""
     kwargs = {}
@@ -55,8 +90,8 @@ def hf_processor(family: str, path: Path, tokenizer, image_processor):
     if config_file.is_file():
         kwargs = json.loads(config_file.read_text())
         kwargs.pop("processor_class", None)
-    cls = getattr(transformers, _PROCESSOR_CLASSES[family])
-    if family != "llava_next":
+    cls = _processor_class(_PROCESSOR_CLASSES[family])
+    if family in _WITH_VIDEO:
         kwargs["video_processor"] = None
     with _video_processor_optional():
         return cls(image_processor=image_processor, tokenizer=tokenizer, **kwargs)

@@ -53,3 +53,69 @@ LLAVA_ONEVISION = (
     "{% endfor %}{{'<|im_end|>\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}"
     "{% endif %}"
 )
+
+# mistralai/Mistral-Small-3.1-24B-Instruct-2503 (its chat_template.json): BOS, a [SYSTEM_PROMPT] (the default one,
+# dated today, when the first message is not a system message), [INST]...[/INST] user turns with one [IMG] per image
+# item in content order, assistant turns as text + EOS, no generation prompt.
+MISTRAL3_SYSTEM = (
+    "You are Mistral Small 3, a Large Language Model (LLM) created by Mistral AI, a French startup headquartered in "
+    "Paris.\nYour knowledge base was last updated on 2023-10-01. The current date is {today}.\n\nWhen you're not "
+    "sure about some information, you say that you don't have the information and don't make up anything.\nIf the "
+    "user's question is not clear, ambiguous, or does not provide enough context for you to accurately answer the "
+    "question, you do not try to answer it right away and you rather ask the user to clarify their request (e.g. "
+    '"What are some good restaurants around me?" => "Where are you?" or "When is the next flight to Tokyo" => "Where '
+    'do you travel from?")'
+)
+_MISTRAL3_SYSTEM_JINJA = (
+    MISTRAL3_SYSTEM.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n").replace("{today}", '" + today + "')
+)
+MISTRAL3 = (
+    '{%- set today = strftime_now("%Y-%m-%d") %}'
+    '{%- set default_system_message = "' + _MISTRAL3_SYSTEM_JINJA + '" %}\n\n'
+    "{{- bos_token }}\n\n"
+    "{%- if messages[0]['role'] == 'system' %}\n"
+    "    {%- if messages[0]['content'] is string %}\n"
+    "        {%- set system_message = messages[0]['content'] %}\n"
+    "    {%- else %}\n"
+    "        {%- set system_message = messages[0]['content'][0]['text'] %}\n"
+    "    {%- endif %}\n"
+    "    {%- set loop_messages = messages[1:] %}\n"
+    "{%- else %}\n"
+    "    {%- set system_message = default_system_message %}\n"
+    "    {%- set loop_messages = messages %}\n"
+    "{%- endif %}\n"
+    "{{- '[SYSTEM_PROMPT]' + system_message + '[/SYSTEM_PROMPT]' }}\n\n"
+    "{%- for message in loop_messages %}\n"
+    "    {%- if message['role'] == 'user' %}\n"
+    "        {%- if message['content'] is string %}\n"
+    "            {{- '[INST]' + message['content'] + '[/INST]' }}\n"
+    "        {%- else %}\n"
+    "            {{- '[INST]' }}\n"
+    "            {%- for block in message['content'] %}\n"
+    "                {%- if block['type'] == 'text' %}\n"
+    "                    {{- block['text'] }}\n"
+    "                {%- elif block['type'] in ['image', 'image_url'] %}\n"
+    "                    {{- '[IMG]' }}\n"
+    "                {%- else %}\n"
+    "                    {{- raise_exception('Only text and image blocks are supported in message content!') }}\n"
+    "                {%- endif %}\n"
+    "            {%- endfor %}\n"
+    "            {{- '[/INST]' }}\n"
+    "        {%- endif %}\n"
+    "    {%- elif message['role'] == 'system' %}\n"
+    "        {%- if message['content'] is string %}\n"
+    "            {{- '[SYSTEM_PROMPT]' + message['content'] + '[/SYSTEM_PROMPT]' }}\n"
+    "        {%- else %}\n"
+    "            {{- '[SYSTEM_PROMPT]' + message['content'][0]['text'] + '[/SYSTEM_PROMPT]' }}\n"
+    "        {%- endif %}\n"
+    "    {%- elif message['role'] == 'assistant' %}\n"
+    "        {%- if message['content'] is string %}\n"
+    "            {{- message['content'] + eos_token }}\n"
+    "        {%- else %}\n"
+    "            {{- message['content'][0]['text'] + eos_token }}\n"
+    "        {%- endif %}\n"
+    "    {%- else %}\n"
+    "        {{- raise_exception('Only user, system and assistant roles are supported!') }}\n"
+    "    {%- endif %}\n"
+    "{%- endfor %}"
+)
