@@ -29,7 +29,7 @@ from specvlm_lit.targets import (
 )
 from specvlm_lit.targets.processor import _torchvision_available
 from tests.families.build import FAMILIES, build_family
-from tests.families.reference import IMAGE_SIZES, hf_processor, image
+from tests.families.reference import IMAGE_SIZES, hf_processor, image, text_kwargs
 from tests.helpers import root_path, tree_from_parents
 
 ATOL = 1e-4  # logits are O(10) at the raised init scale; float32 reorderings differ by ~2e-5
@@ -54,7 +54,8 @@ class Family:
     def case(self, messages, images):
         """(adapter's prompt, HF processor outputs for the same rendered text and images)."""
         prompt = self.adapter.render_prompt(messages, images)
-        ref = self.hf(text=[prompt.text], images=[images], return_tensors="pt")
+        kwargs = text_kwargs(self.adapter.processor.tokenizer, prompt.text)
+        ref = self.hf(text=[prompt.text], images=[images], return_tensors="pt", **kwargs)
         return prompt, ref
 
     def text_ids(self, n: int, seed: int) -> torch.Tensor:
@@ -144,6 +145,24 @@ def test_prompt_and_processor_outputs_equal_hf_processor(fam):
     assert ("<|im_start|>assistant\n" in text) if fam.name not in inst else text.endswith("[/INST]")
 
 
+def test_prompt_equals_hf_apply_chat_template(fam):
+    """The prompt equals HF's own chat path, ``processor.apply_chat_template(tokenize=True)``, images given in the
+    messages: a template that writes BOS itself (Mistral 3, whose tokenizer also prepends one) gets exactly one."""
+    from PIL import Image
+
+    messages, images = single(50, 40)
+    prompt = fam.adapter.render_prompt(messages, images)
+    chat = [{"role": "user", "content": [{"type": "image", "image": images[0]}, messages[0]["content"][1]]}]
+    assert isinstance(images[0], Image.Image)
+    hf = fam.hf
+    hf.chat_template = hf.chat_template or fam.adapter.processor.chat_template  # the checkpoint's template
+    ref = hf.apply_chat_template(chat, add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt")
+    assert prompt.input_ids.tolist() == ref["input_ids"].tolist()
+    bos = fam.adapter.processor.tokenizer.bos_token_id
+    if bos is not None:
+        assert prompt.input_ids[0].tolist().count(bos) <= 1
+
+
 def test_layouts(fam):
     ad = fam.adapter
     prompt = ad.render_prompt(*single(120, 36))
@@ -212,7 +231,7 @@ def test_forward_equals_hf_model_on_processor_outputs(fam):
     text_only = [{"role": "user", "content": [{"type": "text", "text": "Where is the ball?"}]}]
     plain = ad.render_prompt(text_only)
     assert plain.visual is None
-    ref = fam.hf(text=[plain.text], return_tensors="pt")
+    ref = fam.hf(text=[plain.text], return_tensors="pt", **text_kwargs(fam.adapter.processor.tokenizer, plain.text))
     assert torch.equal(plain.input_ids, ref["input_ids"])
     torch.testing.assert_close(ad.forward(plain.input_ids).logits, ad.model(**ref).logits, atol=ATOL, rtol=0)
     # Pre-encoded images, logits_to_keep and the hidden -> LM head contract.
@@ -234,7 +253,10 @@ def test_right_padded_batch_equals_hf_batch(fam):
     for row, p in enumerate(prompts):
         ids[row, : p.input_ids.shape[1]], mask[row, : p.input_ids.shape[1]] = p.input_ids[0], 1
     visual = VisualInputs.concat([p.visual for p in prompts])
-    ref = fam.hf(text=[p.text for p in prompts], images=[i for _, i in samples], padding=True, return_tensors="pt")
+    kwargs = text_kwargs(fam.adapter.processor.tokenizer, prompts[0].text)
+    ref = fam.hf(
+        text=[p.text for p in prompts], images=[i for _, i in samples], padding=True, return_tensors="pt", **kwargs
+    )
     assert torch.equal(ids, ref["input_ids"]) and torch.equal(mask, ref["attention_mask"])
     for name, value in visual.hf_kwargs().items():
         torch.testing.assert_close(value, ref[name], atol=0, rtol=0, msg=name)

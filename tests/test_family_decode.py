@@ -20,7 +20,7 @@ import torch
 from specvlm_lit.decoding.pipeline import DecodeInputError, SpecVLMPipeline
 from specvlm_lit.drafter.base import drafter_class, save_atomically
 from tests.families.build import build_family
-from tests.families.reference import hf_processor, image
+from tests.families.reference import hf_processor, image, text_kwargs
 
 ROOT = Path(__file__).resolve().parents[1]
 FAMILIES = ("qwen2_5_vl", "llava_next", "mistral3")
@@ -57,7 +57,7 @@ def hf_reference(pipe: SpecVLMPipeline, family: str, target: Path, image_path: P
     messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": QUESTION}]}]
     text = proc.render(messages, [img]).text
     ref = hf_processor(family, target, proc.tokenizer, proc.image_processor)(
-        text=[text], images=[[img]], return_tensors="pt"
+        text=[text], images=[[img]], return_tensors="pt", **text_kwargs(proc.tokenizer, text)
     )
     out = pipe.adapter.model.generate(**ref, max_new_tokens=n, do_sample=False, eos_token_id=None, pad_token_id=0)
     prepared = pipe.prepare(image_path, QUESTION)

@@ -361,7 +361,14 @@ class FamilyProcessor:
             self.check_video()
         images = list(inline) + list(images or [])
         text = self._template(messages, add_generation_prompt)
-        enc = self.tokenizer(text, return_offsets_mapping=with_loss_mask)
+        # As HF's processor.apply_chat_template(tokenize=True): a template that writes the BOS token itself (Mistral
+        # 3) is tokenized without the tokenizer adding a second one.
+        bos = self.tokenizer.bos_token
+        enc = self.tokenizer(
+            text,
+            return_offsets_mapping=with_loss_mask,
+            add_special_tokens=not (bos is not None and text.startswith(bos)),
+        )
         ids = list(enc["input_ids"])
         n_placeholders = ids.count(self.image_token_id)
         if n_placeholders != len(images):

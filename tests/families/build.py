@@ -16,7 +16,7 @@ import json
 from pathlib import Path
 
 import torch
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import PreTrainedTokenizerFast
 
 from . import templates
@@ -102,6 +102,11 @@ def build_tokenizer(family: str) -> PreTrainedTokenizerFast:
             eos_token="</s>",
             unk_token="<unk>",
             pad_token="<pad>",
+        )
+        # Like the real tokenizer.json: the tokenizer itself prepends BOS, and so does the template.
+        bos = fast.convert_tokens_to_ids("<s>")
+        fast.backend_tokenizer.post_processor = processors.TemplateProcessing(
+            single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", bos)]
         )
         fast.chat_template = templates.MISTRAL3
     else:

@@ -95,3 +95,10 @@ def hf_processor(family: str, path: Path, tokenizer, image_processor):
         kwargs["video_processor"] = None
     with _video_processor_optional():
         return cls(image_processor=image_processor, tokenizer=tokenizer, **kwargs)
+
+
+def text_kwargs(tokenizer, text: str) -> dict:
+    """What HF's ``processor.apply_chat_template(tokenize=True)`` passes when it tokenizes a rendered chat: no
+    special tokens added when the template already wrote the BOS token (Mistral 3), else the tokenizer's defaults."""
+    bos = tokenizer.bos_token
+    return {"add_special_tokens": False} if bos is not None and text.startswith(bos) else {}
