@@ -111,17 +111,17 @@ class FamilyAdapter(TargetAdapter):
         raise NotImplementedError
 
     @classmethod
-    def image_token_ids(cls, config, tokenizer, visual: VisualInputs, index: int) -> list[int]:
-        """The tokens image ``index`` of ``visual`` expands its placeholder into (the HF processor's
-        ``replace_image_token``): by default as many image tokens as its layout holds (Mistral 3: rows of image
+    def image_token_ids(cls, config, tokenizer, layout: VisualLayout) -> list[int]:
+        """The tokens an image of ``layout`` expands its placeholder into (the HF processor's
+        ``replace_image_token``): by default as many image tokens as the layout holds (Mistral 3: rows of image
         tokens separated by row-break tokens)."""
-        n = cls.image_layouts(config, visual)[index].num_tokens
-        return [cls.config_image_token_id(config)] * n
+        return [cls.config_image_token_id(config)] * layout.num_tokens
 
     @classmethod
     def run_token_ids(cls, config, tokenizer) -> tuple[int, ...]:
         """Every token id inside a run of visual tokens in a rendered prompt: the image token, and the video token of
-        the video families (Mistral 3 adds its row-break / image-end tokens). A run is what the layouts describe."""
+        the video families (Mistral 3 adds its row-break / image-end tokens). A run is what the layouts describe.
+        ``tokenizer`` may be ``None`` for the families whose run ids are all in the config (every one but Mistral 3)."""
         video = cls.config_video_token_id(config)
         image = cls.config_image_token_id(config)
         return (image,) if video is None else (image, video)
@@ -207,10 +207,8 @@ class FamilyAdapter(TargetAdapter):
 
     @property
     def visual_token_ids(self) -> tuple[int, ...]:
-        """Every placeholder id visual features are scattered into: the image token, and the video token for the
-        families that take video."""
-        video = self.video_token_id
-        return (self.image_token_id,) if video is None else (self.image_token_id, video)
+        """Every id of a visual run, the positions visual features are scattered into (:meth:`run_token_ids`)."""
+        return self.run_token_ids(self.config, None)
 
     def _encode_image_inputs(self, visual: VisualInputs) -> EncodedImages:
         raise NotImplementedError

@@ -92,9 +92,9 @@ class Mistral3Adapter(FamilyAdapter):
         return [_grid_layout(int(h), int(w), config) for h, w in visual.image_sizes.tolist()]
 
     @classmethod
-    def image_token_ids(cls, config, tokenizer, visual: VisualInputs, index: int) -> list[int]:
+    def image_token_ids(cls, config, tokenizer, layout: VisualLayout) -> list[int]:
         image, row_break, end = cls.run_token_ids(config, tokenizer)
-        _, rows, cols = cls.image_layouts(config, visual)[index].segments[0]
+        _, rows, cols = layout.segments[0]
         ids = ([image] * cols + [row_break]) * rows
         ids[-1] = end
         return ids
@@ -121,19 +121,23 @@ class Mistral3Adapter(FamilyAdapter):
 
     @classmethod
     def check_image_size(cls, height: int, width: int, config, image_processor) -> None:
-        h, w = cls.resized_size(height, width, config, image_processor)
-        _, rows, cols = _grid_layout(h, w, config).segments[0]
+        cls._checked_layout(height, width, config, image_processor)
+
+    @classmethod
+    def _checked_layout(cls, height: int, width: int, config, image_processor) -> VisualLayout:
+        """The layout of a ``height x width`` image as the processor resizes it; too small / elongated -> error."""
+        layout = _grid_layout(*cls.resized_size(height, width, config, image_processor), config)
+        _, rows, cols = layout.segments[0]
         if rows < 1 or cols < 1:
             raise ImageTooSmallError(
                 f"Image {width}x{height} (width x height) is too small or too elongated for {config.model_type}'s "
                 f"processor: shrunk to fit its longest edge, one side would be under one pixel, so the image "
                 f"would have no row or column of {_token_px(config)}-pixel visual tokens. Use a less elongated image."
             )
+        return layout
 
     def _layout_for_size(self, height: int, width: int) -> VisualLayout:
-        ip = self.processor.image_processor
-        self.check_image_size(height, width, self.config, ip)
-        return _grid_layout(*self.resized_size(height, width, self.config, ip), self.config)
+        return self._checked_layout(height, width, self.config, self.processor.image_processor)
 
     # ------------------------------------------------------------------------------------------------ images
     @property

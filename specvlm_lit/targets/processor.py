@@ -395,8 +395,7 @@ class FamilyProcessor:
         for tok, lm in zip(ids, learn):
             if tok == self.image_token_id:
                 layouts.append(next(image_layouts))
-                k = order.count("image")
-                expanded = self.adapter_cls.image_token_ids(self.config, self.tokenizer, image_inputs, k)
+                expanded = self.adapter_cls.image_token_ids(self.config, self.tokenizer, layouts[-1])
             elif tok == self.video_token_id:
                 k = len(order) - order.count("image")
                 layouts += video_layouts[k]

@@ -57,20 +57,14 @@ def rope_deltas(cache) -> torch.Tensor | None:
 
 class MRopeCache(DynamicCache):
     """A ``DynamicCache`` whose per-row mRoPE deltas follow its rows: when a batched decoder drops finished rows
-    (``batch_select_indices``) or a caller repeats rows, the deltas are selected / repeated with the keys and values,
-    so every remaining row keeps its own positions."""
+    (``batch_select_indices``), the deltas are selected with the keys and values, so every remaining row keeps its own
+    positions."""
 
     def batch_select_indices(self, indices: torch.Tensor):
         super().batch_select_indices(indices)
         delta = rope_deltas(self)
         if delta is not None:
             setattr(self, _ROPE_DELTAS, delta[indices.to(delta.device)])
-
-    def batch_repeat_interleave(self, repeats: int):
-        super().batch_repeat_interleave(repeats)
-        delta = rope_deltas(self)
-        if delta is not None:
-            setattr(self, _ROPE_DELTAS, delta.repeat_interleave(repeats, dim=0))
 
 
 def _real_tokens(position_ids: torch.Tensor) -> torch.Tensor:
